@@ -1,0 +1,1 @@
+"""Engines and runners: ONNX Runtime, TensorRT, torch; plus the torch-free edge runtime."""

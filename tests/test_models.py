@@ -63,7 +63,7 @@ def test_save_load_round_trip_with_changed_channels(tmp_path):
 def test_checkpoint_for_another_architecture_names_the_layer(tmp_path):
     path = prunekit.save(prunekit.ssd300_vgg16(4, width=0.25), tmp_path / "a.pt")
     other = prunekit.ssd300_vgg16(4, width=0.5)
-    with pytest.raises(CheckpointError, match=r"a\.pt: layer 'backbone\.features\.0\.weight' has shape"):
+    with pytest.raises(CheckpointError, match=r"a\.pt: layer 'backbone\.[a-z_.0-9]+' has shape \(128,?\)"):
         load_weights(other, path)
 
 

@@ -14,7 +14,7 @@ import click
 
 from prunekit import __version__
 
-_MODULES = ["data", "train", "prune", "export", "deploy", "bench", "pipeline"]
+_MODULES = ["pipeline", "data", "train", "prune", "profile", "export", "deploy", "bench"]
 
 
 class _Group(click.Group):

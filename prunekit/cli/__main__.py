@@ -1,0 +1,3 @@
+from prunekit.cli import main
+
+main(prog_name="prunekit")

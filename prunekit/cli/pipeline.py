@@ -1,0 +1,129 @@
+"""``prunekit compress-and-export``: the one command."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from prunekit.cli.common import UserError, friendly_errors
+
+
+def _floats(s: str | None) -> list[float] | None:
+    return None if s is None else [float(x) for x in s.split(",") if x]
+
+
+def _ints(s: str | None) -> list[int] | None:
+    return None if s is None else [int(x) for x in s.split(",") if x]
+
+
+def _strs(s: str | None) -> list[str] | None:
+    return None if s is None else [x.strip() for x in s.split(",") if x.strip()]
+
+
+@click.command("compress-and-export")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Run directory (artifacts, manifest).",
+)
+@click.option(
+    "--config", "config_file", type=click.Path(path_type=Path), help="YAML with any of the options below."
+)
+@click.option(
+    "--model", help="ssd300 | ssd512 | vgg16, or a prunekit checkpoint (.pt). Default: ssd300 trained here."
+)
+@click.option("--weights", help="Plain state dict for a named model (e.g. torchvision's SSD300 COCO .pth).")
+@click.option("--width", type=float, help="Channel width multiplier for a model built here.")
+@click.option("--data", help="synth | voc:DIR | coco:ANN.json,IMAGES | gtsdb:DIR | cifar10:DIR | folder:DIR")
+@click.option("--phases", help="Phase preset (ssd300, ssd512, vgg16) or a YAML/JSON file of layer names.")
+@click.option("--keep-detection-layers", type=int, help="Keep the first K SSD feature maps (pruned-Kdet).")
+@click.option("--eps1", type=float, help="Max metric drop after L1 training, points.")
+@click.option("--eps2", type=float, help="Max further drop after thresholding, points.")
+@click.option("--lam-grid", help="Comma-separated λ values for the L1 term.")
+@click.option("--k-range", help="Comma-separated k values (threshold = k * std).")
+@click.option("--tau1", type=float)
+@click.option("--tau2", type=float)
+@click.option("--tau3", type=float)
+@click.option("--align", type=int, help="Round kept filters to a multiple of N (1 = the paper exactly).")
+@click.option(
+    "--cost-aware", type=click.Choice(["macs", "latency"]), help="Weight the L1 term by layer cost."
+)
+@click.option("--target-flops", type=float, help="MACs budget as a fraction of the original.")
+@click.option("--target-latency", type=float, help="Latency budget as a fraction of the original.")
+@click.option("--epochs-train", type=int)
+@click.option("--epochs-sparsity", type=int)
+@click.option("--epochs-retrain", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option(
+    "--backends", help="Comma-separated: ort-cpu,ort-cuda,ort-trt,trt,torch (default: all available)."
+)
+@click.option("--precision", help="Comma-separated: fp32,fp16,int8.")
+@click.option("--bench-batch", help="Comma-separated batch sizes for the benchmark.")
+@click.option("--device", help="cpu | cuda | cuda:N")
+@click.option("--seed", type=int)
+@click.option("--resume", is_flag=True, help="Continue a run in --out from its last completed stage.")
+@click.option("--force", is_flag=True, help="Delete an existing --out and start over.")
+@friendly_errors
+def compress_and_export(out: Path, config_file: Path | None, resume: bool, force: bool, **opts: Any) -> None:
+    """Compress a trained SSD/VGG16 and leave a verified ONNX, engines and a side-by-side benchmark.
+
+    With only --out it runs the embedded default: a synthetic VOC-format set and a narrow SSD300
+    trained here first.
+    """
+    from prunekit.pipeline import PipelineConfig, run_pipeline
+
+    if resume and force:
+        raise UserError("--resume and --force contradict each other; pick one")
+    values: dict[str, Any] = PipelineConfig.from_yaml(config_file) if config_file else {}
+    convert = {
+        "lam_grid": _floats, "k_range": _floats, "backends": _strs, "precision": _strs, "bench_batch": _ints,
+    }  # fmt: skip
+    for key, val in opts.items():
+        if val is not None:
+            values[key] = convert.get(key, lambda v: v)(val)
+    cfg = PipelineConfig(**values)
+    manifest = run_pipeline(cfg, out, resume=resume, force=force)
+    _print_summary(out, manifest)
+
+
+def _print_summary(out: Path, manifest: Any) -> None:
+    from prunekit import distributed as D
+
+    if not D.is_main_process():
+        return
+    st = manifest.stages
+    orig, comp = st["eval_original"].metrics, st["prune"].metrics
+    rows = [("params", orig.get("params"), comp.get("params"))]
+    rows += [(k, orig.get(k), comp.get(k)) for k in ("map50", "map", "voc07_ap", "top1") if k in orig]
+    bench = out / "bench.json"
+    if bench.is_file():
+        try:
+            from prunekit.bench.report import headline_rows
+
+            rows += headline_rows(json.loads(bench.read_text()))
+        except (ImportError, KeyError, ValueError):
+            pass
+    click.echo("\n| metric | original | compressed | ratio |\n|---|---|---|---|")
+    for name, a, b in rows:
+        ratio = f"{a / b:.2f}x" if isinstance(a, int | float) and isinstance(b, int | float) and b else ""
+        click.echo(f"| {name} | {_fmt(a)} | {_fmt(b)} | {ratio} |")
+    report = out / "REPORT.md"
+    click.echo(f"\nreport: {report if report.is_file() else out}", file=sys.stdout)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return "" if v is None else str(v)
+
+
+COMMANDS = [compress_and_export]

@@ -1,0 +1,467 @@
+"""``compress-and-export``: model + data -> prune -> export -> verify -> engines -> bench -> report.
+
+The orchestrator only sequences library calls and keeps the books: each stage records its inputs
+and outputs with hashes in ``manifest.json``; ``--resume`` reuses every stage whose outputs still
+hash as recorded and reruns the rest (a stage killed mid-way reruns; the training and pruning
+stages themselves resume from their last epoch/phase checkpoint, so a SIGKILL costs at most one
+epoch). All randomness is seeded, so a resumed run ends with the same artifacts as an
+uninterrupted one.
+
+Under ``torchrun`` the training stages (train, prune) run on every rank; the other stages run on
+rank 0 while the others wait at a barrier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+
+import prunekit
+from prunekit import distributed as D
+from prunekit.fileio import atomic_write_text
+from prunekit.manifest import DONE, Manifest
+from prunekit.models import create_model, get_config, load_weights
+
+log = logging.getLogger(__name__)
+
+STAGES = ["data", "train", "eval_original", "prune", "export", "verify", "engines", "bench", "report"]
+
+
+class PipelineError(ValueError):
+    """A stage failed on user input or an equivalence check; the message names the cause and file."""
+
+
+class Interrupted(RuntimeError):
+    pass
+
+
+@dataclass
+class PipelineConfig:
+    """Every option of ``compress-and-export`` (YAML keys = field names; the CLI overrides).
+
+    The defaults are the embedded demo: a synthetic VOC-format set and a narrow SSD300 trained
+    from scratch, sized to finish on 2 CPU cores in minutes. Real runs set ``model``/``data``.
+    """
+
+    model: str = "ssd300"  # a model name (ssd300, ssd512, vgg16) or a prunekit checkpoint path
+    weights: str | None = None  # plain state dict to load into a named model (torchvision COCO ckpt)
+    width: float = 0.125
+    batch_norm: bool = True  # for models trained here from scratch
+    data: str = "synth"
+    train_split: str = "train"
+    val_split: str = "val"
+    phases: str | None = None  # preset name or YAML/JSON file; default: the model's preset
+    keep_detection_layers: int | None = None
+    # method hyper-parameters (SPEC defaults; eps in points)
+    eps1: float = 1.0
+    eps2: float = 15.0
+    lam_grid: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
+    k_range: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
+    tau1: float = 0.9
+    tau2: float = 0.7
+    tau3: float = 0.9
+    align: int = 8
+    cost_aware: str | None = None  # None | "macs" | "latency"
+    target_flops: float | None = None
+    target_latency: float | None = None
+    # training budget
+    epochs_train: int = 12
+    epochs_sparsity: int = 2
+    epochs_retrain: int = 2
+    batch_size: int = 16
+    lr: float = 0.01
+    max_val_images: int | None = None
+    # export / engines / bench
+    opset: int = 17
+    backends: list[str] | None = None  # None: every available backend
+    precision: list[str] = field(default_factory=lambda: ["fp32"])
+    bench_batch: list[int] = field(default_factory=lambda: [1, 8])
+    bench_min_time: float = 2.0
+    verify_images: int = 16
+    device: str = "cpu"
+    seed: int = 0
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> dict[str, Any]:
+        path = Path(path)
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{path}: config file not found") from e
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of options at the top level")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown option(s) {unknown}")
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# run directory safety
+
+
+def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
+    """Refuse to clobber an existing run unless asked; check we can write before any work."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory")
+    if out.exists() and any(out.iterdir()):
+        if force:
+            if D.is_main_process():
+                log.warning("--force: removing the existing run directory %s", out)
+                shutil.rmtree(out)
+        elif not resume:
+            raise FileExistsError(f"{out}: output directory exists and is not empty; use --resume or --force")
+    D.barrier()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"{out}: output directory is not writable ({e.strerror})") from e
+
+
+@contextmanager
+def _signals_to_exceptions() -> Iterator[None]:
+    """SIGINT/SIGTERM raise inside the running stage, so the manifest records it as interrupted."""
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Interrupted(f"received {signal.Signals(signum).name}")
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for s in old:
+            signal.signal(s, handler)
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+# ---------------------------------------------------------------------------------------------
+# the pipeline
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, out: Path, resume: bool = False):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.resume = resume
+        self.manifest = Manifest.load(self.out, STAGES) if resume else Manifest(self.out, STAGES)
+        self.state: dict[str, Any] = {}
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _run_stage(
+        self, name: str, fn: Callable[[], tuple[dict[str, Path], dict[str, Any]]], all_ranks: bool = False
+    ) -> None:
+        m = self.manifest
+        if self.resume and m.reusable(name):
+            log.info("stage %-13s reused (outputs verified by hash)", name)
+            return
+        main = D.is_main_process()
+        t0 = time.perf_counter()
+        if main:
+            m.start(name, inputs=self._stage_inputs(name))
+        try:
+            if all_ranks or main:
+                outputs, metrics = fn()
+            D.barrier()
+        except Interrupted as e:
+            if main:
+                m.fail(name, str(e), interrupted=True)
+            raise
+        except Exception as e:
+            if main:
+                m.fail(name, f"{type(e).__name__}: {e}")
+            raise
+        if main:
+            m.finish(name, outputs, metrics)
+        D.barrier()
+        log.info("stage %-13s done in %.1f s", name, time.perf_counter() - t0)
+
+    def _stage_inputs(self, name: str) -> dict[str, Path]:
+        """Upstream artifacts a stage consumes, hashed into the manifest."""
+        p = self.out
+        table = {
+            "eval_original": {"original": p / "original.pt"},
+            "prune": {"original": p / "original.pt"},
+            "export": {"model": p / "model.pt", "original": p / "original.pt"},
+            "verify": {"model": p / "model.pt", "onnx": p / "model.onnx"},
+            "engines": {"onnx": p / "model.onnx"},
+            "bench": {"original_onnx": p / "original.onnx", "onnx": p / "model.onnx"},
+            "report": {"bench": p / "bench.json"},
+        }
+        return table.get(name, {})
+
+    def _datasets(self) -> tuple[Any, Any]:
+        if "train_set" not in self.state:
+            from prunekit.data import build_dataset
+
+            self.state["train_set"] = build_dataset(self.cfg.data, self.cfg.train_split, train=True)
+            self.state["val_set"] = build_dataset(self.cfg.data, self.cfg.val_split, train=False)
+        return self.state["train_set"], self.state["val_set"]
+
+    def _train_cfg(self, epochs: int) -> Any:
+        from prunekit.train import TrainConfig
+
+        c = self.cfg
+        return TrainConfig(
+            epochs=epochs,
+            lr=c.lr,
+            batch_size=c.batch_size,
+            device=c.device,
+            seed=c.seed,
+            warmup_iters=50,
+            schedule="cosine",
+            grad_clip=10.0,
+            eval_max_images=c.max_val_images,
+        )
+
+    def _evaluate(self, model: nn.Module) -> dict[str, Any]:
+        from prunekit.evaluate import evaluate
+
+        _, val = self._datasets()
+        return evaluate(
+            model, val, device=self.cfg.device, max_images=self.cfg.max_val_images, progress=False
+        )
+
+    # -- stages ------------------------------------------------------------------------------
+    def stage_data(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        train_set, val_set = self._datasets()
+        classes = list(getattr(train_set, "classes", []))
+        return {}, {
+            "spec": self.cfg.data,
+            "train_images": len(train_set),
+            "val_images": len(val_set),
+            "classes": classes,
+        }
+
+    def stage_train(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        """Build (or load) the original model; train it here only when no trained one was given."""
+        c = self.cfg
+        train_set, val_set = self._datasets()
+        dst = self.out / "original.pt"
+        if Path(c.model).suffix in (".pt", ".pth") or Path(c.model).is_file():
+            model = prunekit.load(c.model)
+            _check_classes(model, train_set, Path(c.model))
+            if D.is_main_process():
+                prunekit.save(model, dst, extra={"source": str(c.model)})
+            return {"original": dst}, {"trained_here": False}
+        classes = list(getattr(train_set, "classes", []))
+        n_cls = len(classes) + 1 if _is_detector_name(c.model) else len(classes)
+        kw: dict[str, Any] = {"class_names": classes}
+        if _is_detector_name(c.model):
+            kw["batch_norm"] = c.batch_norm and not c.weights
+        model = create_model(c.model, n_cls, c.width, **kw)
+        if c.weights:
+            load_weights(model, c.weights)
+            if D.is_main_process():
+                prunekit.save(model, dst, extra={"source": str(c.weights)})
+            return {"original": dst}, {"trained_here": False}
+        from prunekit.train import train
+
+        torch.manual_seed(c.seed)
+        model = create_model(c.model, n_cls, c.width, **kw)
+        train(model, train_set, self._train_cfg(c.epochs_train), out_dir=self.out / "train", resume=True)
+        if D.is_main_process():
+            prunekit.save(model, dst, extra={"trained_epochs": c.epochs_train})
+        return {"original": dst}, {"trained_here": True, "epochs": c.epochs_train}
+
+    def stage_eval_original(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        model = prunekit.load(self.out / "original.pt")
+        metrics = self._evaluate(model)
+        return {}, _headline(metrics) | {"params": prunekit.count_params(model)}
+
+    def stage_prune(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        from prunekit.prune.method import PruneConfig, run_phases
+        from prunekit.prune.phases import resolve_phases
+        from prunekit.train import train
+
+        c = self.cfg
+        train_set, _ = self._datasets()
+        model = prunekit.load(self.out / "original.pt")
+        if c.keep_detection_layers:
+            from prunekit.prune.surgery import keep_detection_layers
+
+            model = keep_detection_layers(model, c.keep_detection_layers)
+        phases = resolve_phases(c.phases or get_config(model).arch, model)
+
+        def train_fn(m: nn.Module, regularizer: Any, epochs: int, tag: str) -> None:
+            train(m, train_set, self._train_cfg(epochs), regularizer=regularizer, progress=False)
+
+        hp = PruneConfig(
+            eps1=c.eps1,
+            eps2=c.eps2,
+            lam_grid=list(c.lam_grid),
+            k_range=list(c.k_range),
+            tau1=c.tau1,
+            tau2=c.tau2,
+            tau3=c.tau3,
+            align=c.align,
+            epochs_sparsity=c.epochs_sparsity,
+            epochs_retrain=c.epochs_retrain,
+            cost_aware=c.cost_aware,
+            target_flops=c.target_flops,
+            target_latency=c.target_latency,
+            seed=c.seed,
+        )
+        pruned = run_phases(model, phases, train_fn, self._evaluate, hp, self.out / "phases", resume=True)
+        dst = self.out / "model.pt"
+        metrics = self._evaluate(pruned)
+        if D.is_main_process():
+            prunekit.save(pruned, dst, extra={"metrics": _headline(metrics)})
+        return {"model": dst}, _headline(metrics) | {"params": prunekit.count_params(pruned)}
+
+    def stage_export(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        from prunekit.export import export_onnx
+
+        c = self.cfg
+        original = prunekit.load(self.out / "original.pt")
+        model = prunekit.load(self.out / "model.pt")
+        outs: dict[str, Path] = {}
+        summaries: dict[str, Any] = {}
+        jobs = [
+            ("original", original, "raw", self.out / "original.onnx"),
+            ("model", model, "raw", self.out / "model.onnx"),
+        ]
+        if get_config(model).is_detector:
+            jobs += [
+                ("model_decoded", model, "decoded", self.out / "model_decoded.onnx"),
+                ("model_trt", model, "trt", self.out / "model_trt.onnx"),
+            ]
+        for label, m, form, path in jobs:
+            src = self.out / ("original.pt" if label == "original" else "model.pt")
+            s = export_onnx(m, path, form=form, opset=c.opset, source_checkpoint=src)
+            outs[label] = path
+            summaries[label] = {
+                "form": form,
+                "file_mb": round(path.stat().st_size / 2**20, 3),
+                "nodes": s.num_nodes,
+            }
+        return outs, summaries
+
+    def stage_verify(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        from prunekit.deploy.verify import verify
+
+        c = self.cfg
+        dst = self.out / "verify.json"
+        report = verify(
+            self.out / "model.pt",
+            self.out / "model.onnx",
+            data=c.data,
+            split=c.val_split,
+            backends=c.backends,
+            precision=c.precision[0],
+            num_images=c.verify_images,
+            out=dst,
+        )
+        return {"verify": dst}, {"passed": report["passed"], "backends": sorted(report.get("backends", {}))}
+
+    def stage_engines(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        from prunekit.deploy import available_backends
+        from prunekit.deploy.build import build_engine
+
+        c = self.cfg
+        avail = available_backends()
+        wanted = c.backends or [b for b in ("ort-cpu", "ort-cuda", "ort-trt", "trt") if b in avail]
+        outs: dict[str, Path] = {}
+        skipped: dict[str, str] = {}
+        for backend in wanted:
+            if avail.get(backend) is not None:
+                skipped[backend] = avail[backend]  # type: ignore[assignment]
+                if c.backends:  # asked for explicitly: that is an error, not a skip
+                    raise PipelineError(f"backend {backend} unavailable: {avail[backend]}")
+                log.warning("engines: skipping %s: %s", backend, avail[backend])
+                continue
+            if backend.startswith("torch"):
+                continue
+            for prec in c.precision:
+                res = build_engine(
+                    self.out / "model.onnx", backend, precision=prec, out_dir=self.out / "engines"
+                )
+                outs[f"{backend}-{prec}"] = Path(res["engine"])
+        return outs, {"built": sorted(outs), "skipped": skipped}
+
+    def stage_bench(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        from prunekit.bench import run_benchmark
+
+        c = self.cfg
+        res = run_benchmark(
+            {"original": self.out / "original.onnx", "compressed": self.out / "model.onnx"},
+            backends=c.backends or ["ort-cpu"],
+            batch_sizes=c.bench_batch,
+            data_spec=c.data,
+            split=c.val_split,
+            out_dir=self.out,
+            checkpoints={"original": self.out / "original.pt", "compressed": self.out / "model.pt"},
+            min_time=c.bench_min_time,
+            max_images=c.max_val_images,
+        )
+        return {"bench": self.out / "bench.json"}, {"ratios": res.get("ratios", {})}
+
+    def stage_report(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        from prunekit.bench.report import render_report
+
+        paths = render_report(self.out / "bench.json", self.out)
+        return {Path(p).name: Path(p) for p in paths}, {}
+
+    # -- driver ------------------------------------------------------------------------------
+    def run(self) -> Manifest:
+        if D.is_main_process():
+            atomic_write_text(self.out / "config.yaml", self.cfg.to_yaml())
+            self.manifest.meta["config"] = dataclasses.asdict(self.cfg)
+            self.manifest.save()
+        with _signals_to_exceptions():
+            for name in STAGES:
+                fn = getattr(self, f"stage_{name}")
+                self._run_stage(name, fn, all_ranks=name in ("data", "train", "prune"))
+        return self.manifest
+
+
+def _is_detector_name(name: str) -> bool:
+    return name.startswith("ssd")
+
+
+def _check_classes(model: nn.Module, dataset: Any, path: Path) -> None:
+    cfg = get_config(model)
+    classes = list(getattr(dataset, "classes", []))
+    want = len(classes) + 1 if cfg.is_detector else len(classes)
+    if classes and cfg.num_classes != want:
+        raise PipelineError(
+            f"{path}: checkpoint has {cfg.num_classes} classes but the dataset has {want} "
+            f"({'background + ' if cfg.is_detector else ''}{len(classes)}: {', '.join(classes[:5])}...)"
+        )
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = ("map", "map50", "map75", "voc07_ap", "top1")
+    return {k: round(float(metrics[k]), 5) for k in keys if metrics.get(k) is not None}
+
+
+def run_pipeline(cfg: PipelineConfig, out: str | Path, resume: bool = False, force: bool = False) -> Manifest:
+    """Run (or resume) the whole job into ``out``; returns the completed manifest."""
+    out = Path(out)
+    D.init_distributed()
+    prepare_run_dir(out, resume=resume, force=force)
+    torch.manual_seed(cfg.seed)
+    manifest = Pipeline(cfg, out, resume=resume).run()
+    assert all(r.status in (DONE, "skipped") for r in manifest.stages.values())
+    return manifest

@@ -1,0 +1,166 @@
+"""End-to-end ``compress-and-export`` on a tiny configuration, and SIGKILL + ``--resume``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import prunekit
+from prunekit.manifest import DONE
+from prunekit.pipeline import STAGES
+
+TINY = {
+    "width": 0.0625,
+    "epochs_train": 2,
+    "epochs_sparsity": 1,
+    "epochs_retrain": 1,
+    "lam_grid": [0.002],
+    "k_range": [0.5, 1.0, 1.5],
+    "batch_size": 8,
+    "lr": 0.01,
+    "bench_batch": [1],
+    "bench_min_time": 0.2,
+    "verify_images": 16,
+    "backends": ["ort-cpu"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from prunekit.data.synth import make_synth_voc
+
+    root = tmp_path_factory.mktemp("synth")
+    make_synth_voc(root, n_train=24, n_val=16, seed=0)
+    return f"voc:{root}"
+
+
+def _config(tmp: Path, data: str, **over: object) -> Path:
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "data": data, **over}))
+    return path
+
+
+def _cli(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "prunekit.cli", *args], capture_output=True, text=True, env=env, timeout=900
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: str) -> Path:
+    tmp = tmp_path_factory.mktemp("run")
+    out = tmp / "out"
+    _cli("compress-and-export", "--config", str(_config(tmp, tiny_data)), "--out", str(out))
+    return out
+
+
+def test_end_to_end_artifacts_and_manifest(finished_run: Path) -> None:
+    out = finished_run
+    for name in ["manifest.json", "config.yaml", "original.pt", "model.pt", "model.onnx", "model_decoded.onnx",
+                 "model_trt.onnx", "verify.json", "bench.json", "REPORT.md"]:  # fmt: skip
+        assert (out / name).is_file(), name
+    assert list((out / "phases").glob("p*/retrained.pt")), "per-phase checkpoints"
+    assert list((out / "engines").iterdir()), "ORT engine"
+    assert list(out.glob("*.png")), "plots"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["stages"]) == STAGES
+    for name, rec in manifest["stages"].items():
+        assert rec["status"] == DONE, (name, rec)
+        assert rec["wall_s"] is not None
+        for entry in rec["outputs"].values():
+            assert len(entry["sha256"]) == 64
+    assert prunekit.count_params(prunekit.load(out / "model.pt")) < prunekit.count_params(
+        prunekit.load(out / "original.pt")
+    )
+    verify = json.loads((out / "verify.json").read_text())
+    assert verify["passed"] is True
+    bench = json.loads((out / "bench.json").read_text())
+    assert {"original", "compressed"} <= set(bench["models"])
+
+
+def test_existing_output_is_refused_without_resume_or_force(finished_run: Path, tmp_path: Path) -> None:
+    before = (finished_run / "manifest.json").read_bytes()
+    proc = _cli("compress-and-export", "--out", str(finished_run), check=False)
+    assert proc.returncode == 2
+    assert "exists and is not empty" in proc.stderr and str(finished_run) in proc.stderr
+    assert (finished_run / "manifest.json").read_bytes() == before
+
+
+def test_missing_dataset_is_one_line_error(tmp_path: Path) -> None:
+    proc = _cli(
+        "compress-and-export", "--out", str(tmp_path / "o"), "--data", f"voc:{tmp_path}/nope", check=False
+    )
+    assert proc.returncode != 0
+    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("Error")]
+    assert err and "nope" in err[-1], proc.stderr[-2000:]
+
+
+def test_wrong_class_count_checkpoint_is_refused(tmp_path: Path, tiny_data: str) -> None:
+    ckpt = prunekit.save(prunekit.ssd300_vgg16(7, width=0.0625), tmp_path / "seven.pt")
+    proc = _cli(
+        "compress-and-export", "--config", str(_config(tmp_path, tiny_data)), "--model", str(ckpt),
+        "--out", str(tmp_path / "o"), check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "seven.pt" in proc.stderr and "classes" in proc.stderr
+
+
+def _onnx_outputs(path: Path) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    shape = [1, *[d if isinstance(d, int) else 1 for d in sess.get_inputs()[0].shape[1:]]]
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))
+
+
+def test_sigkill_mid_stage_then_resume_matches_uninterrupted(
+    finished_run: Path, tiny_data: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "killed"
+    cfg = _config(tmp_path, tiny_data)
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prunekit.cli", "compress-and-export", "--config", str(cfg), "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+    )  # fmt: skip
+    deadline = time.time() + 600
+    manifest = out / "manifest.json"
+    try:
+        while time.time() < deadline:  # kill inside the pruning stage, after its first phase checkpoint
+            if manifest.is_file() and list((out / "phases").glob("p*/*.pt")):
+                state = json.loads(manifest.read_text())["stages"]["prune"]["status"]
+                if state == "running":
+                    break
+            assert proc.poll() is None, "run finished before it could be killed"
+            time.sleep(0.2)
+        else:
+            pytest.fail("pruning stage never started")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert json.loads(manifest.read_text())["stages"]["prune"]["status"] == "running"
+    _cli("compress-and-export", "--config", str(cfg), "--out", str(out), "--resume")
+    final = json.loads(manifest.read_text())
+    assert all(r["status"] == DONE for r in final["stages"].values())
+    a, b = prunekit.load(out / "model.pt"), prunekit.load(finished_run / "model.pt")
+    assert prunekit.count_params(a) == prunekit.count_params(b)
+    assert prunekit.get_config(a).channels == prunekit.get_config(b).channels
+    ours, ref = _onnx_outputs(out / "model.onnx"), _onnx_outputs(finished_run / "model.onnx")
+    for name in ref:
+        np.testing.assert_allclose(ours[name], ref[name], atol=1e-4, rtol=1e-3)

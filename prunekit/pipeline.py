@@ -60,6 +60,7 @@ class PipelineConfig:
     width: float = 0.125
     batch_norm: bool = True  # for models trained here from scratch
     data: str = "synth"
+    skip_bad: bool = False  # skip malformed annotations (with a warning count) instead of failing
     train_split: str = "train"
     val_split: str = "val"
     phases: str | None = None  # preset name or YAML/JSON file; default: the model's preset
@@ -215,8 +216,9 @@ class Pipeline:
         if "train_set" not in self.state:
             from prunekit.data import build_dataset
 
-            self.state["train_set"] = build_dataset(self.cfg.data, self.cfg.train_split, train=True)
-            self.state["val_set"] = build_dataset(self.cfg.data, self.cfg.val_split, train=False)
+            c = self.cfg
+            self.state["train_set"] = build_dataset(c.data, c.train_split, train=True, skip_bad=c.skip_bad)
+            self.state["val_set"] = build_dataset(c.data, c.val_split, train=False, skip_bad=c.skip_bad)
         return self.state["train_set"], self.state["val_set"]
 
     def _train_cfg(self, epochs: int) -> Any:

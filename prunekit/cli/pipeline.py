@@ -41,6 +41,7 @@ def _strs(s: str | None) -> list[str] | None:
 @click.option("--weights", help="Plain state dict for a named model (e.g. torchvision's SSD300 COCO .pth).")
 @click.option("--width", type=float, help="Channel width multiplier for a model built here.")
 @click.option("--data", help="synth | voc:DIR | coco:ANN.json,IMAGES | gtsdb:DIR | cifar10:DIR | folder:DIR")
+@click.option("--skip-bad", is_flag=True, default=None, help="Skip malformed annotations (counted) instead of failing.")
 @click.option("--phases", help="Phase preset (ssd300, ssd512, vgg16) or a YAML/JSON file of layer names.")
 @click.option("--keep-detection-layers", type=int, help="Keep the first K SSD feature maps (pruned-Kdet).")
 @click.option("--eps1", type=float, help="Max metric drop after L1 training, points.")

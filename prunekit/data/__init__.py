@@ -1,0 +1,83 @@
+"""Datasets (PASCAL VOC, COCO, GTSDB, CIFAR-10, GTSRB, image folders, synthetic), SSD augmentation,
+the in-memory small-image loader, and ``build_dataset(spec, split, train)``.
+
+Item contracts are in :mod:`prunekit.data.base`; specs in :mod:`prunekit.data.build`.
+"""
+
+from prunekit.data.base import (
+    ClassificationDataset,
+    DetectionDataset,
+    DetectionRecord,
+    collate_detection,
+    decode_image_bytes,
+    read_image,
+)
+from prunekit.data.build import DATASET_KINDS, build_dataset, dataset_task, is_detection_spec, parse_spec
+from prunekit.data.cache import cache_dir
+from prunekit.data.check import format_summary, summarize
+from prunekit.data.cifar import CIFAR10, CIFAR10_CLASSES, write_cifar_batches
+from prunekit.data.coco import COCODetection
+from prunekit.data.errors import DatasetError
+from prunekit.data.folder import ImageFolder
+from prunekit.data.gtsdb import GTSDBDetection
+from prunekit.data.gtsrb import GTSRB
+from prunekit.data.memory import MemoryLoader, TensorImageDataset, cached_uint8, random_crop_flip
+from prunekit.data.signs import GTSDB_GROUPS, GTSRB_CLASSES
+from prunekit.data.synth import ensure_synth_voc, make_synth_cifar, make_synth_voc
+from prunekit.data.transforms import (
+    PhotometricDistort,
+    RandomHorizontalFlip,
+    RandomIoUCrop,
+    RandomZoomOut,
+    Resize,
+    SSDAugmentation,
+    classification_train_transforms,
+    ssd_eval_transforms,
+    ssd_train_transforms,
+)
+from prunekit.data.voc import VOC_CLASSES, VOCDetection
+
+__all__ = [
+    "CIFAR10",
+    "CIFAR10_CLASSES",
+    "COCODetection",
+    "ClassificationDataset",
+    "DATASET_KINDS",
+    "DatasetError",
+    "DetectionDataset",
+    "DetectionRecord",
+    "GTSDBDetection",
+    "GTSDB_GROUPS",
+    "GTSRB",
+    "GTSRB_CLASSES",
+    "ImageFolder",
+    "MemoryLoader",
+    "PhotometricDistort",
+    "RandomHorizontalFlip",
+    "RandomIoUCrop",
+    "RandomZoomOut",
+    "Resize",
+    "SSDAugmentation",
+    "TensorImageDataset",
+    "VOCDetection",
+    "VOC_CLASSES",
+    "build_dataset",
+    "cache_dir",
+    "cached_uint8",
+    "classification_train_transforms",
+    "collate_detection",
+    "dataset_task",
+    "decode_image_bytes",
+    "ensure_synth_voc",
+    "format_summary",
+    "is_detection_spec",
+    "make_synth_cifar",
+    "make_synth_voc",
+    "parse_spec",
+    "random_crop_flip",
+    "read_image",
+    "ssd_eval_transforms",
+    "ssd_train_transforms",
+    "summarize",
+    "write_cifar_batches",
+]

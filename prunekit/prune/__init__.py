@@ -1,0 +1,25 @@
+"""Multi-layer pruning (Singh et al., WACV 2019): dependency graph, method steps, surgery, reports.
+
+What is coupled (:mod:`~prunekit.prune.graph`), what to remove (:mod:`~prunekit.prune.selection`,
+:mod:`~prunekit.prune.baselines`), how to remove it (:mod:`~prunekit.prune.surgery`), and the
+phase runner that strings the paper's steps together (:mod:`~prunekit.prune.method`).
+"""
+
+from prunekit.prune.graph import DependencyGraph, build_dependency_graph
+from prunekit.prune.method import PruneConfig, run_phases
+from prunekit.prune.phases import Phase, resolve_phases
+from prunekit.prune.report import layer_table, model_stats
+from prunekit.prune.surgery import keep_detection_layers, prune_channels
+
+__all__ = [
+    "DependencyGraph",
+    "Phase",
+    "PruneConfig",
+    "build_dependency_graph",
+    "keep_detection_layers",
+    "layer_table",
+    "model_stats",
+    "prune_channels",
+    "resolve_phases",
+    "run_phases",
+]

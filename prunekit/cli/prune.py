@@ -1,0 +1,313 @@
+"""``prunekit prune``, ``prunekit inspect``, ``prunekit prune-baseline``, ``prunekit prune-tau-search``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import click
+
+from prunekit.cli.common import UserError, friendly_errors
+
+log = logging.getLogger(__name__)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _datasets(data: str, split: str, val_split: str) -> tuple[Any, Any]:
+    from prunekit.data import build_dataset
+
+    return build_dataset(data, split, train=True), build_dataset(data, val_split, train=False)
+
+
+def _train_config(
+    device: str, batch_size: int, lr: float, weight_decay: float, warmup_iters: int, seed: int
+) -> Any:
+    from prunekit.train import TrainConfig
+
+    return TrainConfig(
+        epochs=1,
+        lr=lr,
+        weight_decay=weight_decay,
+        warmup_iters=warmup_iters,
+        batch_size=batch_size,
+        device=_device(device),
+        seed=seed,
+    )
+
+
+def _totals_line(stats: dict[str, Any]) -> str:
+    return f"{stats['params']:,} params, {stats['size_mb']:.2f} MiB, {stats['macs'] / 1e9:.3f} GMACs"
+
+
+@click.command("prune")
+@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--data", required=True, help="Dataset spec (synth, voc:DIR, coco:ANN,IMAGES, cifar10:DIR...).")
+@click.option("--split", default="train", show_default=True, help="Training split.")
+@click.option("--val-split", default="val", show_default=True, help="Validation split (drives ε1/ε2).")
+@click.option(
+    "--phases",
+    "phases_spec",
+    default=None,
+    help="ssd300 | ssd512 | vgg16 | a YAML/JSON file [default: the model's preset].",
+)
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option(
+    "--eps1", type=float, default=1.0, show_default=True, help="Allowed drop after L1 training (points)."
+)
+@click.option(
+    "--eps2", type=float, default=15.0, show_default=True, help="Allowed drop after thresholding (points)."
+)
+@click.option("--lam-grid", default="1e-4,3e-4,1e-3", show_default=True, help="λ values to try.")
+@click.option(
+    "--k-range", default="0.25,0.5,0.75,1,1.5,2", show_default=True, help="Threshold multiples of std."
+)
+@click.option("--threshold-search", type=click.Choice(["scan", "bisect"]), default="scan", show_default=True)
+@click.option("--tau1", type=float, default=0.9, show_default=True)
+@click.option("--tau2", type=float, default=0.7, show_default=True)
+@click.option("--tau3", type=float, default=0.9, show_default=True)
+@click.option(
+    "--min-keep", type=int, default=1, show_default=True, help="Filters every layer keeps at least."
+)
+@click.option(
+    "--align",
+    type=int,
+    default=1,
+    show_default=True,
+    help="Round kept filters to multiples of N (1 = paper).",
+)
+@click.option(
+    "--cost-aware", type=click.Choice(["macs", "latency"]), default=None, help="Weight the L1 term by cost."
+)
+@click.option(
+    "--latency-table", type=click.Path(dir_okay=False), default=None, help="For --cost-aware latency."
+)
+@click.option("--epochs-sparsity", type=int, default=10, show_default=True)
+@click.option("--epochs-retrain", type=int, default=10, show_default=True)
+@click.option(
+    "--keep-detection-layers",
+    type=int,
+    default=None,
+    help="pruned-Kdet: keep the first K maps after the phases.",
+)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True)
+@click.option("--weight-decay", type=float, default=5e-4, show_default=True)
+@click.option("--warmup-iters", type=int, default=0, show_default=True)
+@click.option("--max-val-images", type=int, default=None, help="Validate on the first N images only.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue a run in OUT after its last completed step.")
+@friendly_errors
+def prune(
+    model_path: Path, data: str, split: str, val_split: str, phases_spec: str | None, out_dir: Path, **kw: Any
+) -> None:
+    """Multi-layer pruning of a trained model; writes OUT/model.pt, OUT/phases/pN/*, OUT/layers.{json,md}."""
+    import prunekit
+    from prunekit.models import get_config
+    from prunekit.prune.method import PruneConfig, make_train_eval, run_phases
+    from prunekit.prune.phases import resolve_phases
+    from prunekit.prune.report import layer_table, model_stats, write_table
+
+    model = prunekit.load(model_path)
+    phases = resolve_phases(phases_spec or get_config(model).arch, model)
+    hp = PruneConfig(
+        eps1=kw["eps1"],
+        eps2=kw["eps2"],
+        lam_grid=_floats(kw["lam_grid"], "--lam-grid"),
+        k_range=_floats(kw["k_range"], "--k-range"),
+        threshold_search=kw["threshold_search"],
+        tau1=kw["tau1"],
+        tau2=kw["tau2"],
+        tau3=kw["tau3"],
+        min_keep=kw["min_keep"],
+        align=kw["align"],
+        cost_aware=kw["cost_aware"],
+        latency_table=kw["latency_table"],
+        epochs_sparsity=kw["epochs_sparsity"],
+        epochs_retrain=kw["epochs_retrain"],
+        keep_detection_layers=kw["keep_detection_layers"],
+        seed=kw["seed"],
+    )
+    train_set, val_set = _datasets(data, split, val_split)
+    tcfg = _train_config(
+        kw["device"], kw["batch_size"], kw["lr"], kw["weight_decay"], kw["warmup_iters"], kw["seed"]
+    )
+    train_fn, eval_fn = make_train_eval(train_set, val_set, tcfg, max_val_images=kw["max_val_images"])
+    pruned = run_phases(model, phases, train_fn, eval_fn, hp, out_dir / "phases", resume=kw["resume"])
+    summary = json.loads((out_dir / "phases" / "summary.json").read_text(encoding="utf-8"))
+    original_channels = {r["layer"]: r["filters_before"] for r in summary["layers"]}
+    prunekit.save(
+        pruned,
+        out_dir / "model.pt",
+        extra={
+            "metric": summary["final"]["metric"],
+            "original_channels": original_channels,
+            "source": str(model_path),
+        },
+    )
+    rows = layer_table(pruned, original=model)
+    totals = {"original": summary["original"], "pruned": summary["final"]}
+    write_table(out_dir / "layers", rows, totals, f"{model_path.name} -> model.pt")
+    orig, final = model_stats(model), model_stats(pruned)
+    click.echo(f"original: {_totals_line(orig)}, metric {100 * summary['original']['metric']:.2f}")
+    click.echo(f"pruned:   {_totals_line(final)}, metric {100 * summary['final']['metric']:.2f}")
+    click.echo(f"{orig['params'] / final['params']:.2f}x fewer parameters -> {out_dir / 'model.pt'}")
+
+
+@click.command("inspect")
+@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--original",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Compare with this checkpoint.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of markdown.")
+@click.option("--graph", is_flag=True, help="Also list every channel group and what is coupled to it.")
+@friendly_errors
+def inspect(model_path: Path, original: Path | None, as_json: bool, graph: bool) -> None:
+    """Per-layer filters, parameters and MACs of a saved model (like the paper's Table 1)."""
+    from prunekit.models.io import load_with_extra
+    from prunekit.prune.graph import build_dependency_graph
+    from prunekit.prune.report import layer_table, model_stats, render_markdown
+    from prunekit.prune.surgery import group_summary
+
+    model, extra = load_with_extra(model_path)
+    ref = load_with_extra(original)[0] if original else None
+    rows = layer_table(model, original=ref, original_channels=None if ref else extra.get("original_channels"))
+    totals: dict[str, Any] = {}
+    if ref is not None:
+        totals["original"] = model_stats(ref)
+    totals[model_path.name] = {**model_stats(model), "metric": extra.get("metric")}
+    groups = None
+    if graph:
+        g = build_dependency_graph(model)
+        groups = [group_summary(gr, g) for gr in g.groups]
+    if as_json:
+        click.echo(json.dumps({"layers": rows, "totals": totals, "groups": groups}, indent=2))
+        return
+    click.echo(render_markdown(rows, totals, str(model_path)), nl=False)
+    for gs in groups or []:
+        coupled = ", ".join(f"{c['target']}[{c['kind']}]" for c in gs["couplings"])
+        state = "prunable" if gs["prunable"] else f"fixed ({gs['reason']})"
+        click.echo(f"- {gs['layer']} ({gs['channels']}): {state}; {coupled}")
+
+
+@click.command("prune-baseline")
+@click.argument("model_path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--method",
+    type=click.Choice(["l1", "random"]),
+    required=True,
+    help="L1-norm ranking (Li et al.) or random (RRF).",
+)
+@click.option("--params", "target_params", type=int, default=None, help="Target parameter count.")
+@click.option(
+    "--params-of",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Match this checkpoint's parameter count.",
+)
+@click.option("--ratio", type=float, default=None, help="Fraction of filters removed from every layer.")
+@click.option("--layers", default=None, help="Comma-separated layers to prune [default: all prunable].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@friendly_errors
+def prune_baseline_cmd(
+    model_path: Path, method: str, target_params: int | None, params_of: Path | None, ratio: float | None,
+    layers: str | None, seed: int, out_path: Path,
+) -> None:  # fmt: skip
+    """Prune by a baseline at a given size (retrain it afterwards with `prunekit train --weights`)."""
+    import prunekit
+    from prunekit.prune.baselines import prune_baseline
+    from prunekit.prune.report import model_stats
+
+    if params_of is not None:
+        if target_params is not None:
+            raise UserError("give --params or --params-of, not both")
+        target_params = prunekit.count_params(prunekit.load(params_of))
+    if (ratio is None) == (target_params is None):
+        raise UserError("give exactly one of --ratio, --params or --params-of")
+    model = prunekit.load(model_path)
+    names = [x for x in layers.split(",") if x] if layers else None
+    pruned, info = prune_baseline(
+        model, method, ratio=ratio, target_params=target_params, layers=names, seed=seed
+    )
+    original_channels = {n: c for n, c in prunekit.models.get_config(model).channels.items()}
+    prunekit.save(
+        pruned,
+        out_path,
+        extra={"baseline": info, "original_channels": original_channels, "source": str(model_path)},
+    )
+    click.echo(
+        f"{method}: removed {100 * info['ratio']:.1f}% of filters per layer -> {_totals_line(model_stats(pruned))} -> {out_path}"
+    )
+
+
+@click.command("prune-tau-search")
+@click.argument("phase_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", required=True, help="Dataset spec.")
+@click.option("--val-split", default="val", show_default=True)
+@click.option("--values", default="0.5,0.6,0.7,0.8,0.9,0.95", show_default=True, help="τ values in [0.5, 1).")
+@click.option("--eps", type=float, default=1.0, show_default=True, help="Allowed drop from Θ_L1 (points).")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--max-val-images", type=int, default=None)
+@click.option(
+    "--out",
+    "out_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSON result [PHASE_DIR/tau_search.json].",
+)
+@friendly_errors
+def tau_search_cmd(
+    phase_dir: Path, data: str, val_split: str, values: str, eps: float, device: str, max_val_images: int | None,
+    out_path: Path | None,
+) -> None:  # fmt: skip
+    """Grid search over τ1, τ2, τ3 for one phase of a `prunekit prune` run (no retraining)."""
+    from prunekit.data import build_dataset
+    from prunekit.evaluate import evaluate, primary_metric
+    from prunekit.fileio import atomic_write_json
+    from prunekit.models.io import load_with_extra
+    from prunekit.prune.selection import search_tau, tau_grid
+
+    sparse, extra = load_with_extra(phase_dir / "sparse.pt")
+    thresholded, _ = load_with_extra(phase_dir / "thresholded.pt")
+    layers = (extra.get("phase_layers") or {}).get("prune_layers")
+    if not layers:
+        raise UserError(
+            f"{phase_dir / 'sparse.pt'}: no phase layers recorded (not written by `prunekit prune`?)"
+        )
+    val = build_dataset(data, val_split, train=False)
+
+    def eval_fn(m: Any) -> float:
+        return primary_metric(
+            evaluate(m, val, device=_device(device), progress=False, max_images=max_val_images)
+        )
+
+    result = search_tau(sparse, thresholded, layers, eval_fn, tau_grid(_floats(values, "--values")), eps=eps)
+    out_path = out_path or phase_dir / "tau_search.json"
+    atomic_write_json(out_path, result)
+    b = result["best"]
+    click.echo(
+        f"best τ=({b['tau1']}, {b['tau2']}, {b['tau3']}): {b['params']:,} params, metric {100 * b['metric']:.2f} -> {out_path}"
+    )
+
+
+COMMANDS = [prune, inspect, prune_baseline_cmd, tau_search_cmd]

@@ -1,0 +1,253 @@
+"""What every prunekit dataset returns, and the image decoding they share.
+
+Detection items are ``(image, target)``: ``image`` a float tensor [3, H, W] in [0, 1] and
+``target`` a dict with ``boxes`` (float [n, 4], xyxy, absolute pixels, 0-based continuous
+coordinates: a box covering pixel columns 0..9 is x1=0, x2=10), ``labels`` (int64 [n] in
+1..C-1; 0 is background), ``difficult`` (bool [n]) and ``image_id`` (int). Classification items
+are ``(image, class_index)``.
+
+Readers parse every annotation when they are built, so a broken set fails at once (not an hour
+into training) and evaluation can read ground truth without decoding a single image.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from prunekit.data.errors import DatasetError
+
+# Formats torchvision decodes natively (libjpeg/libpng); everything else (.ppm, .bmp...) goes via PIL.
+_TV_DECODABLE = {".jpg", ".jpeg", ".png"}
+
+DetectionTransform = Callable[[Tensor, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
+ImageTransform = Callable[[Tensor], Tensor]
+
+
+def decode_image_bytes(data: bytes, name: str) -> Tensor:
+    """Decode an encoded image to uint8 RGB [3, H, W]; ``name`` is only for the error message."""
+    suffix = os.path.splitext(name)[1].lower()
+    if suffix in _TV_DECODABLE:
+        from torchvision.io import ImageReadMode, decode_image
+
+        try:
+            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError:
+            pass  # some JPEG flavours (CMYK, arithmetic coding) only PIL reads; try it before failing
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            arr = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f"{name}: cannot decode image ({e})") from e
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+
+
+def read_image(path: str | os.PathLike) -> Tensor:
+    """Read an image file as uint8 RGB [3, H, W]."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: image file not found") from e
+    return decode_image_bytes(data, str(path))
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) from the file header only (cheap: no pixel decoding)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: image file not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f"{path}: cannot read image header ({e})") from e
+
+
+def to_float(image: Tensor) -> Tensor:
+    """uint8 [3, H, W] -> float32 in [0, 1]."""
+    return image.to(torch.float32).div_(255.0)
+
+
+@dataclass
+class DetectionRecord:
+    """One image's ground truth, in the image's own pixel coordinates."""
+
+    image_id: int
+    path: Path
+    width: int
+    height: int
+    boxes: np.ndarray  # float32 [n, 4] xyxy
+    labels: np.ndarray  # int64 [n], 1..C-1
+    difficult: np.ndarray  # bool [n]
+    name: str = ""  # identifier in the source (VOC id, COCO file name)
+
+
+class DetectionDataset(Dataset):
+    """Base of all detection readers: a list of :class:`DetectionRecord` plus lazy image loading.
+
+    ``transforms(image, target)`` (e.g. :class:`prunekit.data.transforms.SSDAugmentation`) runs
+    after decoding; ``None`` returns the image as is (the SSD resizes internally).
+    """
+
+    def __init__(
+        self,
+        records: list[DetectionRecord],
+        classes: Sequence[str],
+        transforms: DetectionTransform | None = None,
+        source: str = "",
+    ):
+        self.records = records
+        self.classes = list(classes)
+        self.transforms = transforms
+        self.source = source
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes including background (torchvision convention)."""
+        return len(self.classes) + 1
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load_image(self, index: int) -> Tensor:
+        """uint8 [3, H, W]; checks the decoded size against the annotation."""
+        rec = self.records[index]
+        img = read_image(rec.path)
+        h, w = img.shape[-2:]
+        if (w, h) != (rec.width, rec.height):
+            raise DatasetError(
+                f"{rec.path}: image is {w}x{h} but its annotation says {rec.width}x{rec.height}"
+            )
+        return img
+
+    def annotation(self, index: int) -> dict[str, Any]:
+        """Ground truth as numpy (``boxes``, ``labels``, ``difficult``, ``image_id``), no decoding."""
+        rec = self.records[index]
+        return {
+            "boxes": rec.boxes,
+            "labels": rec.labels,
+            "difficult": rec.difficult,
+            "image_id": rec.image_id,
+            "width": rec.width,
+            "height": rec.height,
+        }
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
+        rec = self.records[index]
+        image = to_float(self.load_image(index))
+        target = {
+            "boxes": torch.from_numpy(rec.boxes.copy()).reshape(-1, 4),
+            "labels": torch.from_numpy(rec.labels.copy()),
+            "difficult": torch.from_numpy(rec.difficult.copy()),
+            "image_id": rec.image_id,
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def class_counts(self) -> dict[str, int]:
+        """Objects per class name (difficult ones included)."""
+        counts = Counter(int(lbl) for rec in self.records for lbl in rec.labels)
+        return {name: counts.get(i + 1, 0) for i, name in enumerate(self.classes)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, images={len(self)}, classes={self.classes})"
+
+
+class ClassificationDataset(Dataset):
+    """Base of classification readers. Subclasses implement :meth:`load_uint8` and set ``targets``.
+
+    ``transform(image)`` runs on the float image; :meth:`load_uint8` is what the in-memory loader
+    (:mod:`prunekit.data.memory`) caches.
+    """
+
+    classes: list[str]
+    targets: list[int]
+    transform: ImageTransform | None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def load_uint8(self, index: int) -> Tensor:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = to_float(self.load_uint8(index))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+    def class_counts(self) -> dict[str, int]:
+        counts = Counter(int(t) for t in self.targets)
+        return {name: counts.get(i, 0) for i, name in enumerate(self.classes)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r}, images={len(self)}, classes={len(self.classes)})"
+
+
+def collate_detection(batch: Sequence[tuple[Tensor, dict[str, Any]]]) -> tuple[list[Tensor], list[dict]]:
+    """Keep images as a list: detection images differ in size and the SSD batches them itself."""
+    images = [item[0] for item in batch]
+    targets = [item[1] for item in batch]
+    return images, targets
+
+
+def check_box(
+    box: Sequence[float], width: int, height: int, where: str, tol: float = 1.0
+) -> tuple[np.ndarray | None, str | None]:
+    """Validate one xyxy box against its image: returns (clipped box, None) or (None, problem).
+
+    Boxes may poke ``tol`` pixels past the border (common off-by-one in real annotations) and are
+    clipped; further out, or empty after clipping, is an error naming ``where``.
+    """
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(np.isfinite([x1, y1, x2, y2])):
+        return None, f"{where}: non-finite box {box}"
+    if x2 <= x1 or y2 <= y1:
+        return None, f"{where}: degenerate box (x1={x1:g}, y1={y1:g}, x2={x2:g}, y2={y2:g})"
+    if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+        return None, (
+            f"{where}: box (x1={x1:g}, y1={y1:g}, x2={x2:g}, y2={y2:g}) outside the {width}x{height} image"
+        )
+    out = np.array([max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)], dtype=np.float32)
+    if out[2] <= out[0] or out[3] <= out[1]:
+        return None, f"{where}: box (x1={x1:g}, y1={y1:g}, x2={x2:g}, y2={y2:g}) empty inside the image"
+    return out, None
+
+
+def make_record(
+    image_id: int,
+    path: Path,
+    width: int,
+    height: int,
+    boxes: list[np.ndarray],
+    labels: list[int],
+    difficult: list[bool],
+    name: str = "",
+) -> DetectionRecord:
+    return DetectionRecord(
+        image_id=image_id,
+        path=path,
+        width=width,
+        height=height,
+        boxes=np.stack(boxes).astype(np.float32) if boxes else np.zeros((0, 4), np.float32),
+        labels=np.asarray(labels, dtype=np.int64),
+        difficult=np.asarray(difficult, dtype=bool),
+        name=name,
+    )

@@ -1,0 +1,142 @@
+"""Dataset specs: one string names a dataset on the command line and in configs.
+
+=============================  ===============================================================
+``synth``                      synthetic VOC-format shapes, generated once into the cache
+``synth:DIR``                  the same, generated into (or read from) ``DIR``
+``voc:DIR``                    VOCdevkit (07+12 for train splits) or any VOC-format folder
+``coco:ANN.json,IMAGES``       COCO instances file + image folder (or ``coco:ROOT``)
+``gtsdb:DIR``                  GTSDB (``gt.txt`` + .ppm), 3 paper categories by default
+``cifar10:DIR``                CIFAR-10 python batches (folder or .tar.gz)
+``gtsrb:DIR``                  GTSRB per-class CSV + .ppm
+``folder:DIR``                 class-per-folder images, a folder or a .tar.gz of one
+=============================  ===============================================================
+
+``{split}`` in a path is replaced by the split, for sets kept as one file per split
+(``folder:data/cifar10-jpg-{split}.tar.gz``).
+
+``train=True`` picks the training transforms (SSD augmentation for detection; padded random
+crop + flip for classification); ``train=False`` the evaluation ones (none: the SSD resizes
+internally).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from prunekit.data.base import ClassificationDataset, DetectionDataset
+from prunekit.data.cifar import CIFAR10
+from prunekit.data.coco import COCODetection, resolve_coco
+from prunekit.data.errors import DatasetError
+from prunekit.data.folder import ImageFolder
+from prunekit.data.gtsdb import GTSDBDetection
+from prunekit.data.gtsrb import GTSRB
+from prunekit.data.synth import ensure_synth_voc
+from prunekit.data.transforms import (
+    DEFAULT_FILL,
+    classification_train_transforms,
+    ssd_eval_transforms,
+    ssd_train_transforms,
+)
+from prunekit.data.voc import VOCDetection, is_voc_folder
+
+log = logging.getLogger(__name__)
+
+DATASET_KINDS = ("synth", "voc", "coco", "gtsdb", "cifar10", "gtsrb", "folder")
+DETECTION_KINDS = ("synth", "voc", "coco", "gtsdb")
+_SYNTH_PARAMS = ("n_train", "n_val", "n_test", "seed", "image_size", "classes", "max_objects")
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    """``"voc:/data/VOCdevkit"`` -> ``("voc", "/data/VOCdevkit")``; ``"synth"`` -> ``("synth", None)``."""
+    kind, sep, arg = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind not in DATASET_KINDS:
+        raise ValueError(
+            f"unknown dataset spec {spec!r}; expected one of: {', '.join(k + ':...' for k in DATASET_KINDS)}"
+        )
+    if sep and not arg:
+        raise ValueError(f"dataset spec {spec!r} names no path after ':'")
+    if not sep and kind != "synth":
+        raise ValueError(f"dataset spec {spec!r} needs a path: {kind}:PATH")
+    return kind, (arg or None)
+
+
+def is_detection_spec(spec: str) -> bool:
+    return parse_spec(spec)[0] in DETECTION_KINDS
+
+
+def _call(cls: Any, kw: dict[str, Any], *args: Any, **fixed: Any) -> Any:
+    params = inspect.signature(cls.__init__).parameters
+    unknown = sorted(k for k in kw if k not in params)
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__} has no option {unknown[0]!r} (options: {', '.join(p for p in params if p != 'self')})"
+        )
+    return cls(*args, **{**fixed, **kw})
+
+
+def build_dataset(spec: str, split: str, train: bool = False, **kw: Any) -> Dataset:
+    """The dataset a spec names, with the transforms for training or evaluation.
+
+    ``kw`` go to the reader (``skip_bad``, ``classes``, ``keep_difficult``, ``grouping``,
+    ``image_size``...); ``size`` adds a fixed resize for detection; ``transforms``/``transform``
+    replace the default ones. For ``synth``, the generator's parameters (``n_train``, ``n_val``,
+    ``n_test``, ``seed``, ``image_size``, ``classes``, ``max_objects``) pick which set.
+    """
+    kind, arg = parse_spec(spec)
+    if arg is not None:
+        arg = arg.replace("{split}", split)  # e.g. folder:cifar10-jpg-{split}.tar.gz: one file per split
+    kw = dict(kw)
+    if kind in DETECTION_KINDS:
+        size = kw.pop("size", None)
+        fill = kw.pop("fill", DEFAULT_FILL)
+        if "transforms" not in kw:
+            kw["transforms"] = ssd_train_transforms(size, fill=fill) if train else ssd_eval_transforms(size)
+        if kind in ("synth", "voc"):
+            kw.setdefault("keep_difficult", not train)  # SSD trains without VOC's "difficult" objects
+        if kind == "synth":
+            gen = {k: kw.pop(k) for k in _SYNTH_PARAMS if k in kw}
+            if arg is not None and is_voc_folder(Path(arg)) and not (Path(arg) / "synth.json").is_file():
+                raise DatasetError(f"{arg}: a VOC folder that prunekit did not generate; use voc:{arg}")
+            root = ensure_synth_voc(arg, **gen)
+            return _call(VOCDetection, kw, root, split)
+        if kind == "voc":
+            return _call(VOCDetection, kw, arg, split)
+        if kind == "coco":
+            ann, _, images = (arg or "").partition(",")
+            ann_file, image_dir = resolve_coco(ann, images or None, split)
+            if images:
+                log.info("coco: %s given explicitly; split %r is not used to pick files", ann_file, split)
+            return _call(COCODetection, kw, ann_file, image_dir)
+        return _call(GTSDBDetection, kw, arg, split)
+
+    if "size" in kw:
+        kw["image_size"] = kw.pop("size")
+    if kind == "cifar10":
+        kw.pop("skip_bad", None)  # pickles have no per-sample inputs to skip
+        if "transform" not in kw:
+            kw["transform"] = classification_train_transforms(32) if train else None
+        return _call(CIFAR10, kw, arg, split)
+    if kind == "gtsrb":
+        if "transform" not in kw:
+            size = kw.get("image_size", 32)
+            kw["transform"] = classification_train_transforms(size, flip=False) if train and size else None
+        return _call(GTSRB, kw, arg, split)
+    kw.pop("skip_bad", None)
+    if "transform" not in kw:
+        kw["transform"] = classification_train_transforms(None) if train else None
+    return _call(ImageFolder, kw, arg, split)
+
+
+def dataset_task(dataset: Dataset) -> str:
+    """``"detection"`` or ``"classification"``."""
+    if isinstance(dataset, DetectionDataset):
+        return "detection"
+    if isinstance(dataset, ClassificationDataset):
+        return "classification"
+    raise TypeError(f"not a prunekit dataset: {type(dataset).__name__}")

@@ -1,0 +1,148 @@
+"""COCO instances reader (pycocotools).
+
+Category ids (sparse: 1..90 for COCO) are mapped to contiguous labels 1..C in increasing id order;
+``contiguous=False`` keeps the raw ids as labels (what torchvision's 91-class COCO SSD checkpoint
+predicts), with placeholder names for unused ids. Crowd annotations become ``difficult=True``, so
+evaluation ignores them as COCO does. ``image_id`` is COCO's own id, so results can be written in
+COCO format against the original annotation file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from prunekit.data.base import DetectionDataset, DetectionTransform, check_box, make_record
+from prunekit.data.errors import BadInputs, DatasetError
+
+log = logging.getLogger(__name__)
+
+
+def load_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise DatasetError(f"{path}: annotation file not found") from e
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: line {e.lineno}, column {e.colno}: unparsable JSON ({e.msg})") from e
+
+
+def resolve_coco(path: str | os.PathLike, images: str | os.PathLike | None, split: str) -> tuple[Path, Path]:
+    """(annotation file, image folder) for ``coco:ANN.json,IMAGES`` or a COCO root folder.
+
+    A root folder follows the official layout: ``annotations/instances_<split>2017.json`` (or
+    ``instances_<split>.json``) and images in ``<split>2017/`` (or ``<split>/``).
+    """
+    p = Path(path)
+    if p.is_dir() and images is None:
+        names = [f"instances_{split}2017.json", f"instances_{split}.json"]
+        ann = next((p / "annotations" / n for n in names if (p / "annotations" / n).is_file()), None)
+        if ann is None:
+            raise DatasetError(f"{p}: no annotations/instances_{split}2017.json (or instances_{split}.json)")
+        img_dir = next((p / d for d in (f"{split}2017", split, "images") if (p / d).is_dir()), None)
+        if img_dir is None:
+            raise DatasetError(f"{p}: no image folder {split}2017/ or {split}/")
+        return ann, img_dir
+    if images is None:
+        raise DatasetError(f"{p}: COCO needs 'ANN.json,IMAGES' (annotation file and image folder)")
+    return p, Path(images)
+
+
+class COCODetection(DetectionDataset):
+    """COCO-format detection set: ``ann_file`` (instances JSON) + ``image_dir``."""
+
+    def __init__(
+        self,
+        ann_file: str | os.PathLike,
+        image_dir: str | os.PathLike,
+        transforms: DetectionTransform | None = None,
+        skip_bad: bool = False,
+        contiguous: bool = True,
+        keep_empty: bool = True,
+        keep_crowd: bool = True,
+        check_images: bool = True,
+        classes: Sequence[str] | None = None,
+    ):
+        from pycocotools.coco import COCO
+
+        ann_file, image_dir = Path(ann_file), Path(image_dir)
+        data = load_json(ann_file)
+        if not isinstance(data, dict) or "images" not in data or "categories" not in data:
+            raise DatasetError(f"{ann_file}: not a COCO instances file (needs 'images' and 'categories')")
+        data.setdefault("annotations", [])
+        coco = COCO()
+        coco.dataset = data
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
+            try:
+                coco.createIndex()
+            except (KeyError, TypeError) as e:
+                raise DatasetError(f"{ann_file}: malformed COCO structure (missing/invalid field {e})") from e
+        self.coco = coco
+        cats = sorted(coco.loadCats(coco.getCatIds()), key=lambda c: c["id"])
+        if classes is not None:
+            by_name = {c["name"]: c["id"] for c in cats}
+            missing = [n for n in classes if n not in by_name]
+            if missing:
+                raise DatasetError(f"{ann_file}: no category named {missing[0]!r}")
+            cats = [c for n in classes for c in cats if c["name"] == n]
+        if contiguous:
+            self.cat_to_label = {c["id"]: i + 1 for i, c in enumerate(cats)}
+            class_list = [c["name"] for c in cats]
+        else:
+            max_id = max((c["id"] for c in cats), default=0)
+            names = {c["id"]: c["name"] for c in cats}
+            self.cat_to_label = {c["id"]: c["id"] for c in cats}
+            class_list = [names.get(i, f"__unused_{i}__") for i in range(1, max_id + 1)]
+        self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
+
+        bad = BadInputs(skip_bad, ann_file)
+        records = []
+        for img_id in sorted(coco.imgs):
+            info = coco.imgs[img_id]
+            fname = info.get("file_name")
+            path = image_dir / fname if fname else None
+            if path is None or (check_images and not path.is_file()):
+                bad.report(f"{ann_file}: image id {img_id}: image file {path} not found")
+                continue
+            w, h = int(info.get("width", 0)), int(info.get("height", 0))
+            if w <= 0 or h <= 0:
+                bad.report(f"{ann_file}: image id {img_id} ({fname}): missing width/height")
+                continue
+            boxes, labels, difficult = [], [], []
+            for ann in coco.imgToAnns.get(img_id, []):
+                where = f"{ann_file}: annotation id {ann.get('id')} (image {fname})"
+                cat = ann.get("category_id")
+                if cat not in self.cat_to_label:
+                    if classes is None:
+                        bad.report(f"{where}: unknown category_id {cat}")
+                    continue  # an explicit class subset drops the other categories on purpose
+                crowd = bool(ann.get("iscrowd", 0))
+                if crowd and not keep_crowd:
+                    continue
+                bb = ann.get("bbox")
+                if not isinstance(bb, list) or len(bb) != 4:
+                    bad.report(f"{where}: bbox must be [x, y, w, h], got {bb!r}")
+                    continue
+                x, y, bw, bh = (float(v) for v in bb)
+                box, problem = check_box((x, y, x + bw, y + bh), w, h, where)
+                if problem:
+                    bad.report(problem)
+                    continue
+                boxes.append(box)
+                labels.append(self.cat_to_label[cat])
+                difficult.append(crowd)
+            if not boxes and not keep_empty:
+                continue
+            records.append(make_record(int(img_id), path, w, h, boxes, labels, difficult, name=fname))
+        bad.finish()
+        if not records:
+            raise DatasetError(f"{ann_file}: no usable images")
+        super().__init__(records, class_list, transforms, source=f"coco:{ann_file},{image_dir}")
+        self.skipped = bad.problems

@@ -1,0 +1,126 @@
+"""torchrun support: process group from the environment, rank helpers, object collectives.
+
+Every function is a no-op (or the identity) in a plain single process, so library code calls them
+unconditionally and runs unchanged under ``torchrun --nproc_per_node N`` (one process per GPU, or
+several CPU processes with gloo). The launcher sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
+``MASTER_ADDR``/``MASTER_PORT``; multi-node runs use the usual ``--nnodes/--rdzv_*`` arguments.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(backend: str | None = None) -> bool:
+    """Join the process group torchrun describes; returns whether this run is distributed.
+
+    Idempotent. The backend defaults to nccl when CUDA is available, else gloo. On CUDA each
+    process is pinned to the GPU ``LOCAL_RANK``, so ``device="cuda"`` means that GPU.
+    """
+    if not dist.is_available():
+        return False
+    if dist.is_initialized():
+        return True
+    if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) < 2:
+        return False
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend=backend, init_method="env://")
+    log.info("process group up: rank %d of %d (%s)", rank(), world_size(), backend)
+    return True
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    """Rank 0 writes checkpoints, manifests and logs; the others only compute."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if not is_distributed():
+        return
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """``obj`` from rank ``src`` on every rank (picklable objects; e.g. a filter selection)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_collective_device())
+    return box[0]
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks (a new tensor; on the collective's device for nccl)."""
+    if not is_distributed():
+        return t
+    dev = _collective_device()
+    out = t.detach().to(dev if dev is not None else t.device).clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside DistributedDataParallel / ``torch.compile`` wrappers."""
+    while isinstance(model, nn.parallel.DistributedDataParallel) or (
+        hasattr(model, "module") and isinstance(getattr(model, "module", None), nn.Module)
+    ):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"cuda"`` means this process's GPU (``LOCAL_RANK``) under torchrun."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", local_rank() if launched_by_torchrun() else torch.cuda.current_device())
+    return dev
+
+
+def _collective_device() -> torch.device | None:
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return None

@@ -1,0 +1,182 @@
+"""Cost budgets: the most accurate candidate whose MACs or latency fit ``target`` x the original's.
+
+``--target-flops 0.4`` means "at most 40 % of the original multiply-adds"; ``--target-latency 0.5``
+the same for the latency estimated from a measured table (:mod:`prunekit.prune.profile`). The search
+knows nothing about how candidates are made (threshold k, τ1/τ2/τ3, alignment...): the pruning
+method hands it three callables, so the same search serves any selection rule.
+
+Costs are cheap (a meta-device MAC count or a table look-up), evaluations are not (a validation
+pass), so every candidate is priced first and only those within budget are evaluated, the least
+pruned first (they are the likeliest to be most accurate), up to ``max_evals``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from prunekit.models.config import ArchConfig
+from prunekit.prune.cost import config_macs
+from prunekit.prune.profile import LatencyTable, estimate_latency, layer_latency_estimates
+
+__all__ = ["BudgetResult", "channels_cost_fn", "estimate_latency", "param_grid", "search_budget"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BudgetResult:
+    """Outcome of :func:`search_budget`.
+
+    ``met``: some candidate costs at most ``(target + eps) x original``. ``best`` is the chosen
+    candidate (the most accurate within budget; when unmet, the cheapest one, so the caller can
+    still go on and say so). ``evaluated`` lists every candidate priced (JSON-safe rows).
+    """
+
+    met: bool
+    target: float
+    eps: float
+    kind: str
+    original_cost: float
+    best: Any | None
+    cost: float | None
+    ratio: float | None
+    metric: float | None
+    message: str
+    evaluated: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe summary (the candidate object itself is described by its label only)."""
+        return {
+            "met": self.met,
+            "target": self.target,
+            "eps": self.eps,
+            "kind": self.kind,
+            "original_cost": self.original_cost,
+            "cost": self.cost,
+            "ratio": self.ratio,
+            "metric": self.metric,
+            "message": self.message,
+            "candidates": self.evaluated,
+        }
+
+
+def search_budget(
+    candidates_fn: Callable[[], Iterable[Any]] | Iterable[Any],
+    cost_fn: Callable[[Any], float],
+    eval_fn: Callable[[Any], float],
+    target: float,
+    original_cost: float,
+    eps: float = 0.01,
+    kind: str = "macs",
+    max_evals: int | None = None,
+    stop_at: float | None = None,
+    describe: Callable[[Any], str] = str,
+    evaluate_fallback: bool = True,
+) -> BudgetResult:
+    """Pick the most accurate candidate with ``cost_fn(c) <= (target + eps) * original_cost``.
+
+    ``eval_fn`` returns the validation metric (higher is better). Ties in the metric go to the
+    cheaper candidate. ``stop_at``: stop evaluating once a candidate reaches this metric (e.g. the
+    unpruned metric minus the allowed drop). ``eps`` is in units of the original cost (0.01 = one
+    percent of it). If no candidate fits, the result has ``met=False``, the cheapest candidate as
+    ``best`` (evaluated when ``evaluate_fallback``) and a message saying how close it came.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"budget target must be a fraction of the original in (0, 1], got {target}")
+    if eps < 0:
+        raise ValueError(f"budget tolerance eps must be >= 0, got {eps}")
+    if original_cost <= 0:
+        raise ValueError(f"original cost must be positive, got {original_cost}")
+    cands = list(candidates_fn() if callable(candidates_fn) else candidates_fn)
+    if not cands:
+        raise ValueError("budget search got no candidates")
+    priced = [(c, float(cost_fn(c))) for c in cands]
+    rows = [
+        {"label": describe(c), "cost": cost, "ratio": cost / original_cost, "metric": None}
+        for c, cost in priced
+    ]
+    limit = (target + eps) * original_cost
+    feasible = sorted(
+        (i for i, (_, cost) in enumerate(priced) if cost <= limit), key=lambda i: (-priced[i][1], i)
+    )
+    if not feasible:
+        i = min(range(len(priced)), key=lambda j: (priced[j][1], j))
+        c, cost = priced[i]
+        metric = float(eval_fn(c)) if evaluate_fallback else None
+        rows[i]["metric"] = metric
+        msg = (
+            f"{kind} budget {target:.3f} x original cannot be met within eps={eps:.3f}: the cheapest of "
+            f"{len(priced)} candidates ({rows[i]['label']}) costs {cost / original_cost:.3f} x original"
+        )
+        log.warning(msg)
+        return BudgetResult(
+            False, target, eps, kind, original_cost, c, cost, cost / original_cost, metric, msg, rows
+        )
+    if max_evals is not None:
+        if max_evals < 1:
+            raise ValueError(f"max_evals must be >= 1, got {max_evals}")
+        feasible = feasible[:max_evals]
+    best_i: int | None = None
+    for i in feasible:
+        c, cost = priced[i]
+        metric = float(eval_fn(c))
+        rows[i]["metric"] = metric
+        log.info(
+            "budget candidate %s: %.3f x original %s, metric %.4f",
+            rows[i]["label"],
+            rows[i]["ratio"],
+            kind,
+            metric,
+        )
+        if best_i is None or (metric, -cost) > (rows[best_i]["metric"], -priced[best_i][1]):
+            best_i = i
+        if stop_at is not None and metric >= stop_at:
+            break
+    assert best_i is not None
+    c, cost = priced[best_i]
+    ratio = cost / original_cost
+    note = "" if ratio <= target else f" (over the target, within eps={eps:.3f})"
+    msg = (
+        f"{kind} budget {target:.3f} x original met: {rows[best_i]['label']} costs {ratio:.3f} x original"
+        f"{note}, metric {rows[best_i]['metric']:.4f} (best of {sum(r['metric'] is not None for r in rows)} "
+        f"evaluated, {len(priced)} priced)"
+    )
+    return BudgetResult(
+        True, target, eps, kind, original_cost, c, cost, ratio, rows[best_i]["metric"], msg, rows
+    )
+
+
+def param_grid(**axes: Iterable[Any]) -> list[dict[str, Any]]:
+    """All combinations of the given axes, e.g. ``param_grid(k=[1, 2], tau1=[0.8, 0.9])``."""
+    keys = list(axes)
+    return [dict(zip(keys, values)) for values in itertools.product(*(list(axes[k]) for k in keys))]
+
+
+def channels_cost_fn(
+    cfg: ArchConfig,
+    kind: str = "macs",
+    table: LatencyTable | None = None,
+    layers: Sequence[str] | None = None,
+) -> Callable[[dict[str, int]], float]:
+    """A ``channels -> cost`` function for the architecture ``cfg`` (compose it into ``cost_fn``).
+
+    ``kind="macs"``: MACs of the prunable layers; ``"latency"``: estimated ms from ``table``.
+    ``layers`` restricts the sum to those layers (e.g. a phase's, for a per-phase budget);
+    by default every prunable layer counts.
+    """
+    keep = None if layers is None else set(layers)
+
+    def total(costs: dict[str, float] | dict[str, int]) -> float:
+        return float(sum(v for n, v in costs.items() if keep is None or n in keep))
+
+    if kind == "macs":
+        return lambda channels: total(config_macs(cfg, channels))
+    if kind == "latency":
+        if table is None:
+            raise ValueError("a latency budget needs a latency table (run `prunekit profile` first)")
+        return lambda channels: total(layer_latency_estimates(channels, table, cfg))
+    raise ValueError(f"unknown budget kind {kind!r}; expected 'macs' or 'latency'")

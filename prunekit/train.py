@@ -1,0 +1,472 @@
+"""``train(model, train_set, cfg)``: the one training loop every stage uses.
+
+Plain training, sparsity induction (``regularizer`` adds the L1 term) and retraining after
+surgery all come through here, so checkpointing, resuming, logging, AMP and torchrun support live
+in one place.
+
+Loss: detectors use torchvision SSD's own multibox loss (a train-mode forward returns
+``{"bbox_regression", "classification"}``, hard negatives mined 3:1); classifiers use
+cross-entropy on ``(x - mean) / std`` inputs (the VGG does not normalise inside).
+
+Per epoch, on rank 0: ``out_dir/last.pt`` (a normal prunekit checkpoint, loadable with
+``prunekit.load``), ``out_dir/train_state.pt`` (optimizer, AMP scaler, step, every rank's RNG
+state; both written atomically, the state second so a resume never sees a state newer than the
+weights), ``best.pt`` when a validation set is given and the metric improved, and lines in
+``out_dir/train_log.jsonl``. ``resume=True`` continues from the last completed epoch; on CPU the
+result is bit-for-bit that of an uninterrupted run.
+
+``cfg.batch_size`` is the global batch: under torchrun each of N ranks takes ``batch_size / N``
+samples of the same seeded permutation, so N processes see the same batches as one process and
+the learning-rate schedule needs no rescaling.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm import tqdm
+
+from prunekit import distributed as D
+from prunekit.evaluate import collate_list, evaluate, is_detector, normalizer, primary_metric
+from prunekit.fileio import atomic_write
+from prunekit.models import get_config, load_weights
+from prunekit.models import save as save_checkpoint
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "step", "constant")
+STATE_FILE = "train_state.pt"
+LAST_FILE = "last.pt"
+BEST_FILE = "best.pt"
+LOG_FILE = "train_log.jsonl"
+# Settings that may change between a run and its resume without changing the result.
+_RESUMABLE_CHANGES = {
+    "stop_after_epoch",
+    "num_workers",
+    "log_every",
+    "eval_batch_size",
+    "eval_max_images",
+    "device",
+}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (JSON-safe; stored in checkpoints)."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_iters: int = 0
+    warmup_factor: float = 1e-3  # lr multiplier at step 0, ramped linearly to 1 over warmup_iters
+    schedule: str = "cosine"  # "cosine" | "step" | "constant"
+    milestones: list[float] = field(default_factory=lambda: [2 / 3, 8 / 9])  # fractions of all steps
+    gamma: float = 0.1  # "step": lr multiplier at each milestone
+    min_lr_factor: float = 0.0  # "cosine": floor as a fraction of lr
+    batch_size: int = 8  # global batch, split evenly across ranks
+    grad_clip: float | None = None  # max gradient L2 norm
+    amp: bool = True  # mixed precision; only ever used on CUDA
+    device: str = "cpu"
+    num_workers: int = 0
+    seed: int = 0
+    log_every: int = 10  # steps between log lines (also the only host syncs of the loss)
+    channels_last: bool = False
+    max_steps: int | None = None  # stop after this many optimizer steps in all (quick stages, tests)
+    stop_after_epoch: int | None = None  # end this call after that epoch; the schedule still spans all
+    eval_batch_size: int | None = None
+    eval_max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(
+                f"need epochs >= 0, batch_size >= 1, lr > 0 (got {self.epochs}, {self.batch_size}, {self.lr})"
+            )
+        self.milestones = [float(m) for m in self.milestones]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def lr_factor(step: int, total_steps: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` at optimizer step ``step`` (0-based): warm-up, then the schedule."""
+    warm = 1.0
+    if step < cfg.warmup_iters:
+        alpha = step / cfg.warmup_iters
+        warm = cfg.warmup_factor * (1 - alpha) + alpha
+    if cfg.schedule == "constant" or total_steps <= 0:
+        return warm
+    if cfg.schedule == "step":
+        passed = sum(step >= m * total_steps for m in cfg.milestones)
+        return warm * cfg.gamma**passed
+    t = min(step / total_steps, 1.0)
+    return warm * (cfg.min_lr_factor + (1 - cfg.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(
+    model: nn.Module,
+    train_set: Dataset,
+    cfg: TrainConfig,
+    out_dir: str | Path | None = None,
+    val_set: Dataset | None = None,
+    regularizer: Callable[[nn.Module], Tensor] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``model`` in place (moved to ``cfg.device``) and return the history.
+
+    ``regularizer(model)`` (called on the plain, unwrapped module) is added to the loss every step
+    and logged as ``reg``. Under torchrun the model is wrapped in DistributedDataParallel for the
+    duration of the call only: the caller keeps and gets back its plain module, so surgery never
+    sees a wrapper. Returns ``{"epochs": [per-epoch records], "steps", "time_s", "cpu_time_s", "val"}``
+    (times summed over epochs, across resumes; ``val``: the last validation metrics).
+    """
+    D.init_distributed()
+    net = D.unwrap(model)
+    dev = D.resolve_device(cfg.device)
+    world = D.world_size()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} torchrun processes")
+    detector = is_detector(net)
+    out = Path(out_dir) if out_dir is not None else None
+    use_amp = cfg.amp and dev.type == "cuda"
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    sampler = DistributedSampler(
+        train_set, num_replicas=world, rank=D.rank(), shuffle=True, seed=cfg.seed, drop_last=False
+    )
+    loader_gen = torch.Generator()
+    loader = DataLoader(
+        train_set,
+        batch_size=cfg.batch_size // world,
+        sampler=sampler,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_list if detector else None,
+        pin_memory=dev.type == "cuda",
+        drop_last=True,
+        generator=loader_gen,
+        persistent_workers=False,
+    )
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"training set of {len(train_set)} items gives no full batch of {cfg.batch_size}"  # type: ignore[arg-type]
+        )
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+
+    net.to(dev)
+    if cfg.channels_last:
+        net.to(memory_format=torch.channels_last)
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    history: dict[str, Any] = {"epochs": [], "steps": 0, "time_s": 0.0, "cpu_time_s": 0.0, "val": None}
+    start_epoch, step = 0, 0
+    state = _load_state(out) if (resume and out is not None) else None
+    if state is not None:
+        load_weights(net, out / LAST_FILE)  # type: ignore[operator]
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        before, now = state.get("train_config", {}), cfg.to_dict()
+        changed = sorted(k for k in now if k not in _RESUMABLE_CHANGES and before.get(k, now[k]) != now[k])
+        if changed:
+            log.warning(
+                "resuming with changed settings %s: the result will differ from an uninterrupted run", changed
+            )
+        history = state["history"]
+        _set_rng_state(state["rng"])
+        log.info("resuming from %s at epoch %d (step %d)", out, start_epoch, step)
+        if D.is_main_process():
+            _truncate_log(out / LOG_FILE, step)  # type: ignore[operator]
+    else:
+        _seed_everything(cfg.seed + D.rank())
+        if out is not None and D.is_main_process():
+            out.mkdir(parents=True, exist_ok=True)
+            (out / LOG_FILE).unlink(missing_ok=True)
+
+    ddp = _wrap(net, dev)
+    norm = None if detector else normalizer(net, dev)
+    was_training = net.training
+    t_run = time.perf_counter()
+    best = max((e["val_metric"] for e in history["epochs"] if e.get("val_metric") is not None), default=None)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            if step >= total_steps or (cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch):
+                break
+            sampler.set_epoch(epoch)
+            loader_gen.manual_seed(cfg.seed * 100003 + epoch * 1009 + D.rank())
+            net.train()
+            t_epoch, cpu_epoch = time.perf_counter(), time.process_time()
+            epoch_sums: dict[str, Tensor] = {}
+            win_sums: dict[str, Tensor] = {}
+            n_epoch = n_win = 0
+            bar = tqdm(
+                loader,
+                desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                unit="it",
+                leave=False,
+                disable=not progress or not D.is_main_process(),
+            )
+            for batch in bar:
+                if step >= total_steps:
+                    break
+                lr = cfg.lr * lr_factor(step, total_steps, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                losses = _step(ddp, net, batch, detector, norm, dev, cfg, opt, scaler, regularizer, use_amp)
+                for k, v in losses.items():
+                    epoch_sums[k] = epoch_sums.get(k, 0.0) + v
+                    win_sums[k] = win_sums.get(k, 0.0) + v
+                n_epoch += 1
+                n_win += 1
+                step += 1
+                if step % cfg.log_every == 0:
+                    rec = _means(win_sums, n_win)
+                    _check_finite(rec, step)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}")
+                    _log_line(out, {"kind": "step", "epoch": epoch + 1, "step": step, "lr": lr, **rec})
+                    win_sums, n_win = {}, 0
+            bar.close()
+            rec = _means(epoch_sums, n_epoch)
+            _check_finite(rec, step)
+            record: dict[str, Any] = {
+                "kind": "epoch",
+                "epoch": epoch + 1,
+                "step": step,
+                "lr": opt.param_groups[0]["lr"],
+                **{f"{k}": v for k, v in rec.items()},
+                "train_time_s": time.perf_counter() - t_epoch,
+            }
+            if val_set is not None:
+                metrics = evaluate(
+                    net,
+                    val_set,
+                    batch_size=cfg.eval_batch_size or max(1, cfg.batch_size // world),
+                    device=dev,
+                    num_workers=cfg.num_workers,
+                    progress=False,
+                    max_images=cfg.eval_max_images,
+                )
+                record["val_metric"] = primary_metric(metrics)
+                record["val"] = _summary(metrics)
+                history["val"] = record["val"]
+            record["time_s"] = time.perf_counter() - t_epoch
+            record["cpu_time_s"] = time.process_time() - cpu_epoch  # this process, all its threads
+            history["epochs"].append(record)
+            history["steps"] = step
+            history["time_s"] = history.get("time_s", 0.0) + record["time_s"]
+            history["cpu_time_s"] = history.get("cpu_time_s", 0.0) + record["cpu_time_s"]
+            log.info("epoch %d: %s", epoch + 1, _brief(record))
+            _log_line(out, record)
+            improved = record.get("val_metric") is not None and (best is None or record["val_metric"] > best)
+            if improved:
+                best = record["val_metric"]
+            if out is not None:
+                _save_epoch(out, net, opt, scaler, cfg, epoch + 1, step, history, improved)
+    finally:
+        net.train(was_training)
+    log.info("trained %d steps in %.1f s", step, time.perf_counter() - t_run)
+    return history
+
+
+def _step(
+    ddp: nn.Module,
+    net: nn.Module,
+    batch: Any,
+    detector: bool,
+    norm: tuple[Tensor, Tensor] | None,
+    dev: torch.device,
+    cfg: TrainConfig,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    regularizer: Callable[[nn.Module], Tensor] | None,
+    use_amp: bool,
+) -> dict[str, Tensor]:
+    """One optimizer step; returns detached losses still on the device (no host sync)."""
+    mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
+        if detector:
+            images, targets = batch
+            images = [im.to(dev, non_blocking=True) for im in images]
+            targets = [
+                {
+                    "boxes": t["boxes"].to(dev, non_blocking=True),
+                    "labels": t["labels"].to(dev, non_blocking=True),
+                }
+                for t in targets
+            ]
+            loss_dict = ddp(images, targets)
+        else:
+            x, y = batch
+            x = x.to(dev, non_blocking=True).contiguous(memory_format=mf)
+            if norm is not None:
+                x = (x - norm[0]) / norm[1]
+            loss_dict = {"classification": F.cross_entropy(ddp(x), y.to(dev, non_blocking=True))}
+    loss = sum(loss_dict.values())
+    total = loss
+    reg = None
+    if regularizer is not None:
+        reg = regularizer(net)  # full precision, on the plain module's parameters
+        total = loss + reg
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(total).backward()
+    if cfg.grad_clip is not None:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    out = {k: v.detach().float() for k, v in loss_dict.items()}
+    out["loss"] = loss.detach().float()
+    if reg is not None:
+        out["reg"] = reg.detach().float()
+        out["total"] = total.detach().float()
+    return out
+
+
+def _wrap(net: nn.Module, dev: torch.device) -> nn.Module:
+    if not D.is_distributed():
+        return net
+    return nn.parallel.DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+
+def _means(sums: dict[str, Any], n: int) -> dict[str, float]:
+    if n == 0:
+        return {}
+    keys = list(sums)
+    vals = torch.stack([torch.as_tensor(sums[k], dtype=torch.float32) for k in keys]) / n
+    # Mean over ranks too (every rank reaches the same log points), so the log shows the global batch.
+    vals = D.all_reduce_sum(vals) / D.world_size()
+    return dict(zip(keys, vals.cpu().tolist()))  # one host sync for all losses
+
+
+def _check_finite(rec: dict[str, float], step: int) -> None:
+    bad = {k: v for k, v in rec.items() if not math.isfinite(v)}
+    if bad:
+        raise FloatingPointError(f"non-finite loss at step {step}: {bad}; lower the learning rate")
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+
+
+def _brief(rec: dict[str, Any]) -> str:
+    keys = ("loss", "bbox_regression", "classification", "reg", "lr", "val_metric", "time_s")
+    return ", ".join(f"{k}={rec[k]:.4g}" for k in keys if isinstance(rec.get(k), (int, float)))
+
+
+def _log_line(out: Path | None, rec: dict[str, Any]) -> None:
+    if out is None or not D.is_main_process():
+        return
+    rec = {**rec, "wall_time": time.time()}
+    with open(out / LOG_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(rec, default=float) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines an interrupted run wrote after the checkpoint being resumed."""
+    if not path.is_file():
+        return
+    keep = [
+        ln for ln in path.read_text(encoding="utf-8").splitlines() if ln and json.loads(ln)["step"] <= step
+    ]
+    path.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+
+
+def _save_epoch(
+    out: Path,
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    cfg: TrainConfig,
+    epoch: int,
+    step: int,
+    history: dict[str, Any],
+    improved: bool,
+) -> None:
+    rngs = D.all_gather_object(_rng_state())  # collective: every rank takes part
+    if D.is_main_process():
+        extra = {"epoch": epoch, "step": step, "train_config": cfg.to_dict(), "val": history.get("val")}
+        save_checkpoint(net, out / LAST_FILE, extra=extra)
+        if improved:
+            save_checkpoint(net, out / BEST_FILE, extra=extra)
+        state = {
+            "epoch": epoch,
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": rngs,
+            "history": history,
+            "train_config": cfg.to_dict(),
+            "arch": get_config(net).to_dict(),
+        }
+        atomic_write(out / STATE_FILE, lambda p: torch.save(state, p))
+    D.barrier()
+
+
+def _load_state(out: Path) -> dict[str, Any] | None:
+    path = out / STATE_FILE
+    if not path.is_file() or not (out / LAST_FILE).is_file():
+        log.info("no training state in %s; starting from scratch", out)
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt files
+        raise ValueError(f"{path}: unreadable training state ({type(e).__name__}: {e})") from e
+    return state
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(states: list[dict[str, Any]]) -> None:
+    r = D.rank()
+    if len(states) != D.world_size():
+        log.warning("resuming %d-process RNG state in %d processes", len(states), D.world_size())
+    s = states[r % len(states)]
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] and torch.cuda.is_available() and len(s["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(s["cuda"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))

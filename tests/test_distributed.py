@@ -1,0 +1,185 @@
+"""torchrun (2 CPU processes, gloo) gives the single-process result and writes checkpoints once.
+
+The same script runs twice in subprocesses, once plainly and once under
+``python -m torch.distributed.run --nproc_per_node 2 --standalone``, with the same seed and the
+same global batch; the trained weights, the log and the evaluation metrics must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    import torch
+    from torch import nn
+    torch.set_num_threads(1)
+
+    import prunekit.train as T
+    from prunekit import distributed as D
+    from prunekit.evaluate import evaluate
+    from prunekit.models import ssd300_vgg16, vgg16
+
+    out = sys.argv[1]
+    D.init_distributed()
+    real_save = T.save_checkpoint
+
+    def counting_save(model, path, extra=None):
+        with open(os.path.join(out, f"saves.rank{D.rank()}"), "a") as f:
+            f.write("/".join(str(path).split(os.sep)[-2:]) + "\\n")
+        return real_save(model, path, extra=extra)
+
+    T.save_checkpoint = counting_save
+
+    class Data(torch.utils.data.Dataset):
+        classes = [str(i) for i in range(10)]
+        def __init__(self, n):
+            g = torch.Generator().manual_seed(1)
+            self.x = torch.rand(n, 3, 32, 32, generator=g)
+            self.y = torch.randint(0, 10, (n,), generator=g)
+        def __len__(self):
+            return len(self.y)
+        def __getitem__(self, i):
+            return self.x[i], int(self.y[i])
+
+    class Boxes(torch.utils.data.Dataset):
+        classes = ["a", "b"]
+        def __init__(self, n):
+            g = torch.Generator().manual_seed(2)
+            self.items = []
+            for i in range(n):
+                img = torch.rand(3, 64, 80, generator=g)
+                t = {"boxes": torch.tensor([[4.0 + i, 6.0, 40.0, 50.0 - i]]), "labels": torch.tensor([1 + i % 2]),
+                     "difficult": torch.tensor([False]), "image_id": i}
+                self.items.append((img, t))
+        def __len__(self):
+            return len(self.items)
+        def __getitem__(self, i):
+            return self.items[i]
+
+    torch.manual_seed(0)
+    # No batch norm and no dropout: per-rank statistics / random masks would differ by design.
+    model = vgg16(num_classes=10, variant="cifar", width=0.0625, batch_norm=False)
+    def no_dropout(net):
+        for m in net.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
+
+    no_dropout(model)
+    cfg = T.TrainConfig(epochs=2, batch_size=8, lr=0.05, warmup_iters=2, log_every=1, seed=5, grad_clip=5.0)
+    def l1(m):
+        return 1e-4 * sum(p.abs().sum() for n, p in m.named_parameters() if n.endswith("weight"))
+    hist = T.train(model, Data(16), cfg, out_dir=os.path.join(out, "run"), val_set=Data(10),
+                   regularizer=l1, progress=False)
+    assert type(model).__name__ == "VGG", "train must hand back the plain module"
+    # A tiny pruning phase: sparsity induction (L1 on conv3_1..conv4_1), global threshold, filter
+    # selection (computed on every rank, checked equal, rank 0's broadcast), surgery on the plain
+    # module, retraining without the L1 term.
+    from prunekit.evaluate import primary_metric
+    from prunekit.prune.selection import select_filters
+    from prunekit.prune.sparsity import induce_sparsity
+    from prunekit.prune.surgery import prune_channels
+    from prunekit.prune.threshold import apply_threshold, global_std
+
+    layers = ["conv3_1", "conv3_2", "conv3_3", "conv4_1"]
+    stage = T.TrainConfig(epochs=2, batch_size=8, lr=0.05, weight_decay=0.0, log_every=1, seed=7)
+    sparse = induce_sparsity(
+        model, layers, [0.03],
+        train_fn=lambda m, reg: T.train(m, Data(16), stage, out_dir=os.path.join(out, "sparse"),
+                                        regularizer=reg, progress=False),
+        eval_fn=lambda m: primary_metric(evaluate(m, Data(10), progress=False)),
+        eps1=100.0, baseline_metric=0.0,
+    ).model
+    thresholded = apply_threshold(sparse, layers, 1.5 * global_std(sparse, layers))
+    keep = {k: v.tolist() for k, v in select_filters(thresholded, layers, tau1=0.7, tau2=0.5, tau3=0.7).keep.items()}
+    assert all(k == keep for k in D.all_gather_object(keep)), "ranks disagree on the selection"
+    keep = D.broadcast_object(keep)
+    pruned = prune_channels(sparse, {k: torch.tensor(v) for k, v in keep.items()})
+    no_dropout(pruned)  # surgery rebuilds the model from its config, with stock dropout
+    T.train(pruned, Data(16), stage, out_dir=os.path.join(out, "retrain"), progress=False)
+
+    ssd = ssd300_vgg16(num_classes=3, width=0.0625)
+    det = evaluate(ssd, Boxes(5), batch_size=2, progress=False)
+    if D.is_main_process():
+        res = {"world": D.world_size(), "val": hist["epochs"][-1]["val"], "det": det, "keep": keep}
+        with open(os.path.join(out, "result.json"), "w") as f:
+            json.dump(res, f)
+    """
+)
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_torchrun_two_processes_match_single_process(tmp_path):
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    single.mkdir()
+    multi.mkdir()
+    _run([sys.executable, str(script), str(single)], tmp_path)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            str(script),
+            str(multi),
+        ],
+        tmp_path,
+    )
+    res_single = json.loads((single / "result.json").read_text())
+    res_multi = json.loads((multi / "result.json").read_text())
+    assert (res_single["world"], res_multi["world"]) == (1, 2)
+
+    # Checkpoints are written by rank 0 only, once per epoch.
+    saves = (multi / "saves.rank0").read_text().split()
+    assert saves == (single / "saves.rank0").read_text().split()
+    assert [saves.count(f"{d}/last.pt") for d in ("run", "sparse", "retrain")] == [2, 2, 2]
+    assert not (multi / "saves.rank1").exists()
+    logs = [(d / "run" / "train_log.jsonl").read_text().splitlines() for d in (single, multi)]
+    assert len(logs[0]) == len(logs[1]) == 6  # 2 epochs x (2 step lines + 1 epoch line), no duplicates
+
+    # Same weights as one process with the same global batch.
+    a = torch.load(single / "run" / "last.pt", weights_only=True)["state_dict"]
+    b = torch.load(multi / "run" / "last.pt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5, msg=k)
+    for la, lb in zip(*logs):
+        ra, rb = json.loads(la), json.loads(lb)
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-5) and rb["reg"] == pytest.approx(
+            ra["reg"], rel=1e-5
+        )
+
+    # The pruning stage selects the same filters, prunes something, and retrains to the same weights.
+    assert res_multi["keep"] == res_single["keep"]
+    kept = {k: len(v) for k, v in res_single["keep"].items()}
+    assert sum(kept.values()) < 16 + 16 + 16 + 32, kept
+    a = torch.load(single / "retrain" / "last.pt", weights_only=True)
+    b = torch.load(multi / "retrain" / "last.pt", weights_only=True)
+    assert a["config"]["channels"] == b["config"]["channels"]
+    for k in a["state_dict"]:
+        torch.testing.assert_close(b["state_dict"][k], a["state_dict"][k], rtol=1e-5, atol=1e-5, msg=k)
+
+    # Metrics gathered across ranks equal the single-process ones exactly.
+    assert res_multi["val"]["top1"] == res_single["val"]["top1"]
+    assert res_multi["val"]["num_images"] == 10
+    for k in ("map", "map50", "voc07_ap", "num_images", "num_pred"):
+        assert res_multi["det"][k] == res_single["det"][k], k

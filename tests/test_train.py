@@ -1,0 +1,278 @@
+"""Training loop and evaluate(): loss goes down, logs/checkpoints, resume is exact, L1 term acts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import prunekit
+import prunekit.train
+from prunekit.evaluate import evaluate, primary_metric
+from prunekit.models import ssd300_vgg16, vgg16
+from prunekit.train import TrainConfig, lr_factor, train
+
+
+class TinyDetection(torch.utils.data.Dataset):
+    """Coloured rectangles on dark noise: class 1 red, class 2 blue (the data contract's items)."""
+
+    classes = ["red", "blue"]
+    num_classes = 3
+
+    def __init__(self, n: int = 4, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for i in range(n):
+            img = torch.rand(3, 96, 128, generator=g) * 0.2
+            x0, y0 = 10 + 8 * i, 12 + 4 * i
+            box = torch.tensor([[x0, y0, x0 + 60.0, y0 + 40.0]])
+            img[:, y0 : y0 + 40, x0 : x0 + 60] = torch.tensor([1.0, 0.1, 0.1] if i % 2 else [0.1, 0.1, 1.0])[
+                :, None, None
+            ]
+            target = {
+                "boxes": box,
+                "labels": torch.tensor([1 + i % 2]),
+                "difficult": torch.tensor([False]),
+                "image_id": i,
+            }
+            self.items.append((img, target))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+class TinyClassification(torch.utils.data.Dataset):
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, n: int = 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.rand(n, 3, 32, 32, generator=g)
+        self.y = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.x[i], int(self.y[i])
+
+
+def _tiny_vgg() -> nn.Module:
+    return vgg16(num_classes=10, variant="cifar", width=0.0625)
+
+
+def _ssd_loss(model: nn.Module, ds: TinyDetection) -> float:
+    images = [im for im, _ in ds]
+    targets = [{"boxes": t["boxes"], "labels": t["labels"]} for _, t in ds]
+    model.train()
+    with torch.no_grad():
+        losses = model(images, targets)
+    return float(sum(losses.values()))
+
+
+def test_ssd_two_steps_reduce_loss_and_write_log_and_checkpoint(tmp_path):
+    ds = TinyDetection(4)
+    model = ssd300_vgg16(num_classes=3, width=0.0625)
+    before = _ssd_loss(model, ds)
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, weight_decay=0.0, log_every=1, schedule="constant")
+    hist = train(model, ds, cfg, out_dir=tmp_path, progress=False)
+    after = _ssd_loss(model, ds)
+    assert after < before
+    assert hist["steps"] == 2 and len(hist["epochs"]) == 2
+    lines = [json.loads(ln) for ln in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [ln["kind"] for ln in lines] == ["step", "epoch", "step", "epoch"]
+    assert {"bbox_regression", "classification", "loss", "lr", "step", "epoch", "wall_time"} <= set(lines[0])
+    assert lines[2]["loss"] < lines[0]["loss"]
+    loaded, extra = prunekit.models.io.load_with_extra(tmp_path / "last.pt")
+    assert extra["epoch"] == 2 and extra["step"] == 2 and extra["train_config"]["batch_size"] == 4
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert (tmp_path / "train_state.pt").is_file()
+
+
+def test_resume_is_bit_exact_on_cpu(tmp_path, monkeypatch):
+    # Dropout, warm-up and the cosine schedule all depend on state that must survive the resume.
+    ds = TinyClassification(16)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=0.05, warmup_iters=3, log_every=1, seed=3)
+    torch.manual_seed(0)
+    straight = _tiny_vgg()
+    train(straight, ds, cfg, out_dir=tmp_path / "a", progress=False)
+
+    # The same run killed in the middle of epoch 2 (after its first step)...
+    real_step, calls = prunekit.train._step, []
+
+    def crash_on_fourth(*args, **kw):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*args, **kw)
+
+    monkeypatch.setattr(prunekit.train, "_step", crash_on_fourth)
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny_vgg(), ds, cfg, out_dir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(prunekit.train, "_step", real_step)
+    # ...and resumed in a fresh model, with a different global RNG state.
+    torch.manual_seed(123)
+    resumed = _tiny_vgg()
+    hist = train(resumed, ds, cfg, out_dir=tmp_path / "b", resume=True, progress=False)
+    assert hist["steps"] == 6 and [e["epoch"] for e in hist["epochs"]] == [1, 2, 3]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    # A planned pause (stop_after_epoch) resumes to the same weights too.
+    torch.manual_seed(0)
+    paused = _tiny_vgg()
+    train(
+        paused,
+        ds,
+        TrainConfig(**{**cfg.to_dict(), "stop_after_epoch": 2}),
+        out_dir=tmp_path / "c",
+        progress=False,
+    )
+    assert json.loads((tmp_path / "c" / "train_log.jsonl").read_text().splitlines()[-1])["epoch"] == 2
+    train(paused, ds, cfg, out_dir=tmp_path / "c", resume=True, progress=False)
+    for a, b in zip(straight.state_dict().values(), paused.state_dict().values()):
+        assert torch.equal(a, b)
+    log_a = [json.loads(ln)["loss"] for ln in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(ln)["loss"] for ln in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    assert log_a == log_b
+
+
+def test_same_seed_same_result_and_max_steps():
+    ds = TinyClassification(16)
+    cfg = TrainConfig(epochs=5, batch_size=8, lr=0.05, max_steps=3, log_every=100)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        m = _tiny_vgg()
+        hist = train(m, ds, cfg, progress=False)
+        runs.append(m)
+        assert hist["steps"] == 3
+    for a, b in zip(runs[0].parameters(), runs[1].parameters()):
+        assert torch.equal(a, b)
+
+
+def test_regularizer_is_added_logged_and_shrinks_weights():
+    ds = TinyClassification(16)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, weight_decay=0.0, log_every=1)
+
+    def conv_l1(m: nn.Module) -> torch.Tensor:
+        return sum(mod.weight.abs().sum() for mod in m.modules() if isinstance(mod, nn.Conv2d))
+
+    torch.manual_seed(0)
+    plain = _tiny_vgg()
+    start = float(conv_l1(plain).detach())
+    train(plain, ds, cfg, progress=False)
+    torch.manual_seed(0)
+    sparse = _tiny_vgg()
+    hist = train(sparse, ds, cfg, regularizer=lambda m: 0.2 * conv_l1(m), progress=False)
+    rec = hist["epochs"][-1]
+    assert rec["reg"] > 0 and rec["total"] == pytest.approx(rec["loss"] + rec["reg"], rel=1e-5)
+    l1_sparse, l1_plain = float(conv_l1(sparse).detach()), float(conv_l1(plain).detach())
+    assert l1_sparse < 0.8 * l1_plain and l1_sparse < 0.8 * start
+
+
+def test_evaluate_classifier_normalises_with_config_stats():
+    ds = TinyClassification(10)
+    model = _tiny_vgg().eval()
+    cfg = model.prunekit_config
+    mean = torch.tensor(cfg.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = (model((ds.x - mean) / std).argmax(1) == ds.y).float().mean().item()
+    m = evaluate(model, ds, batch_size=4, progress=False)
+    assert m["top1"] == pytest.approx(expected) and m["num_images"] == 10
+    assert primary_metric(m) == m["top1"]
+    assert evaluate(model, ds, batch_size=4, progress=False, max_images=3)["num_images"] == 3
+
+
+def test_evaluate_detector_returns_coco_and_voc_metrics():
+    ds = TinyDetection(3)
+    model = ssd300_vgg16(num_classes=3, width=0.0625)
+    model.train()
+    m = evaluate(model, ds, batch_size=2, progress=False)
+    assert model.training  # mode restored
+    assert m["num_images"] == 3 and m["num_gt"] == 3
+    assert set(m["per_class"]) == {"red", "blue"}
+    for k in ("map", "map50", "map75", "voc07_ap"):
+        assert 0.0 <= m[k] <= 1.0
+    assert primary_metric(m) == m["map50"]
+
+
+def test_lr_schedule_values():
+    cfg = TrainConfig(lr=1.0, warmup_iters=10, warmup_factor=0.1, schedule="step", milestones=[0.5, 0.75])
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(5, 100, cfg) == pytest.approx(0.55)
+    assert lr_factor(49, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(50, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(80, 100, cfg) == pytest.approx(0.01)
+    cos = TrainConfig(schedule="cosine", min_lr_factor=0.1)
+    assert lr_factor(0, 100, cos) == pytest.approx(1.0)
+    assert lr_factor(50, 100, cos) == pytest.approx(0.55)
+    assert lr_factor(100, 100, cos) == pytest.approx(0.1)
+
+
+def test_bad_config_and_too_small_dataset_raise_value_error():
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="no full batch"):
+        train(_tiny_vgg(), TinyClassification(4), TrainConfig(batch_size=8), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_amp_channels_last_step(tmp_path):
+    ds = TinyDetection(4)
+    model = ssd300_vgg16(num_classes=3, width=0.0625)
+    cfg = TrainConfig(epochs=1, batch_size=2, device="cuda", amp=True, channels_last=True, grad_clip=10.0)
+    hist = train(model, ds, cfg, out_dir=tmp_path, val_set=ds, progress=False)
+    assert hist["steps"] == 2 and 0.0 <= hist["epochs"][0]["val_metric"] <= 1.0
+    assert next(model.parameters()).is_cuda
+
+
+def test_cli_train_then_eval_on_a_tiny_synthetic_set(tmp_path):
+    from click.testing import CliRunner
+
+    from prunekit.cli import main
+    from prunekit.data.synth import make_synth_voc
+
+    data = make_synth_voc(tmp_path / "synth", n_train=4, n_val=2, n_test=0, image_size=96)
+    out = tmp_path / "run"
+    common = ["--data", f"synth:{data}", "--device", "cpu", "--num-workers", "0"]
+    args = [
+        "train",
+        "--width",
+        "0.0625",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "1",
+        "--out",
+        str(out),
+    ]
+    res = CliRunner().invoke(main, args + common + ["--warmup-iters", "0", "--eval-max-images", "2"])
+    assert res.exit_code == 0, res.output
+    assert (out / "last.pt").is_file() and (out / "history.json").is_file()
+    hist = json.loads((out / "history.json").read_text())
+    assert hist["steps"] == 1 and 0.0 <= hist["val"]["map50"] <= 1.0
+
+    res = CliRunner().invoke(main, ["eval", str(out / "last.pt"), *common, "--out", str(tmp_path / "m.json")])
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["num_images"] == 2 and set(metrics["per_class"]) == {
+        "circle",
+        "square",
+        "triangle",
+        "star",
+    }
+    assert len(metrics["model_sha256"]) == 64
+
+    res = CliRunner().invoke(main, ["train", "--model", "vgg16", "--out", str(tmp_path / "v"), *common])
+    assert res.exit_code == 2 and "detection dataset but --model vgg16 needs classification" in res.output
+    res = CliRunner().invoke(main, ["eval", str(tmp_path / "missing.pt"), *common])
+    assert res.exit_code == 2 and "missing.pt" in res.output

@@ -370,60 +370,83 @@ class Pipeline:
             self.out / "model.onnx",
             data=c.data,
             split=c.val_split,
-            backends=c.backends,
+            backends=[b for b in self._backends() if not b.startswith("torch")],
             precision=c.precision[0],
             num_images=c.verify_images,
             out=dst,
         )
         return {"verify": dst}, {"passed": report["passed"], "backends": sorted(report.get("backends", {}))}
 
+    def _backends(self) -> list[str]:
+        """The ONNX backends to build/bench: the requested ones, else every available one."""
+        from prunekit.deploy import available_backends
+
+        avail = available_backends()
+        if self.cfg.backends:
+            for b in self.cfg.backends:  # asked for explicitly: unavailable is an error, not a skip
+                if b not in avail:
+                    raise PipelineError(f"unknown backend {b!r}; expected one of {', '.join(avail)}")
+                if avail[b] is not None:
+                    raise PipelineError(f"backend {b} unavailable: {avail[b]}")
+            return list(self.cfg.backends)
+        for b in ("ort-cuda", "ort-trt", "trt"):
+            if avail.get(b):
+                log.info("backend %s skipped: %s", b, avail[b])
+        return [b for b in ("ort-cpu", "ort-cuda", "ort-trt", "trt") if avail.get(b, "") is None]
+
     def stage_engines(self) -> tuple[dict[str, Path], dict[str, Any]]:
         from prunekit.deploy import available_backends
-        from prunekit.deploy.build import build_engine
+        from prunekit.deploy.build import build
 
         c = self.cfg
-        avail = available_backends()
-        wanted = c.backends or [b for b in ("ort-cpu", "ort-cuda", "ort-trt", "trt") if b in avail]
         outs: dict[str, Path] = {}
-        skipped: dict[str, str] = {}
-        for backend in wanted:
-            if avail.get(backend) is not None:
-                skipped[backend] = avail[backend]  # type: ignore[assignment]
-                if c.backends:  # asked for explicitly: that is an error, not a skip
-                    raise PipelineError(f"backend {backend} unavailable: {avail[backend]}")
-                log.warning("engines: skipping %s: %s", backend, avail[backend])
-                continue
+        for backend in self._backends():
             if backend.startswith("torch"):
-                continue
+                continue  # torch runners run the checkpoint itself; nothing to build
             for prec in c.precision:
-                res = build_engine(
-                    self.out / "model.onnx", backend, precision=prec, out_dir=self.out / "engines"
+                info = build(
+                    self.out / "model.onnx",
+                    backend,
+                    precision=prec,
+                    out_dir=self.out / "engines",
+                    calib_data=f"{c.data}" if prec == "int8" else None,
+                    max_batch=max(c.bench_batch),
+                    device=c.device,
                 )
-                outs[f"{backend}-{prec}"] = Path(res["engine"])
+                outs[f"{backend}-{prec}"] = Path(info["engine"])
+        skipped = {b: r for b, r in available_backends().items() if r is not None}
         return outs, {"built": sorted(outs), "skipped": skipped}
 
     def stage_bench(self) -> tuple[dict[str, Path], dict[str, Any]]:
         from prunekit.bench import run_benchmark
+        from prunekit.bench.timing import TimingConfig
 
         c = self.cfg
+        backends = [f"{b}:{p}" if p != "fp32" else b for b in self._backends() for p in c.precision]
+        models = {"original": self.out / "original.onnx", "compressed": self.out / "model.onnx"}
+        if any(b.startswith("torch") for b in backends):
+            models = {"original": self.out / "original.pt", "compressed": self.out / "model.pt"}
         res = run_benchmark(
-            {"original": self.out / "original.onnx", "compressed": self.out / "model.onnx"},
-            backends=c.backends or ["ort-cpu"],
+            models,
+            backends=backends,
             batch_sizes=c.bench_batch,
             data_spec=c.data,
             split=c.val_split,
             out_dir=self.out,
-            checkpoints={"original": self.out / "original.pt", "compressed": self.out / "model.pt"},
-            min_time=c.bench_min_time,
-            max_images=c.max_val_images,
+            timing=TimingConfig(min_time_s=c.bench_min_time, max_time_s=max(30.0, 10 * c.bench_min_time)),
+            max_images=c.max_val_images or 50,
+            device=c.device if c.device != "cpu" else None,
+            render=False,
+            progress=False,
         )
-        return {"bench": self.out / "bench.json"}, {"ratios": res.get("ratios", {})}
+        return {"bench": self.out / "bench.json"}, {"comparisons": res.get("comparisons", {})}
 
     def stage_report(self) -> tuple[dict[str, Path], dict[str, Any]]:
         from prunekit.bench.report import render_report
 
-        paths = render_report(self.out / "bench.json", self.out)
-        return {Path(p).name: Path(p) for p in paths}, {}
+        report = render_report(self.out / "bench.json", self.out)
+        outs = {"REPORT.md": Path(report)} | {p.name: p for p in sorted(self.out.glob("*.png"))}
+        return outs, {}
 
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> Manifest:

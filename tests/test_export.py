@@ -340,6 +340,22 @@ class _Branchy(nn.Module):
         return -x
 
 
+class _PerSample(nn.Module):
+    def forward(self, x):
+        # Unrolled over the traced batch size without a tracer warning: only running it can tell.
+        return torch.stack([x[i] * (i + 1) for i in range(x.shape[0])])
+
+
+def test_hard_coded_batch_size_fails_the_self_check(tmp_path):
+    model = prunekit.vgg16(10, width=0.125).eval()
+    model.features[1] = _PerSample()
+    target = tmp_path / "x.onnx"
+    target.write_bytes(b"previous export")
+    with pytest.raises(ExportError, match="self-check failed: ONNX Runtime failed on a batch of 1"):
+        export_onnx(model, target, batch_example=2)
+    assert target.read_bytes() == b"previous export"  # a failed export never replaces a file
+
+
 def test_unsupported_op_names_module_and_op(tmp_path):
     model = prunekit.vgg16(10, width=0.125).eval()
     model.features[1] = _Histc()

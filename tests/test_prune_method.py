@@ -173,7 +173,7 @@ def test_lambda_search_keeps_the_largest_lambda_within_eps1():
         trained.append(m)
 
     def eval_fn(m):  # metric = mean |w| relative to the start: shrinks as λ grows
-        return float(m[0].weight.detach().abs().mean() / net[0].weight.abs().mean())
+        return float(m[0].weight.detach().abs().mean() / net[0].weight.detach().abs().mean())
 
     res = induce_sparsity(
         net, ["0", "2"], [1e-3, 1e-2, 1e-1, 1.0], train_fn, eval_fn, eps1=30.0, baseline_metric=1.0

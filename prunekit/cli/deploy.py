@@ -46,6 +46,9 @@ def backends_cmd() -> None:
     help="ONNX Runtime graph optimisation level.",
 )
 @click.option(
+    "--device", default="cpu", show_default=True, help="torch-compile: compile for cpu or cuda[:N]."
+)
+@click.option(
     "--out", "out_dir", type=click.Path(file_okay=False), help="Engine folder [MODEL's folder/engines]."
 )
 @friendly_errors
@@ -61,6 +64,7 @@ def build_engine_cmd(
     max_batch: int,
     workspace_mb: int,
     opt_level: str,
+    device: str,
     out_dir: str | None,
 ) -> None:
     """Build an engine from MODEL.onnx (or MODEL.pt for torch-compile) with its metadata JSON."""
@@ -81,6 +85,7 @@ def build_engine_cmd(
             max_batch=max_batch,
             workspace_mb=workspace_mb,
             opt_level=opt_level,
+            device=device,
         )
     except BackendUnavailable as e:
         raise _unavailable(e) from e

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,9 @@ def _strs(s: str | None) -> list[str] | None:
 @click.option("--weights", help="Plain state dict for a named model (e.g. torchvision's SSD300 COCO .pth).")
 @click.option("--width", type=float, help="Channel width multiplier for a model built here.")
 @click.option("--data", help="synth | voc:DIR | coco:ANN.json,IMAGES | gtsdb:DIR | cifar10:DIR | folder:DIR")
-@click.option("--skip-bad", is_flag=True, default=None, help="Skip malformed annotations (counted) instead of failing.")
+@click.option(
+    "--skip-bad", is_flag=True, default=None, help="Skip malformed annotations (counted) instead of failing."
+)
 @click.option("--phases", help="Phase preset (ssd300, ssd512, vgg16) or a YAML/JSON file of layer names.")
 @click.option("--keep-detection-layers", type=int, help="Keep the first K SSD feature maps (pruned-Kdet).")
 @click.option("--eps1", type=float, help="Max metric drop after L1 training, points.")
@@ -103,18 +104,18 @@ def _print_summary(out: Path, manifest: Any) -> None:
     orig, comp = st["eval_original"].metrics, st["prune"].metrics
     rows = [("params", orig.get("params"), comp.get("params"))]
     rows += [(k, orig.get(k), comp.get(k)) for k in ("map50", "map", "voc07_ap", "top1") if k in orig]
+    click.echo("\n| metric | original | compressed | change |\n|---|---|---|---|")
+    for name, a, b in rows:
+        change = ""
+        if isinstance(a, int | float) and isinstance(b, int | float):
+            # sizes: "N x smaller"; accuracies (fractions): the drop in points
+            change = f"{a / b:.2f}x smaller" if name == "params" and b else f"{100 * (b - a):+.2f} pts"
+        click.echo(f"| {name} | {_fmt(a)} | {_fmt(b)} | {change} |")
     bench = out / "bench.json"
     if bench.is_file():
-        try:
-            from prunekit.bench.report import headline_rows
+        from prunekit.bench.report import load_bench, terminal_tables
 
-            rows += headline_rows(json.loads(bench.read_text()))
-        except (ImportError, KeyError, ValueError):
-            pass
-    click.echo("\n| metric | original | compressed | ratio |\n|---|---|---|---|")
-    for name, a, b in rows:
-        ratio = f"{a / b:.2f}x" if isinstance(a, int | float) and isinstance(b, int | float) and b else ""
-        click.echo(f"| {name} | {_fmt(a)} | {_fmt(b)} | {ratio} |")
+        click.echo("\n" + terminal_tables(load_bench(bench)))
     report = out / "REPORT.md"
     click.echo(f"\nreport: {report if report.is_file() else out}", file=sys.stdout)
 

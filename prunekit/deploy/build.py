@@ -60,6 +60,7 @@ def build(
     max_batch: int = 8,
     workspace_mb: int = 2048,
     opt_level: str = "all",
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Build the engine of ``backend`` for ``model_path`` into ``out_dir``; returns its metadata.
 
@@ -80,7 +81,7 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     if backend == "torch-compile":
-        return _build_aoti(src, out, precision, max_batch)
+        return _build_aoti(src, out, precision, max_batch, device)
     if src.suffix != ".onnx":
         raise ValueError(f"{src}: {backend} builds from an ONNX model (prunekit export), not {src.suffix}")
     from prunekit.deploy.runtime import read_metadata
@@ -163,15 +164,17 @@ def _build_ort(
     return result
 
 
-def _build_aoti(src: Path, out: Path, precision: str, max_batch: int) -> dict[str, Any]:
+def _build_aoti(src: Path, out: Path, precision: str, max_batch: int, device: str) -> dict[str, Any]:
     if src.suffix != ".pt":
         raise ValueError(
             f"{src}: torch-compile builds an AOTInductor package from the PyTorch checkpoint (.pt)"
         )
     from prunekit.deploy.torch_runner import aoti_metadata_path, export_aoti
 
-    package = out / f"{src.stem}.{precision}.pt2"
-    info = export_aoti(src, package, device="cpu", max_batch=max_batch, precision=precision)
+    if precision not in ("fp32", "fp16"):
+        raise ValueError(f"torch-compile packages are fp32 or fp16, not {precision}")
+    package = out / f"{src.stem}.{device.split(':')[0]}.{precision}.pt2"
+    info = export_aoti(src, package, device=device, max_batch=max_batch, precision=precision)
     return {
         "engine": str(package),
         "metadata": str(aoti_metadata_path(package)),

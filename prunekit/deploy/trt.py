@@ -177,7 +177,7 @@ def build_engine(
     profile = builder.create_optimization_profile()
     profile_desc: dict[str, Any] = {}
     for t in inputs:
-        rest = tuple(int(d) for d in t.shape[1:])
+        rest = tuple(int(d) for d in tuple(t.shape)[1:])
         if any(d < 0 for d in rest):
             raise ValueError(f"{onnx_path}: input {t.name} has dynamic non-batch dims {tuple(t.shape)}")
         shapes = [(b, *rest) for b in (min_batch, opt_batch, max_batch)]
@@ -188,7 +188,7 @@ def build_engine(
         # Calibration runs at one fixed shape: the calibration batch.
         cal = builder.create_optimization_profile()
         for t in inputs:
-            shape = (int(batches[0].shape[0]), *(int(d) for d in t.shape[1:]))
+            shape = (int(batches[0].shape[0]), *(int(d) for d in tuple(t.shape)[1:]))
             cal.set_shape(t.name, shape, shape, shape)
         config.set_calibration_profile(cal)
 
@@ -217,11 +217,11 @@ def build_engine(
         "precision": precision,
         "profile": profile_desc,
         "inputs": [
-            {"name": t.name, "shape": list(t.shape), "dtype": str(trt.nptype(t.dtype).__name__)}
+            {"name": t.name, "shape": [int(d) for d in t.shape], "dtype": str(trt.nptype(t.dtype).__name__)}
             for t in inputs
         ],
         "outputs": [
-            {"name": t.name, "shape": list(t.shape), "dtype": str(trt.nptype(t.dtype).__name__)}
+            {"name": t.name, "shape": [int(d) for d in t.shape], "dtype": str(trt.nptype(t.dtype).__name__)}
             for t in outputs
         ],
         "workspace_mb": int(workspace_mb),

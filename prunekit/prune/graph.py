@@ -221,6 +221,7 @@ class _Walker:
         self.channels: dict[str, int] = {}
         self.blocked: dict[str, str] = {}
         self.parent: dict[str, str] = {}  # union-find for residual ties
+        self.parameters = {n for n, _ in gm.named_parameters()}
 
     # -- union-find -------------------------------------------------------------------------
     def find(self, p: str) -> str:
@@ -382,6 +383,11 @@ class _Walker:
                 for s in pshape:
                     numel *= s
                 if numel == 1:
+                    continue
+                if self.param_of[p] not in self.parameters:
+                    self.block(
+                        sources, f"combined with buffer {self.param_of[p]}, which prunekit does not slice"
+                    )
                     continue
                 if shape is None or len(shape) < 2 or numel != shape[1]:
                     self.block(sources, f"multiplied by parameter {self.param_of[p]} of shape {pshape}")

@@ -225,13 +225,15 @@ class Pipeline:
         from prunekit.train import TrainConfig
 
         c = self.cfg
+        train_set, _ = self._datasets()
+        steps_per_epoch = max(1, len(train_set) // c.batch_size)
         return TrainConfig(
             epochs=epochs,
             lr=c.lr,
             batch_size=c.batch_size,
             device=c.device,
             seed=c.seed,
-            warmup_iters=50,
+            warmup_iters=min(50, steps_per_epoch),  # short stages must still reach the full lr
             schedule="cosine",
             grad_clip=10.0,
             eval_max_images=c.max_val_images,

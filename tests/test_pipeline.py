@@ -16,6 +16,7 @@ import yaml
 
 import prunekit
 from prunekit.manifest import DONE
+from prunekit.models import get_config
 from prunekit.pipeline import STAGES
 
 TINY = {
@@ -160,7 +161,7 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(
     assert all(r["status"] == DONE for r in final["stages"].values())
     a, b = prunekit.load(out / "model.pt"), prunekit.load(finished_run / "model.pt")
     assert prunekit.count_params(a) == prunekit.count_params(b)
-    assert prunekit.get_config(a).channels == prunekit.get_config(b).channels
+    assert get_config(a).channels == get_config(b).channels
     ours, ref = _onnx_outputs(out / "model.onnx"), _onnx_outputs(finished_run / "model.onnx")
     for name in ref:
         np.testing.assert_allclose(ours[name], ref[name], atol=1e-4, rtol=1e-3)

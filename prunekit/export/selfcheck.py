@@ -111,6 +111,18 @@ def _reference(
     return {"boxes": boxes.numpy(), "scores": scores.numpy()}
 
 
+def _normalised_boxes(outputs: dict[str, np.ndarray], cfg: ArchConfig) -> dict[str, np.ndarray]:
+    """Pre-NMS boxes in [0, 1] units for the elementwise check.
+
+    They are pixels of the input size (hundreds), produced through exp() of the regression, so
+    FP32 rounding alone reaches ~1e-4 px on coordinates near 0 where the relative error is large;
+    in normalised units the FP32 tolerance (1e-4 = 0.03 px at 300) is meaningful.
+    """
+    if "boxes" not in outputs:
+        return outputs
+    return {**outputs, "boxes": outputs["boxes"] / float(max(cfg.input_size))}
+
+
 def _nms_problems(
     ref_dets: list[dict[str, np.ndarray]],
     out_dets: list[dict[str, np.ndarray]],
@@ -190,7 +202,7 @@ def self_check(
             result.update(passed=False, reason=f"ONNX Runtime failed on a batch of {batch}: {e}")
             result["batch_sizes"].append(batch)
             return result
-        rep = compare_outputs(ref, got, tol)
+        rep = compare_outputs(_normalised_boxes(ref, cfg), _normalised_boxes(got, cfg), tol)
         result["batch_sizes"].append(batch)
         result["reports"].append(rep.to_dict())
         errs = [r.max_abs_error for r in rep.outputs.values() if r.max_abs_error is not None]

@@ -14,15 +14,28 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import Tensor, nn
+
 from prunekit.models.config import ArchConfig
 from prunekit.prune.cost import config_macs
+from prunekit.prune.graph import DependencyGraph
 from prunekit.prune.profile import LatencyTable, estimate_latency, layer_latency_estimates
 
-__all__ = ["BudgetResult", "channels_cost_fn", "estimate_latency", "param_grid", "search_budget"]
+__all__ = [
+    "BudgetResult",
+    "SelectionCandidate",
+    "channels_cost_fn",
+    "cumulative_targets",
+    "estimate_latency",
+    "param_grid",
+    "phase_cost_weights",
+    "search_budget",
+    "selection_candidates",
+]
 
 log = logging.getLogger(__name__)
 
@@ -180,3 +193,102 @@ def channels_cost_fn(
             raise ValueError("a latency budget needs a latency table (run `prunekit profile` first)")
         return lambda channels: total(layer_latency_estimates(channels, table, cfg))
     raise ValueError(f"unknown budget kind {kind!r}; expected 'macs' or 'latency'")
+
+
+# ---------------------------------------------------------------------------------------------
+# the phase runner's use: candidates from (k, τ1, τ2, τ3) and a global budget split over phases
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SelectionCandidate:
+    """One distinct filter selection of a phase and every (k, τ1, τ2, τ3) that produced it.
+
+    ``k``/``taus`` are the first (smallest k, then grid order) setting that gave it; re-running
+    the selection with them on ``apply_threshold(Θ_L1, k * std)`` reproduces ``keep`` exactly.
+    """
+
+    k: float
+    taus: tuple[float, float, float]
+    keep: dict[str, Tensor]
+    counts: dict[str, int]
+    settings: list[tuple[float, tuple[float, float, float]]] = field(default_factory=list)
+
+    def label(self) -> str:
+        t1, t2, t3 = self.taus
+        more = f" (+{len(self.settings) - 1} equivalent)" if len(self.settings) > 1 else ""
+        return f"k={self.k:g} tau=({t1:g},{t2:g},{t3:g}){more}"
+
+
+def selection_candidates(
+    sparse: nn.Module,
+    l1_layers: Sequence[str],
+    prune_layers: Sequence[str],
+    graph: DependencyGraph,
+    k_range: Sequence[float],
+    taus: Sequence[tuple[float, float, float]],
+    min_keep: int = 1,
+    align: int = 1,
+) -> tuple[list[SelectionCandidate], float]:
+    """Every distinct selection over ``k_range`` x ``taus`` on Θ_L1 (``sparse``); and the std.
+
+    The threshold is the paper's global ``k * std`` over ``l1_layers``; selection is the τ rule
+    (then ``min_keep`` and ``align``) on ``prune_layers``. Many settings select the same filters,
+    so candidates are deduplicated: each is priced and evaluated once.
+    """
+    from prunekit.prune.selection import select_filters
+    from prunekit.prune.threshold import apply_threshold, global_std
+
+    ks = sorted({float(k) for k in k_range if k >= 0})
+    if not ks or not taus:
+        raise ValueError("budget search needs a non-empty k range and τ grid")
+    std = global_std(sparse, l1_layers)
+    found: dict[tuple, SelectionCandidate] = {}
+    for k in ks:
+        thresholded = apply_threshold(sparse, l1_layers, k * std)
+        for t in taus:
+            t3 = (float(t[0]), float(t[1]), float(t[2]))
+            sel = select_filters(thresholded, prune_layers, graph, *t3, min_keep=min_keep, align=align)
+            key = tuple((n, tuple(v.tolist())) for n, v in sorted(sel.keep.items()))
+            if key not in found:
+                found[key] = SelectionCandidate(k, t3, dict(sel.keep), sel.counts())
+            found[key].settings.append((k, t3))
+        del thresholded
+    return list(found.values()), std
+
+
+def phase_cost_weights(layer_costs: Mapping[str, float], phase_layers: Sequence[Sequence[str]]) -> list[float]:
+    """The original cost each phase carries: the sum over its layers (``l1_layers``: the producers
+    it prunes and the heads they feed), a layer listed by several phases counted in the first.
+    Pass an empty list for a phase that prunes nothing."""
+    seen: set[str] = set()
+    out = []
+    for layers in phase_layers:
+        own = [n for n in layers if n not in seen]
+        seen.update(own)
+        out.append(float(sum(layer_costs.get(n, 0.0) for n in own)))
+    return out
+
+
+def cumulative_targets(target: float, weights: Sequence[float]) -> list[float]:
+    """Fraction of the original cost the whole model may still have after each phase.
+
+    The reduction ``1 - target`` is shared out in proportion to ``weights`` (each phase's share of
+    the original cost): after phase i the running total must be at most
+    ``1 - (1 - target) * W_{<=i} / W``, so every phase cuts its own layers by the same fraction and
+    the last phase that carries cost enforces ``target`` itself. Because the targets are on the
+    running total, a phase that overshoots eases the later ones and one that falls short leaves
+    them more to do.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"budget target must be a fraction of the original in (0, 1], got {target}")
+    total = float(sum(weights))
+    if total <= 0:
+        return [target] * len(weights)
+    out: list[float] = []
+    acc = 0.0
+    last = max(i for i, w in enumerate(weights) if w > 0)
+    for i, w in enumerate(weights):
+        acc += float(w)
+        out.append(target if i >= last else 1.0 - (1.0 - target) * acc / total)
+    return out

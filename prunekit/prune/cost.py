@@ -318,3 +318,46 @@ def total_macs(model: nn.Module) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         run(x)
     return int(counter.get_total_flops()) // 2
+
+
+def add_cost_columns(
+    rows: list[dict[str, Any]], model: nn.Module, original: nn.Module, table: LatencyTable | None = None
+) -> list[dict[str, Any]]:
+    """Merge :func:`cost_columns` into ``layer_table`` rows in place (rows without a column are
+    left alone); returns ``rows``. Both models must be prunekit models (they have a config)."""
+    cols = cost_columns(model, original, table)
+    for row in rows:
+        row.update(cols.get(row["layer"], {}))
+    return rows
+
+
+def render_cost_markdown(rows: list[dict[str, Any]], title: str = "Cost per layer") -> str:
+    """Markdown of the cost columns of ``rows`` (MACs and their shares, latency when present);
+    empty when the rows carry no cost columns."""
+    rows = [r for r in rows if "macs_share_before" in r]
+    if not rows:
+        return ""
+    lat = any(r.get("latency_ms_before") is not None for r in rows)
+    head = ["layer", "MACs before", "MACs after", "MACs share before %", "MACs share after %"]
+    if lat:
+        head += ["latency ms before", "latency ms after", "latency share before %", "latency share after %"]
+    lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    pct = lambda v: "-" if v is None else f"{100 * float(v):.1f}"  # noqa: E731
+    ms = lambda v: "-" if v is None else f"{float(v):.3f}"  # noqa: E731
+    for r in rows:
+        cells = [
+            r["layer"],
+            f"{int(r['macs_before']):,}",
+            f"{int(r['macs_after']):,}",
+            pct(r["macs_share_before"]),
+            pct(r["macs_share_after"]),
+        ]
+        if lat:
+            cells += [
+                ms(r.get("latency_ms_before")),
+                ms(r.get("latency_ms_after")),
+                pct(r.get("latency_share_before")),
+                pct(r.get("latency_share_after")),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tau1", type=float, default=0.9)
     ap.add_argument("--tau2", type=float, default=0.7)
     ap.add_argument("--tau3", type=float, default=0.9)
+    ap.add_argument("--align", type=int, default=1, help="1 = the paper's selection exactly")
     ap.add_argument("--search-images", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hp = PruneConfig(
         eps1=args.eps1, eps2=args.eps2, lam_grid=_floats(args.lam_grid), k_range=_floats(args.k_range),
         threshold_search="bisect", tau1=args.tau1, tau2=args.tau2, tau3=args.tau3,
-        epochs_sparsity=1, epochs_retrain=1, seed=args.seed,
+        epochs_sparsity=1, epochs_retrain=1, align=args.align, seed=args.seed,
     )  # fmt: skip
     pruned = run_phases(
         original, "ssd300", train_fn, search_eval, hp, args.out / "phases", resume=args.resume

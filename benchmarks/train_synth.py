@@ -40,11 +40,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-val", type=int, default=100)
     ap.add_argument("--width", type=float, default=0.25)
     ap.add_argument("--batch-norm", action=argparse.BooleanOptionalAction, default=True)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--warmup-iters", type=int, default=20)
     ap.add_argument("--grad-clip", type=float, default=10.0)
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--aug", choices=["flip", "photo", "ssd"], default="flip")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
         log_every=5,
         stop_after_epoch=args.stop_after_epoch,
         eval_max_images=args.val_max_images or None,
+        channels_last=args.channels_last,
     )
     load_before = os.getloadavg()
     wall0 = time.perf_counter()

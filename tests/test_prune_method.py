@@ -276,7 +276,7 @@ def test_run_phases_end_to_end_and_resume(tmp_path):
     model = prunekit.vgg16(10, variant="cifar", width=0.125)
     toy = _Toy(model)
     hp = PruneConfig(
-        eps1=100, eps2=100, lam_grid=[1e-3], k_range=[0.5, 1.0], epochs_sparsity=2, epochs_retrain=1
+        eps1=100, eps2=100, lam_grid=[1e-3], k_range=[0.5, 1.0], epochs_sparsity=2, epochs_retrain=1, align=1
     )
     out = run_phases(model, "vgg16", toy.train, toy.eval, hp, tmp_path)
     assert prunekit.count_params(out) < prunekit.count_params(model)

@@ -56,6 +56,8 @@ def _strs(s: str | None) -> list[str] | None:
 @click.option(
     "--cost-aware", type=click.Choice(["macs", "latency"]), help="Weight the L1 term by layer cost."
 )
+@click.option("--cost-alpha", type=float, help="0 = uniform L1 term, 1 = fully cost-proportional.")
+@click.option("--latency-table", help="Per-layer latency JSON from `prunekit profile`.")
 @click.option("--target-flops", type=float, help="MACs budget as a fraction of the original.")
 @click.option("--target-latency", type=float, help="Latency budget as a fraction of the original.")
 @click.option("--epochs-train", type=int)

@@ -87,16 +87,66 @@ def _totals_line(stats: dict[str, Any]) -> str:
 @click.option(
     "--align",
     type=int,
-    default=1,
+    default=8,
     show_default=True,
-    help="Round kept filters to multiples of N (1 = paper).",
+    help="Round kept filters to multiples of N (1 = the paper exactly).",
 )
 @click.option(
     "--cost-aware", type=click.Choice(["macs", "latency"]), default=None, help="Weight the L1 term by cost."
 )
 @click.option(
-    "--latency-table", type=click.Path(dir_okay=False), default=None, help="For --cost-aware latency."
+    "--cost-alpha",
+    type=float,
+    default=1.0,
+    show_default=True,
+    help="With --cost-aware: 0 = uniform L1 (paper) .. 1 = fully cost-proportional.",
 )
+@click.option(
+    "--cost-per",
+    type=click.Choice(["weight", "layer"]),
+    default="weight",
+    show_default=True,
+    help="With --cost-aware: cost per weight of a layer, or the layer's cost share.",
+)
+@click.option(
+    "--target-flops",
+    type=float,
+    default=None,
+    help="Budget: at most R x the original multiply-adds (0 < R <= 1).",
+)
+@click.option(
+    "--target-latency",
+    type=float,
+    default=None,
+    help="Budget: at most R x the original latency estimated from --latency-table.",
+)
+@click.option(
+    "--budget-eps",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Budget tolerance, a fraction of the original cost.",
+)
+@click.option(
+    "--budget-max-evals", type=int, default=8, show_default=True, help="Candidates scored per phase."
+)
+@click.option(
+    "--latency-table",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="`prunekit profile` JSON: for --cost-aware latency, --target-latency and the report.",
+)
+@click.option("--latency-key", default=None, help="Table key in a multi-table --latency-table.")
+@click.option(
+    "--latency-backend",
+    type=click.Choice(["ort-cpu", "torch"]),
+    default="ort-cpu",
+    show_default=True,
+    help="Which table of --latency-table (with the device, precision, batch below).",
+)
+@click.option("--latency-device", default="cpu", show_default=True)
+@click.option("--latency-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--latency-batch", type=int, default=1, show_default=True)
 @click.option("--epochs-sparsity", type=int, default=10, show_default=True)
 @click.option("--epochs-retrain", type=int, default=10, show_default=True)
 @click.option(
@@ -120,9 +170,10 @@ def prune(
     """Multi-layer pruning of a trained model; writes OUT/model.pt, OUT/phases/pN/*, OUT/layers.{json,md}."""
     import prunekit
     from prunekit.models import get_config
-    from prunekit.prune.method import PruneConfig, make_train_eval, run_phases
+    from prunekit.prune.cost import render_cost_markdown
+    from prunekit.prune.method import PruneConfig, cost_rows, load_table_for, make_train_eval, run_phases
     from prunekit.prune.phases import resolve_phases
-    from prunekit.prune.report import layer_table, model_stats, write_table
+    from prunekit.prune.report import model_stats, write_table
 
     model = prunekit.load(model_path)
     phases = resolve_phases(phases_spec or get_config(model).arch, model)
@@ -138,7 +189,18 @@ def prune(
         min_keep=kw["min_keep"],
         align=kw["align"],
         cost_aware=kw["cost_aware"],
+        cost_alpha=kw["cost_alpha"],
+        cost_per=kw["cost_per"],
         latency_table=kw["latency_table"],
+        latency_key=kw["latency_key"],
+        latency_backend=kw["latency_backend"],
+        latency_device=kw["latency_device"],
+        latency_precision=kw["latency_precision"],
+        latency_batch=kw["latency_batch"],
+        target_flops=kw["target_flops"],
+        target_latency=kw["target_latency"],
+        budget_eps=kw["budget_eps"],
+        budget_max_evals=kw["budget_max_evals"],
         epochs_sparsity=kw["epochs_sparsity"],
         epochs_retrain=kw["epochs_retrain"],
         keep_detection_layers=kw["keep_detection_layers"],
@@ -161,13 +223,23 @@ def prune(
             "source": str(model_path),
         },
     )
-    rows = layer_table(pruned, original=model)
+    rows = cost_rows(pruned, model, load_table_for(hp, model))
     totals = {"original": summary["original"], "pruned": summary["final"]}
-    write_table(out_dir / "layers", rows, totals, f"{model_path.name} -> model.pt")
+    _, md = write_table(out_dir / "layers", rows, totals, f"{model_path.name} -> model.pt")
+    cost_md = render_cost_markdown(rows)
+    if cost_md:
+        from prunekit.fileio import atomic_write_text
+
+        atomic_write_text(md, md.read_text(encoding="utf-8") + "\n" + cost_md)
     orig, final = model_stats(model), model_stats(pruned)
     click.echo(f"original: {_totals_line(orig)}, metric {100 * summary['original']['metric']:.2f}")
     click.echo(f"pruned:   {_totals_line(final)}, metric {100 * summary['final']['metric']:.2f}")
-    click.echo(f"{orig['params'] / final['params']:.2f}x fewer parameters -> {out_dir / 'model.pt'}")
+    click.echo(
+        f"{orig['params'] / final['params']:.2f}x fewer parameters, "
+        f"{orig['macs'] / max(1, final['macs']):.2f}x fewer MACs -> {out_dir / 'model.pt'}"
+    )
+    if "budget" in summary:
+        click.echo(summary["budget"]["message"])
 
 
 @click.command("inspect")

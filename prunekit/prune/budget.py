@@ -8,6 +8,11 @@ method hands it three callables, so the same search serves any selection rule.
 Costs are cheap (a meta-device MAC count or a table look-up), evaluations are not (a validation
 pass), so every candidate is priced first and only those within budget are evaluated, the least
 pruned first (they are the likeliest to be most accurate), up to ``max_evals``.
+
+The second half serves the phase runner (:mod:`prunekit.prune.method`): the distinct selections a
+phase can make over (k, τ1, τ2, τ3) (:func:`selection_candidates`) and how one global budget is
+split into per-phase targets on the running total (:func:`phase_cost_weights`,
+:func:`cumulative_targets`).
 """
 
 from __future__ import annotations
@@ -236,7 +241,7 @@ def selection_candidates(
     (then ``min_keep`` and ``align``) on ``prune_layers``. Many settings select the same filters,
     so candidates are deduplicated: each is priced and evaluated once.
     """
-    from prunekit.prune.selection import select_filters
+    from prunekit.prune.selection import select_filters_grid
     from prunekit.prune.threshold import apply_threshold, global_std
 
     ks = sorted({float(k) for k in k_range if k >= 0})
@@ -244,11 +249,11 @@ def selection_candidates(
         raise ValueError("budget search needs a non-empty k range and τ grid")
     std = global_std(sparse, l1_layers)
     found: dict[tuple, SelectionCandidate] = {}
+    grid = [(float(t[0]), float(t[1]), float(t[2])) for t in taus]
     for k in ks:
         thresholded = apply_threshold(sparse, l1_layers, k * std)
-        for t in taus:
-            t3 = (float(t[0]), float(t[1]), float(t[2]))
-            sel = select_filters(thresholded, prune_layers, graph, *t3, min_keep=min_keep, align=align)
+        sels = select_filters_grid(thresholded, prune_layers, graph, grid, min_keep=min_keep, align=align)
+        for t3, sel in zip(grid, sels):
             key = tuple((n, tuple(v.tolist())) for n, v in sorted(sel.keep.items()))
             if key not in found:
                 found[key] = SelectionCandidate(k, t3, dict(sel.keep), sel.counts())
@@ -257,7 +262,9 @@ def selection_candidates(
     return list(found.values()), std
 
 
-def phase_cost_weights(layer_costs: Mapping[str, float], phase_layers: Sequence[Sequence[str]]) -> list[float]:
+def phase_cost_weights(
+    layer_costs: Mapping[str, float], phase_layers: Sequence[Sequence[str]]
+) -> list[float]:
     """The original cost each phase carries: the sum over its layers (``l1_layers``: the producers
     it prunes and the heads they feed), a layer listed by several phases counted in the first.
     Pass an empty list for a phase that prunes nothing."""

@@ -13,6 +13,7 @@ on a copy of the model on the ``meta`` device, so counting a full-width SSD300 c
 from __future__ import annotations
 
 import copy
+import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -120,6 +121,15 @@ def layer_macs(model: nn.Module, on_meta: bool = True) -> dict[str, int]:
     by ``FlopCounterMode`` per module (flops / 2). ``on_meta`` counts a meta-device rebuild of the
     model (no compute, no weights needed); set it False to count the model as it is.
     """
+    cfg = getattr(model, "prunekit_config", None) if on_meta else None
+    if isinstance(cfg, ArchConfig):
+        try:
+            macs = config_macs(cfg)
+        except Exception:  # noqa: BLE001 - a config that does not rebuild: count the model itself
+            macs = None
+        hit = _MACS_CACHE.get(_config_key(cfg))
+        if macs is not None and hit is not None and hit[0] == _shapes(model):  # config describes it
+            return macs
     m = _meta_copy(model) if on_meta else model
     paths = layer_names(m)
     run, x = _forward_module(m)
@@ -134,8 +144,35 @@ def layer_macs(model: nn.Module, on_meta: bool = True) -> dict[str, int]:
     return out
 
 
+# MAC counts and layer shapes of prunekit models depend only on their config: cached (with the
+# state-dict shapes they were computed for), because the budget search prices many candidates and
+# every report row needs the original's counts again.
+_MACS_CACHE: dict[str, tuple[dict[str, tuple[int, ...]], dict[str, Any]]] = {}
+
+
+def _config_key(cfg: ArchConfig) -> str:
+    d = cfg.to_dict()
+    d.pop("class_names", None)
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _remember(key: str, shapes: dict[str, tuple[int, ...]], macs: dict[str, Any]) -> None:
+    if len(_MACS_CACHE) > 512:
+        _MACS_CACHE.clear()
+    _MACS_CACHE[key] = (shapes, dict(macs))
+
+
 def layer_shapes(model: nn.Module) -> dict[str, ConvShape]:
     """Geometry of every prunable layer, traced with forward hooks on a meta-device copy."""
+    cfg = getattr(model, "prunekit_config", None)
+    key = "shapes:" + _config_key(cfg) if isinstance(cfg, ArchConfig) else None
+    own = _shapes(model) if key is not None else None
+    if key is not None and key in _MACS_CACHE and _MACS_CACHE[key][0] == own:  # cached for this config
+        return dict(_MACS_CACHE[key][1])
     m = _meta_copy(model)
     mods = _prunable_modules(m)
     shapes: dict[str, ConvShape] = {}
@@ -182,7 +219,10 @@ def layer_shapes(model: nn.Module) -> dict[str, ConvShape]:
     finally:
         for h in handles:
             h.remove()
-    return {name: shapes[name] for name in mods if name in shapes}
+    out = {name: shapes[name] for name in mods if name in shapes}
+    if key is not None and own is not None:
+        _remember(key, own, out)
+    return out
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -195,9 +235,14 @@ def config_macs(cfg: ArchConfig, channels: dict[str, int] | None = None) -> dict
     What the budget search prices a candidate selection with: no weights, no compute.
     """
     cfg = _with_channels(cfg, channels)
+    key = _config_key(cfg)
+    if key in _MACS_CACHE:
+        return dict(_MACS_CACHE[key][1])
     with torch.device("meta"):
         m = build_model(cfg)
-    return layer_macs(m, on_meta=False)
+    out = layer_macs(m, on_meta=False)
+    _remember(key, _shapes(m), out)
+    return out
 
 
 def _with_channels(cfg: ArchConfig, channels: dict[str, int] | None) -> ArchConfig:

@@ -7,6 +7,22 @@ zero-row statistics of Θ_L1^th (τ1, τ2, τ3); (4) surgery from Θ_L1 into a d
 retrained}.pt`` and a per-layer table ``<out>/pN/table_<step>.{json,md}``; ``resume=True`` picks up
 after the last completed step. ``<out>/summary.{json,md}`` holds the whole run.
 
+With a budget (``target_flops`` / ``target_latency``: a fraction of the ORIGINAL model's MACs or
+estimated latency) steps 2 and 3 are searched together instead of by ε2: every distinct selection
+over ``k_range`` x (the configured τ triple + the τ grid from ``budget_taus``) is priced from its
+channel counts (no evaluation), and among those within the phase's budget the one whose model
+*pruned from Θ_L1, before retraining* scores best is kept (the thresholded model only guides the
+selection, as in the paper, so it is not what is scored). Candidates are scored least pruned first,
+at most ``budget_max_evals`` of them, stopping early at one that matches Θ_L1's own metric.
+A global budget is split over the phases by the cost their layers carry in the original model
+(:func:`prunekit.prune.budget.cumulative_targets`): after phase i the whole model may cost at most
+``1 - (1 - target) * W_<=i / W`` of the original, so each phase cuts its own layers by the same
+fraction and the last phase that carries cost enforces the target itself; the targets are on the
+running total, so an earlier phase's overshoot or shortfall moves to the later ones. A phase that
+cannot reach its target within ``budget_eps`` goes on with its cheapest candidate, logs a warning
+and records ``budget_met: false`` with the ratio it reached; ``summary.json`` says whether the
+final model meets the budget. Without a budget the paper's method runs unchanged.
+
 Training and evaluation are callables so that the runner knows no data: ``train_fn(model,
 regularizer)`` or ``train_fn(model, regularizer, epochs, tag)`` trains in place (``regularizer`` is
 None for retraining); ``eval_fn(model)`` returns the validation metric in [0, 1] or a metrics dict
@@ -25,19 +41,23 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from prunekit.fileio import atomic_write_json, atomic_write_text
-from prunekit.prune.graph import build_dependency_graph
+from prunekit.prune.graph import DependencyGraph, build_dependency_graph
 from prunekit.prune.phases import Phase, ResolvedPhase, resolve, resolve_phases
-from prunekit.prune.report import layer_table, model_stats, render_markdown, write_table
-from prunekit.prune.selection import TAU1, TAU2, TAU3, check_taus, select_filters
+from prunekit.prune.report import layer_table, model_stats, render_markdown
+from prunekit.prune.selection import TAU1, TAU2, TAU3, check_taus, select_filters, tau_grid
 from prunekit.prune.sparsity import induce_sparsity, weight_sparsity
 from prunekit.prune.surgery import keep_detection_layers, prune_channels
 from prunekit.prune.threshold import search_threshold
+
+if TYPE_CHECKING:
+    from prunekit.models.config import ArchConfig
+    from prunekit.prune.profile import LatencyTable
 
 log = logging.getLogger(__name__)
 STEPS = ("sparse", "thresholded", "pruned", "retrained")
@@ -56,14 +76,24 @@ class PruneConfig:
     tau2: float = TAU2
     tau3: float = TAU3
     min_keep: int = 1
-    align: int = 1  # round kept counts to multiples of this (1 = the paper)
+    align: int = 8  # round kept counts to multiples of this (1 = the paper exactly)
     epochs_sparsity: int = 10
     epochs_retrain: int = 10
     layer_weights: dict[str, float] | None = None  # per-layer L1 multipliers (cost-aware)
     cost_aware: str | None = None  # None | "macs" | "latency": layer_weights from prunekit.prune.cost
-    latency_table: str | None = None  # JSON file of `prunekit profile` (cost_aware="latency")
-    target_flops: float | None = None  # accepted for the pipeline; budgets are not applied here yet
-    target_latency: float | None = None
+    cost_alpha: float = 1.0  # 0 = uniform L1 (the paper) .. 1 = fully cost-proportional weights
+    cost_per: str = "weight"  # "weight" | "layer": see prunekit.prune.cost.l1_layer_weights
+    latency_table: str | None = None  # JSON file of `prunekit profile` (latency costs and reports)
+    latency_key: str | None = None  # its table to use; default: the key of the settings below
+    latency_backend: str = "ort-cpu"
+    latency_device: str = "cpu"
+    latency_precision: str = "fp32"
+    latency_batch: int = 1
+    target_flops: float | None = None  # budget: fraction of the original MACs
+    target_latency: float | None = None  # budget: fraction of the original estimated latency
+    budget_eps: float = 0.01  # tolerance of a budget, as a fraction of the original cost
+    budget_taus: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])  # τ grid values
+    budget_max_evals: int | None = 8  # evaluations per phase in the budget search
     keep_detection_layers: int | None = None  # pruned-Kdet after the phases (then retrained)
     stop_early: bool = True  # λ search stops at the first inadmissible λ
     seed: int = 0
@@ -78,6 +108,37 @@ class PruneConfig:
             raise ValueError(f"align and min_keep must be >= 1, got {self.align}, {self.min_keep}")
         if self.cost_aware not in (None, "macs", "latency"):
             raise ValueError(f"cost_aware must be None, 'macs' or 'latency', got {self.cost_aware!r}")
+        if not 0.0 <= self.cost_alpha <= 1.0:
+            raise ValueError(f"cost_alpha must be in [0, 1], got {self.cost_alpha}")
+        if self.cost_per not in ("weight", "layer"):
+            raise ValueError(f"cost_per must be 'weight' or 'layer', got {self.cost_per!r}")
+        for name in ("target_flops", "target_latency"):
+            v = getattr(self, name)
+            if v is not None and not 0.0 < v <= 1.0:
+                raise ValueError(f"{name} must be a fraction of the original in (0, 1], got {v}")
+        if self.target_flops is not None and self.target_latency is not None:
+            raise ValueError("give target_flops or target_latency, not both")
+        needs_table = self.cost_aware == "latency" or self.target_latency is not None
+        if needs_table and not self.latency_table:
+            raise ValueError(
+                "cost_aware='latency' and target_latency need latency_table (a `prunekit profile` JSON file)"
+            )
+        if self.budget_eps < 0:
+            raise ValueError(f"budget_eps must be >= 0, got {self.budget_eps}")
+        if self.budget_max_evals is not None and self.budget_max_evals < 1:
+            raise ValueError(f"budget_max_evals must be >= 1 or None, got {self.budget_max_evals}")
+        if self.latency_batch < 1:
+            raise ValueError(f"latency_batch must be >= 1, got {self.latency_batch}")
+        tau_grid(self.budget_taus)  # validates the values
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """``(kind, target)`` of the configured budget (``"macs"``/``"latency"``), or None."""
+        if self.target_flops is not None:
+            return "macs", float(self.target_flops)
+        if self.target_latency is not None:
+            return "latency", float(self.target_latency)
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -114,6 +175,8 @@ class _Runner:
         self.four_args = _takes_epochs(train_fn)
         self.main = _is_main_process()
         self.original_channels: dict[str, int] = {}
+        self.table: LatencyTable | None = None
+        self.budget: _BudgetPlan | None = None
 
     def train(self, model: nn.Module, regularizer: Any, stage: str, tag: str) -> None:
         epochs = self.hp.epochs_sparsity if stage == "sparsity" else self.hp.epochs_retrain
@@ -165,21 +228,234 @@ def _load(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return load_with_extra(path)
 
 
-def _layer_weights(model: nn.Module, rp: ResolvedPhase, hp: PruneConfig) -> dict[str, float] | None:
+def _layer_weights(
+    model: nn.Module, rp: ResolvedPhase, hp: PruneConfig, table: LatencyTable | None = None
+) -> dict[str, float] | None:
     if hp.layer_weights:
         return {n: float(w) for n, w in hp.layer_weights.items() if n in rp.l1_layers}
     if hp.cost_aware is None:
         return None
     from prunekit.prune.cost import l1_layer_weights
 
-    table = None
-    if hp.cost_aware == "latency":
-        if not hp.latency_table:
-            raise ValueError("cost_aware='latency' needs latency_table (a `prunekit profile` JSON file)")
-        from prunekit.prune.profile import load_latency_table
+    if hp.cost_aware == "latency" and table is None:
+        raise ValueError("cost_aware='latency' needs latency_table (a `prunekit profile` JSON file)")
+    return l1_layer_weights(
+        model,
+        rp.l1_layers,
+        kind=hp.cost_aware,
+        table=table if hp.cost_aware == "latency" else None,
+        alpha=hp.cost_alpha,
+        per=hp.cost_per,
+    )
 
-        table = load_latency_table(hp.latency_table)
-    return l1_layer_weights(model, rp.l1_layers, kind=hp.cost_aware, table=table)
+
+def _arch_config(model: nn.Module, why: str) -> ArchConfig:
+    cfg = getattr(model, "prunekit_config", None)
+    if cfg is None:
+        raise ValueError(
+            f"{why} needs a prunekit model (one with prunekit_config), got {type(model).__name__}"
+        )
+    return cfg
+
+
+def load_table_for(hp: PruneConfig, model: nn.Module) -> LatencyTable | None:
+    """The latency table ``hp`` names for ``model`` (the ORIGINAL model), or None without one.
+
+    ``latency_key`` picks a table of a multi-table file explicitly; otherwise the key is made by
+    :func:`prunekit.prune.profile.table_key` from the model and ``latency_backend/device/
+    precision/batch``; a file holding a single table uses that one (e.g. measured on the deploy
+    device, pruning elsewhere). Anything else is an error listing the keys the file has.
+    """
+    if not hp.latency_table:
+        return None
+    from prunekit.prune.profile import list_latency_tables, load_latency_table, table_key
+
+    path = hp.latency_table
+    if hp.latency_key:
+        return load_latency_table(path, hp.latency_key)
+    keys = list_latency_tables(path)
+    key: str | None = None
+    try:
+        cfg = _arch_config(model, "a latency table key")
+        key = table_key(cfg, hp.latency_backend, hp.latency_device, hp.latency_precision, hp.latency_batch)
+    except ValueError as e:
+        log.debug("no latency table key for this model/device: %s", e)
+    if key is not None and key in keys:
+        return load_latency_table(path, key)
+    if len(keys) == 1:
+        log.info("%s: using its only latency table %r", path, keys[0])
+        return load_latency_table(path, keys[0])
+    raise ValueError(
+        f"{path}: holds {len(keys)} latency tables and none has the key {key!r}; "
+        f"choose one with latency_key (--latency-key): {sorted(keys)}"
+    )
+
+
+@dataclass
+class _BudgetPlan:
+    """A global budget resolved against the original model: its cost and each phase's target."""
+
+    kind: str
+    target: float
+    eps: float
+    original_cost: float
+    weights: list[float]
+    targets: list[float]
+    table: LatencyTable | None
+
+    def cost(self, model: nn.Module, channels: dict[str, int] | None = None) -> float:
+        from prunekit.prune.budget import channels_cost_fn
+
+        cfg = _arch_config(model, "a budget")
+        return channels_cost_fn(cfg, self.kind, self.table)(channels or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "target": self.target,
+            "eps": self.eps,
+            "original_cost": self.original_cost,
+            "phase_weights": self.weights,
+            "phase_targets": self.targets,
+        }
+
+
+def _budget_plan(
+    hp: PruneConfig, original: nn.Module, phases: Sequence[Phase], table: LatencyTable | None
+) -> _BudgetPlan | None:
+    budget = hp.budget
+    if budget is None:
+        return None
+    from prunekit.prune.budget import cumulative_targets, phase_cost_weights
+    from prunekit.prune.cost import config_macs
+    from prunekit.prune.profile import layer_latency_estimates
+
+    kind, target = budget
+    cfg = _arch_config(original, f"a {kind} budget")
+    if kind == "macs":
+        per_layer = {n: float(v) for n, v in config_macs(cfg).items()}
+    else:
+        assert table is not None  # PruneConfig checks target_latency comes with latency_table
+        per_layer = layer_latency_estimates(None, table, cfg)
+    graph = build_dependency_graph(original)
+    already: set[str] = set()
+    sets: list[list[str]] = []
+    for p in phases:
+        rp = resolve(p, graph, already)
+        already |= set(rp.prune_layers)
+        sets.append(rp.l1_layers if rp.prune_layers else [])
+    weights = phase_cost_weights(per_layer, sets)
+    plan = _BudgetPlan(
+        kind, target, hp.budget_eps, float(sum(per_layer.values())), weights, cumulative_targets(target, weights),
+        table,
+    )  # fmt: skip
+    log.info(
+        "%s budget %.3f x original (%.4g): per-phase targets %s",
+        kind,
+        target,
+        plan.original_cost,
+        ", ".join(f"{p.name} {t:.3f}" for p, t in zip(phases, plan.targets)),
+    )
+    return plan
+
+
+def _budget_search(
+    sparse: nn.Module,
+    rp: ResolvedPhase,
+    graph: DependencyGraph,
+    runner: _Runner,
+    index: int,
+    phase_name: str,
+    sparse_metric: float,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Steps 2 + 3 under a budget (module docstring): the chosen Θ_L1^th and its record."""
+    from prunekit.prune.budget import SelectionCandidate, search_budget, selection_candidates
+    from prunekit.prune.threshold import apply_threshold
+
+    hp, plan = runner.hp, runner.budget
+    assert plan is not None
+    own = (hp.tau1, hp.tau2, hp.tau3)
+    taus = [own] + [t for t in tau_grid(hp.budget_taus) if t != own]
+    cands, std = selection_candidates(
+        sparse, rp.l1_layers, rp.prune_layers, graph, hp.k_range, taus, hp.min_keep, hp.align
+    )
+    prices: dict[tuple, float] = {}
+
+    def cost_fn(c: SelectionCandidate) -> float:
+        key = tuple(sorted(c.counts.items()))
+        if key not in prices:
+            prices[key] = plan.cost(sparse, c.counts)
+        return prices[key]
+
+    def eval_fn(c: SelectionCandidate) -> float:
+        return runner.metric(prune_channels(sparse, c.keep, graph))
+
+    target = plan.targets[index]
+    res = search_budget(
+        cands, cost_fn, eval_fn, target, plan.original_cost, plan.eps, plan.kind,
+        max_evals=hp.budget_max_evals, stop_at=sparse_metric, describe=SelectionCandidate.label,
+    )  # fmt: skip
+    chosen: SelectionCandidate = res.best
+    info = {
+        **res.to_dict(),
+        "phase": phase_name,
+        "phase_target": target,
+        "global_target": plan.target,
+        "shortfall": max(0.0, float(res.ratio or 0.0) - target),
+        "scored": "model pruned from the sparse model, before retraining",
+    }
+    if res.met:
+        log.info("phase %s: %s", phase_name, res.message)
+    else:
+        log.warning(
+            "phase %s: %s; continuing with the cheapest candidate (%.3f x original, phase target %.3f)",
+            phase_name, res.message, res.ratio, target,
+        )  # fmt: skip
+    thresholded = apply_threshold(sparse, rp.l1_layers, chosen.k * std)
+    th = {
+        "k": chosen.k,
+        "t": chosen.k * std,
+        "std": std,
+        "metric": None,
+        "admissible": None,
+        "trials": [],
+        "tau": list(chosen.taus),
+        "search": "budget",
+        "budget": info,
+    }
+    return thresholded, th
+
+
+def _write_table(
+    stem: Path,
+    rows: Sequence[Mapping[str, Any]],
+    totals: Mapping[str, Mapping[str, Any]],
+    title: str,
+    extra: Mapping[str, Any],
+) -> None:
+    """``write_table`` plus the cost columns' markdown (the JSON carries them in the rows)."""
+    from prunekit.prune.cost import render_cost_markdown
+
+    atomic_write_json(
+        stem.with_suffix(".json"), {"layers": list(rows), "totals": dict(totals), **dict(extra)}
+    )
+    md = render_markdown(rows, totals, title)
+    cost_md = render_cost_markdown(list(rows))
+    atomic_write_text(stem.with_suffix(".md"), md + ("\n" + cost_md if cost_md else ""))
+
+
+def cost_rows(
+    model: nn.Module, original: nn.Module, table: LatencyTable | None = None
+) -> list[dict[str, Any]]:
+    """``layer_table(model, original)`` with the cost columns of
+    :func:`prunekit.prune.cost.cost_columns` merged in (MACs shares; latency with a ``table``).
+    Models without a prunekit config get the plain layer table."""
+    rows = layer_table(model, original=original)
+    if hasattr(model, "prunekit_config") and hasattr(original, "prunekit_config"):
+        from prunekit.prune.cost import add_cost_columns
+
+        add_cost_columns(rows, model, original, table)
+    return rows
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -211,7 +487,7 @@ def run_phase(
     def table(step: str, m: nn.Module, metric: float, extra: dict[str, Any] | None = None) -> None:
         if not runner.main:
             return
-        rows = layer_table(m, original=original)
+        rows = cost_rows(m, original, runner.table)
         if step in ("sparse", "thresholded"):
             zeros = weight_sparsity(m, rp.l1_layers)
             for r in rows:
@@ -221,7 +497,7 @@ def run_phase(
             "original": {**model_stats(original), "metric": None},
             step: {**model_stats(m), "metric": metric},
         }
-        write_table(
+        _write_table(
             pdir / f"table_{step}", rows, totals, f"{phase.name}: {step}", {"step": step, **(extra or {})}
         )
 
@@ -233,7 +509,7 @@ def run_phase(
         sp = extra["sparsity"]
         log.info("phase %s: resumed %s", phase.name, path)
     else:
-        weights = _layer_weights(model, rp, hp)
+        weights = _layer_weights(model, rp, hp, runner.table)
 
         def train_sparse(m: nn.Module, reg: Any) -> None:
             runner.train(m, reg, "sparsity", f"{phase.name}/sparsity")
@@ -249,16 +525,19 @@ def run_phase(
         table("sparse", sparse, res.metric, {"sparsity": sp})
     record["sparsity"] = sp
 
-    # 2. global threshold
+    # 2. global threshold (with a budget: threshold and selection searched together)
     path = pdir / "thresholded.pt"
     if resume and path.is_file():
         thresholded, extra = _load(path)
         th = extra["threshold"]
     else:
-        tres = search_threshold(
-            sparse, rp.l1_layers, hp.k_range, runner.metric, hp.eps2, sp["metric"], hp.threshold_search
-        )
-        thresholded, th = tres.model, tres.to_dict()
+        if runner.budget is not None:
+            thresholded, th = _budget_search(sparse, rp, graph, runner, index, phase.name, sp["metric"])
+        else:
+            tres = search_threshold(
+                sparse, rp.l1_layers, hp.k_range, runner.metric, hp.eps2, sp["metric"], hp.threshold_search
+            )
+            thresholded, th = tres.model, tres.to_dict()
         runner.save(thresholded, path, {"step": "thresholded", "phase": phase.name, "threshold": th})
         table(
             "thresholded",
@@ -267,6 +546,9 @@ def run_phase(
             {"threshold": th},
         )
     record["threshold"] = th
+    if "budget" in th:
+        record["budget"] = th["budget"]
+        record["budget_met"] = bool(th["budget"]["met"])
 
     # 3 + 4. selection on Θ_L1^th, surgery on Θ_L1
     path = pdir / "pruned.pt"
@@ -275,18 +557,20 @@ def run_phase(
         pruned = pruned.to(device)
         sel, pruned_metric = extra["selection"], extra["metric"]
     else:
+        tau1, tau2, tau3 = th.get("tau") or (hp.tau1, hp.tau2, hp.tau3)
         result = select_filters(
             thresholded,
             rp.prune_layers,
             graph,
-            hp.tau1,
-            hp.tau2,
-            hp.tau3,
+            tau1,
+            tau2,
+            tau3,
             min_keep=hp.min_keep,
             align=hp.align,
         )
         pruned = prune_channels(sparse, result.keep, graph)
-        pruned_metric = runner.metric(pruned)
+        scored = (th.get("budget") or {}).get("metric")  # the budget search scored this very model
+        pruned_metric = runner.metric(pruned) if scored is None else float(scored)
         sel = {n: {k: v for k, v in s.items()} for n, s in result.stats.items()}
         runner.save(
             pruned, path, {"step": "pruned", "phase": phase.name, "selection": sel, "metric": pruned_metric}
@@ -331,14 +615,14 @@ def run_phases(
     its last saved step; the hyper-parameters must be the same as the first run (checked).
     """
     hp = hp or PruneConfig()
-    if hp.target_flops is not None or hp.target_latency is not None:
-        log.warning("target_flops/target_latency are not applied by run_phases yet; pruning by ε/τ only")
     out = Path(out_dir)
     phases = resolve_phases(phases, model) if isinstance(phases, str | os.PathLike) else list(phases)
     runner = _Runner(train_fn, eval_fn, hp, out)
     _check_resume(out, hp, phases, resume, runner)
     original = copy.deepcopy(model)
     runner.original_channels = {r["layer"]: r["filters_before"] for r in layer_table(original)}
+    runner.table = load_table_for(hp, original)
+    runner.budget = _budget_plan(hp, original, phases, runner.table)
     current = model
     t0 = time.perf_counter()
     metric, metrics = runner.evaluate(current)
@@ -358,12 +642,26 @@ def run_phases(
         current, rec, metric = _detection_cut(current, runner, hp.keep_detection_layers, resume)
         summary["records"].append(rec)
     summary["final"] = {**model_stats(current), "metric": metric}
+    if runner.budget is not None:
+        summary["budget"] = _final_budget(runner.budget, current)
     summary["seconds"] = time.perf_counter() - t0
     if runner.main:
-        rows = layer_table(current, original=original)
+        rows = cost_rows(current, original, runner.table)
         atomic_write_json(out / "summary.json", _json_safe({**summary, "layers": rows}))
         atomic_write_text(out / "summary.md", render_summary(summary, rows))
     return current
+
+
+def _final_budget(plan: _BudgetPlan, model: nn.Module) -> dict[str, Any]:
+    cost = plan.cost(model)
+    ratio = cost / plan.original_cost
+    met = ratio <= plan.target + plan.eps
+    msg = (
+        f"{plan.kind} budget {plan.target:.3f} x original {'met' if met else 'NOT met'}: the final model "
+        f"costs {ratio:.3f} x original (eps {plan.eps:.3f})"
+    )
+    (log.info if met else log.warning)(msg)
+    return {**plan.to_dict(), "final_cost": cost, "final_ratio": ratio, "met": met, "message": msg}
 
 
 def _detection_cut(
@@ -390,6 +688,9 @@ def _check_resume(out: Path, hp: PruneConfig, phases: Sequence[Phase], resume: b
     current = {"config": hp.to_dict(), "phases": [p.to_dict() for p in phases]}
     if resume and cfg_path.is_file():
         previous = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if isinstance(previous.get("config"), dict):  # runs from before a setting existed used its default
+            defaults = PruneConfig().to_dict()
+            previous["config"] = {**defaults, **previous["config"]}
         if _json_safe(previous) != _json_safe(current):
             raise ValueError(
                 f"{cfg_path}: the earlier run used other hyper-parameters or phases; "
@@ -418,8 +719,20 @@ def render_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
             f"{pct(r.get('retrained_metric'))} | {r.get('stats', {}).get('params', 0):,} |"
         )
     lines.append("")
+    budget = summary.get("budget")
+    if budget:
+        lines += ["## Budget", "", f"- {budget['message']}"]
+        for r in summary["records"]:
+            if r.get("budget"):
+                b = r["budget"]
+                lines.append(f"- {r['phase']} (target {b['phase_target']:.3f} x original): {b['message']}")
+        lines.append("")
     totals = {"original": summary["original"], "pruned": summary["final"]}
-    return "\n".join(lines) + "\n" + render_markdown(rows, totals, "Filters per layer")
+    from prunekit.prune.cost import render_cost_markdown
+
+    cost_md = render_cost_markdown(list(rows))
+    body = render_markdown(rows, totals, "Filters per layer")
+    return "\n".join(lines) + "\n" + body + ("\n" + cost_md if cost_md else "")
 
 
 def make_train_eval(

@@ -134,12 +134,29 @@ def select_filters(
     per layer (the least sparse ones). ``align > 1`` rounds each kept count with
     :func:`prunekit.prune.align.align_keep`. Returns kept indices (sorted, int64) by layer name.
     """
-    check_taus(tau1, tau2, tau3)
+    return select_filters_grid(model, layers, graph, [(tau1, tau2, tau3)], min_keep, align)[0]
+
+
+def select_filters_grid(
+    model: nn.Module,
+    layers: Sequence[str],
+    graph: DependencyGraph | None,
+    taus: Sequence[tuple[float, float, float]],
+    min_keep: int = 1,
+    align: int = 1,
+) -> list[SelectionResult]:
+    """:func:`select_filters` for every (τ1, τ2, τ3) in ``taus`` (results in the same order).
+
+    The zero-row statistics depend on the model only, so they are computed once for all triples
+    (what the budget search needs: many τ triples per thresholded model).
+    """
+    for t in taus:
+        check_taus(*t)
     if min_keep < 1:
         raise ValueError(f"min_keep must be >= 1, got {min_keep}")
     graph = graph or build_dependency_graph(model)
     weights = _weights(model)
-    result = SelectionResult({})
+    results = [SelectionResult({}) for _ in taus]
     seen: set[str] = set()
     for name in layers:
         try:
@@ -151,30 +168,31 @@ def select_filters(
         seen.add(group.name)
         s_l, s_next = group_statistics(weights, group)
         is_fc = all(isinstance(weights[p], Tensor) and weights[p].dim() == 2 for p in group.producers)
-        remove = fc_rule(s_l, s_next) if is_fc else removal_rule(s_l, s_next, tau1, tau2, tau3)
-        keep_mask = ~remove
-        floor = min(min_keep, group.channels)
-        if int(keep_mask.sum()) < floor:
-            # keep the least sparse filters (own sparsity, then outgoing), so the layer stays alive
-            order = sorted(range(group.channels), key=lambda i: (float(s_l[i]), float(s_next[i]), i))
-            keep_mask = torch.zeros(group.channels, dtype=torch.bool)
-            keep_mask[order[:floor]] = True
-        by_rule = int(keep_mask.sum())
-        if align > 1:
-            from prunekit.prune.align import align_keep
+        for (tau1, tau2, tau3), result in zip(taus, results):
+            remove = fc_rule(s_l, s_next) if is_fc else removal_rule(s_l, s_next, tau1, tau2, tau3)
+            keep_mask = ~remove
+            floor = min(min_keep, group.channels)
+            if int(keep_mask.sum()) < floor:
+                # keep the least sparse filters (own sparsity, then outgoing), so the layer stays alive
+                order = sorted(range(group.channels), key=lambda i: (float(s_l[i]), float(s_next[i]), i))
+                keep_mask = torch.zeros(group.channels, dtype=torch.bool)
+                keep_mask[order[:floor]] = True
+            by_rule = int(keep_mask.sum())
+            if align > 1:
+                from prunekit.prune.align import align_keep
 
-            keep_mask = align_keep(keep_mask, s_l, align)
-        kept = keep_mask.nonzero().flatten().to(torch.long)
-        result.keep[group.name] = kept
-        result.stats[group.name] = {
-            "filters": group.channels,
-            "kept_by_rule": by_rule,
-            "kept": len(kept),
-            "rule": "fc" if is_fc else "tau",
-            "mean_filter_sparsity": float(s_l.mean()),
-            "mean_outgoing_sparsity": float(s_next.mean()),
-        }
-    return result
+                keep_mask = align_keep(keep_mask, s_l, align)
+            kept = keep_mask.nonzero().flatten().to(torch.long)
+            result.keep[group.name] = kept
+            result.stats[group.name] = {
+                "filters": group.channels,
+                "kept_by_rule": by_rule,
+                "kept": len(kept),
+                "rule": "fc" if is_fc else "tau",
+                "mean_filter_sparsity": float(s_l.mean()),
+                "mean_outgoing_sparsity": float(s_next.mean()),
+            }
+    return results
 
 
 def tau_grid(values: Sequence[float] = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)) -> list[tuple[float, float, float]]:

@@ -81,7 +81,7 @@ def compress_and_export(out: Path, config_file: Path | None, resume: bool, force
     With only --out it runs the embedded default: a synthetic VOC-format set and a narrow SSD300
     trained here first.
     """
-    from prunekit.pipeline import PipelineConfig, run_pipeline
+    from prunekit.pipeline import Interrupted, PipelineConfig, run_pipeline
 
     if resume and force:
         raise UserError("--resume and --force contradict each other; pick one")
@@ -93,7 +93,11 @@ def compress_and_export(out: Path, config_file: Path | None, resume: bool, force
         if val is not None:
             values[key] = convert.get(key, lambda v: v)(val)
     cfg = PipelineConfig(**values)
-    manifest = run_pipeline(cfg, out, resume=resume, force=force)
+    try:
+        manifest = run_pipeline(cfg, out, resume=resume, force=force)
+    except Interrupted as e:
+        click.echo(f"Interrupted ({e}); {out}/manifest.json records where. Continue with --resume.", err=True)
+        sys.exit(130)
     _print_summary(out, manifest)
 
 

@@ -92,6 +92,16 @@ def _torchvision_detections(
     return [{k: v.numpy() for k, v in d.items()} for d in dets]
 
 
+# Detection-level matching covers confident detections (score >= this). Below it a trained model has a long
+# tail of near-equal scores (~1e-4 apart) whose NMS survivors flip under FP32 rounding alone; those
+# are still covered elementwise through the raw outputs, and they barely move mAP.
+DET_MIN_SCORE = 0.25
+
+
+def _confident(dets: list[dict[str, Any]], min_score: float) -> list[dict[str, Any]]:
+    return [{k: np.asarray(v)[np.asarray(d["scores"]) >= min_score] for k, v in d.items()} for d in dets]
+
+
 def verify(
     checkpoint: str | os.PathLike,
     onnx_path: str | os.PathLike,
@@ -177,8 +187,13 @@ def verify(
         entry["info"] = info
         if ref_dets is not None:
             dets = postprocess(outs, meta)  # input pixels, like the reference
-            m = match_detections_report(ref_dets, dets, tol.det_iou, tol.det_score_atol)
-            entry["detections"] = m.to_dict()
+            m = match_detections_report(
+                _confident(ref_dets, DET_MIN_SCORE),
+                _confident(dets, DET_MIN_SCORE - tol.det_score_atol),
+                tol.det_iou,
+                tol.det_score_atol,
+            )
+            entry["detections"] = m.to_dict() | {"min_score": DET_MIN_SCORE}
             entry["detections"]["passed"] = m.fraction >= tol.min_det_match
             if m.worst_image is not None:
                 entry["detections"]["worst_image_name"] = names[m.worst_image]

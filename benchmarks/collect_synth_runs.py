@@ -61,7 +61,7 @@ def collect(run: Path) -> dict[str, Any]:
         }
         row["runs"] = [
             {k: r.get(k) for k in ("model", "backend", "precision", "batch_size")}
-            | {k: (r.get("stats") or {}).get(k) for k in ("fps", "p50_ms", "p99_ms")}
+            | {k: round((r.get("timing") or {}).get(k) or 0, 2) for k in ("fps", "p50_ms", "p99_ms")}
             for r in b["runs"]
         ]
         row["accuracy"] = b.get("accuracy")

@@ -5,23 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from prunekit.bench import accuracy as acc
 
 
 def _synth_val(root: Path):
-    synth = pytest.importorskip(
-        "prunekit.data.synth", reason="prunekit.data.synth (helper D) not written yet"
-    )
-    synth.make_synth_voc(root, n_train=1, n_val=6, n_test=1, seed=0, image_size=160)
-    try:
-        from prunekit.data import build_dataset
-    except ImportError:
-        from prunekit.data.voc import VOCDetection
+    from prunekit.data import build_dataset
+    from prunekit.data.synth import make_synth_voc
 
-        return VOCDetection(root, "val")
+    make_synth_voc(root, n_train=1, n_val=6, n_test=1, seed=0, image_size=160)
     return build_dataset(f"synth:{root}", "val")
 
 
@@ -39,12 +32,8 @@ class _Relabelled(torch.utils.data.Dataset):
 
 
 def test_map_through_ort_runner_equals_pytorch(tmp_path: Path):
-    export = pytest.importorskip(
-        "prunekit.export.onnx_export", reason="ONNX export (helper E1) not written yet"
-    )
-    deploy = pytest.importorskip("prunekit.deploy", reason="deploy layer (helper E2) not written yet")
-    if not hasattr(deploy, "get_runner"):
-        pytest.skip("prunekit.deploy.get_runner (helper E2) not written yet")
+    import prunekit.deploy as deploy
+    import prunekit.export.onnx_export as export
     from prunekit.deploy import runtime
     from prunekit.evaluate import evaluate
     from prunekit.models import build_model, default_config

@@ -8,6 +8,7 @@ several CPU processes with gloo). The launcher sets ``RANK``, ``WORLD_SIZE``, ``
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from typing import Any, TypeVar
@@ -41,8 +42,17 @@ def init_distributed(backend: str | None = None) -> bool:
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend, init_method="env://")
+    # Tear the group down before interpreter shutdown: a gloo group left to the C++ destructors can
+    # abort the process ("terminate called without an active exception") after the work is done.
+    atexit.register(_shutdown)
     log.info("process group up: rank %d of %d (%s)", rank(), world_size(), backend)
     return True
+
+
+def _shutdown() -> None:
+    # No barrier here: a rank exiting on an error must not wait for the others.
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

@@ -269,7 +269,7 @@ class Pipeline:
     def stage_train(self) -> tuple[dict[str, Path], dict[str, Any]]:
         """Build (or load) the original model; train it here only when no trained one was given."""
         c = self.cfg
-        train_set, val_set = self._datasets()
+        train_set, _ = self._datasets()
         dst = self.out / "original.pt"
         if Path(c.model).suffix in (".pt", ".pth") or Path(c.model).is_file():
             model = prunekit.load(c.model)
@@ -282,6 +282,7 @@ class Pipeline:
         kw: dict[str, Any] = {"class_names": classes}
         if _is_detector_name(c.model):
             kw["batch_norm"] = c.batch_norm and not c.weights
+        torch.manual_seed(c.seed)  # the initialisation of a model trained here is part of the run's seed
         model = create_model(c.model, n_cls, c.width, **kw)
         if c.weights:
             load_weights(model, c.weights)
@@ -290,8 +291,6 @@ class Pipeline:
             return {"original": dst}, {"trained_here": False}
         from prunekit.train import train
 
-        torch.manual_seed(c.seed)
-        model = create_model(c.model, n_cls, c.width, **kw)
         train(model, train_set, self._train_cfg(c.epochs_train), out_dir=self.out / "train", resume=True)
         if D.is_main_process():
             prunekit.save(model, dst, extra={"trained_epochs": c.epochs_train})

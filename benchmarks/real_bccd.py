@@ -35,7 +35,7 @@ from prunekit.data.transforms import Compose, RandomHorizontalFlip
 from prunekit.evaluate import evaluate
 from prunekit.fileio import atomic_write_json, atomic_write_text
 from prunekit.models import ssd300_vgg16
-from prunekit.prune.method import PruneConfig, run_phases
+from prunekit.prune.method import PruneConfig, phase_rows, run_phases
 from prunekit.prune.report import layer_table, model_stats
 from prunekit.train import TrainConfig, train
 
@@ -230,21 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             stamp(f"final retraining: {args.final_epochs} epochs")
             train(compressed, train_set, tcfg(args.final_epochs, args.prune_lr), progress=False)
         summary = json.loads((out / "phases" / "summary.json").read_text())
-        phases = [
-            {
-                "phase": r["phase"],
-                "lam": r.get("sparsity", {}).get("lam"),
-                "lam_trials": r.get("sparsity", {}).get("trials"),
-                "k": r.get("threshold", {}).get("k"),
-                "val_before": r.get("before"),
-                "val_sparse": r.get("sparsity", {}).get("metric"),
-                "val_thresholded": r.get("threshold", {}).get("metric"),
-                "val_pruned": r.get("pruned_metric"),
-                "val_retrained": r.get("retrained_metric"),
-                "params": r.get("stats", {}).get("params"),
-            }
-            for r in summary["records"]
-        ]
+        phases = phase_rows(summary)
         epochs = args.final_epochs + sum(
             len(r.get("sparsity", {}).get("trials", [])) * args.sparsity_epochs + args.retrain_epochs
             for r in summary["records"]

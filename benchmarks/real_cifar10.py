@@ -48,7 +48,7 @@ from prunekit.fileio import atomic_write_json, atomic_write_text
 from prunekit.models import build_model
 from prunekit.models.vgg import CIFAR_MEAN, CIFAR_STD, vgg16_config
 from prunekit.prune.baselines import prune_baseline
-from prunekit.prune.method import PruneConfig, run_phases
+from prunekit.prune.method import PruneConfig, phase_rows, run_phases
 from prunekit.prune.report import layer_table, model_stats
 from prunekit.train import TrainConfig, train
 
@@ -251,21 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         pruned = run_phases(baseline, "vgg16", train_fn, eval_fn, hp, out / stage, resume=args.resume)
         summary = json.loads((out / stage / "summary.json").read_text())
-        phases = [
-            {
-                "phase": r["phase"],
-                "lam": r.get("sparsity", {}).get("lam"),
-                "lam_trials": r.get("sparsity", {}).get("trials"),
-                "k": r.get("threshold", {}).get("k"),
-                "val_before": r.get("before"),
-                "val_sparse": r.get("sparsity", {}).get("metric"),
-                "val_thresholded": r.get("threshold", {}).get("metric"),
-                "val_pruned": r.get("pruned_metric"),
-                "val_retrained": r.get("retrained_metric"),
-                "params": r.get("stats", {}).get("params"),
-            }
-            for r in summary["records"]
-        ]
+        phases = phase_rows(summary)
         # epochs of a resumed run are not re-counted by train_fn: take them from the records
         epochs = sum(
             len(r.get("sparsity", {}).get("trials", [])) * args.sparsity_epochs + args.retrain_epochs

@@ -699,6 +699,25 @@ def _check_resume(out: Path, hp: PruneConfig, phases: Sequence[Phase], resume: b
     runner.write_json(cfg_path, current)
 
 
+def phase_rows(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per phase of a ``summary.json`` (λ, k and the validation metric after each step)."""
+    return [
+        {
+            "phase": r["phase"],
+            "lam": r.get("sparsity", {}).get("lam"),
+            "lam_trials": r.get("sparsity", {}).get("trials"),
+            "k": r.get("threshold", {}).get("k"),
+            "val_before": r.get("before"),
+            "val_sparse": r.get("sparsity", {}).get("metric"),
+            "val_thresholded": r.get("threshold", {}).get("metric"),
+            "val_pruned": r.get("pruned_metric"),
+            "val_retrained": r.get("retrained_metric"),
+            "params": r.get("stats", {}).get("params"),
+        }
+        for r in summary["records"]
+    ]
+
+
 def render_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
     """Markdown view of ``summary.json``: per-phase metrics after each step, then the layer table."""
     pct = lambda v: "-" if v is None else f"{100 * float(v):.2f}"  # noqa: E731

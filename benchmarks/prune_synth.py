@@ -35,6 +35,7 @@ from prunekit.fileio import atomic_write_json, atomic_write_text
 from prunekit.prune.baselines import prune_baseline
 from prunekit.prune.method import PruneConfig, run_phases
 from prunekit.prune.report import layer_table, model_stats
+from prunekit.prune.trainer import FnTrainer
 from prunekit.train import TrainConfig, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         epochs_sparsity=1, epochs_retrain=1, align=args.align, seed=args.seed,
     )  # fmt: skip
     pruned = run_phases(
-        original, "ssd300", train_fn, search_eval, hp, args.out / "phases", resume=args.resume
+        original, "ssd300", FnTrainer(train_fn, search_eval), hp, args.out / "phases", resume=args.resume
     )
     after_phases = full_eval(pruned)
     final_path = args.out / "multilayer.pt"

@@ -292,7 +292,7 @@ def run_synth(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
         from prunekit.data.synth import make_synth_voc
         from prunekit.evaluate import evaluate, primary_metric
         from prunekit.models import create_model, load, save
-        from prunekit.prune import PruneConfig, run_phases
+        from prunekit.prune import FnTrainer, PruneConfig, run_phases
         from prunekit.train import TrainConfig, train
     except ImportError as e:
         raise SystemExit(f"synth part needs the pruning core, data and training code: {e}") from e
@@ -336,7 +336,7 @@ def run_synth(args: argparse.Namespace, out_dir: Path) -> dict[str, Any]:
             lam_grid=[float(v) for v in args.lam_grid.split(",")],
             **s,
         )
-        pruned = run_phases(copy.deepcopy(base), "ssd300", train_fn, eval_fn, hp, out_dir=work / name)
+        pruned = run_phases(copy.deepcopy(base), "ssd300", FnTrainer(train_fn, eval_fn), hp, out_dir=work / name)
         rows[name] = {"model": pruned.cpu().eval(), "settings": s}
     with tempfile.TemporaryDirectory(prefix="prunekit-speed-") as tmp:
         paths = {}

@@ -36,6 +36,9 @@ from prunekit.models import create_model, get_config, load_weights
 
 log = logging.getLogger(__name__)
 
+# The pipeline's own defaults for the method (the rest are PruneConfig's): short stages for the demo.
+PIPELINE_PRUNE: dict[str, Any] = {"epochs_sparsity": 1, "epochs_retrain": 1}
+
 STAGES = ["data", "train", "eval_original", "prune", "export", "verify", "engines", "bench", "report"]
 
 
@@ -65,25 +68,11 @@ class PipelineConfig:
     train_split: str = "train"
     val_split: str = "val"
     phases: str | None = None  # preset name or YAML/JSON file; default: the model's preset
-    keep_detection_layers: int | None = None
-    # method hyper-parameters (SPEC defaults; eps in points)
-    eps1: float = 1.0
-    eps2: float = 15.0
-    lam_grid: list[float] = field(default_factory=lambda: [2e-3, 1e-2])
-    k_range: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
-    tau1: float = 0.9
-    tau2: float = 0.7
-    tau3: float = 0.9
-    align: int = 8
-    cost_aware: str | None = None  # None | "macs" | "latency"
-    cost_alpha: float = 1.0  # 0 = uniform L1, 1 = fully cost-proportional
-    latency_table: str | None = None  # `prunekit profile` JSON, for cost_aware="latency" / target_latency
-    target_flops: float | None = None
-    target_latency: float | None = None
+    # the pruning method: a ``prune:`` section in YAML, ``--eps1`` etc. on the CLI; every field of
+    # PruneConfig, its defaults except where the demo's short schedule needs its own (PIPELINE_PRUNE)
+    prune: Any = None
     # training budget
     epochs_train: int = 8
-    epochs_sparsity: int = 1
-    epochs_retrain: int = 1
     batch_size: int = 16
     lr: float = 0.05
     max_val_images: int | None = 50
@@ -96,6 +85,13 @@ class PipelineConfig:
     verify_images: int = 16
     device: str = "cpu"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        from prunekit.prune.method import PruneConfig
+
+        if not isinstance(self.prune, PruneConfig):
+            given = dict(self.prune or {})
+            self.prune = PruneConfig.from_dict({**PIPELINE_PRUNE, "seed": self.seed, **given})
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> dict[str, Any]:
@@ -112,6 +108,8 @@ class PipelineConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown option(s) {unknown}")
+        if "prune" in data and not isinstance(data["prune"], dict):
+            raise ValueError(f"{path}: 'prune' must be a mapping of pruning settings")
         return data
 
     def to_yaml(self) -> str:
@@ -302,41 +300,18 @@ class Pipeline:
         return {}, _headline(metrics) | {"params": prunekit.count_params(model)}
 
     def stage_prune(self) -> tuple[dict[str, Path], dict[str, Any]]:
-        from prunekit.prune.method import PruneConfig, run_phases
+        from prunekit.prune.method import run_phases
         from prunekit.prune.phases import resolve_phases
-        from prunekit.train import train
+        from prunekit.prune.trainer import DataTrainer
 
         c = self.cfg
-        train_set, _ = self._datasets()
+        train_set, val_set = self._datasets()
         model = prunekit.load(self.out / "original.pt")
-        if c.keep_detection_layers:
-            from prunekit.prune.surgery import keep_detection_layers
-
-            model = keep_detection_layers(model, c.keep_detection_layers)
         phases = resolve_phases(c.phases or get_config(model).arch, model)
-
-        def train_fn(m: nn.Module, regularizer: Any, epochs: int, tag: str) -> None:
-            train(m, train_set, self._train_cfg(epochs), regularizer=regularizer, progress=False)
-
-        hp = PruneConfig(
-            eps1=c.eps1,
-            eps2=c.eps2,
-            lam_grid=list(c.lam_grid),
-            k_range=list(c.k_range),
-            tau1=c.tau1,
-            tau2=c.tau2,
-            tau3=c.tau3,
-            align=c.align,
-            epochs_sparsity=c.epochs_sparsity,
-            epochs_retrain=c.epochs_retrain,
-            cost_aware=c.cost_aware,
-            cost_alpha=c.cost_alpha,
-            latency_table=c.latency_table,
-            target_flops=c.target_flops,
-            target_latency=c.target_latency,
-            seed=c.seed,
+        trainer = DataTrainer(
+            train_set, val_set, self._train_cfg(1), eval_batch_size=16, max_val_images=c.max_val_images
         )
-        pruned = run_phases(model, phases, train_fn, self._evaluate, hp, self.out / "phases", resume=True)
+        pruned = run_phases(model, phases, trainer, c.prune, self.out / "phases", resume=True)
         dst = self.out / "model.pt"
         metrics = self._evaluate(pruned)
         if D.is_main_process():

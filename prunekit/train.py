@@ -138,7 +138,9 @@ def train(
     """Train ``model`` in place (moved to ``cfg.device``) and return the history.
 
     ``regularizer(model)`` (called on the plain, unwrapped module) is added to the loss every step
-    and logged as ``reg``. Under torchrun the model is wrapped in DistributedDataParallel for the
+    and logged as ``reg``; a :class:`prunekit.prune.sparsity.Sparsity` with ``proximal=True`` is
+    applied as a proximal step after each optimizer step instead, and the parameters it
+    regularises get no weight decay. Under torchrun the model is wrapped in DistributedDataParallel for the
     duration of the call only: the caller keeps and gets back its plain module, so surgery never
     sees a wrapper. Returns ``{"epochs": [per-epoch records], "steps", "time_s", "cpu_time_s", "val"}``
     (times summed over epochs, across resumes; ``val``: the last validation metrics).
@@ -182,8 +184,12 @@ def train(
     net.to(dev)
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
-    params = [p for p in net.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    # The L1 term's own parameters get no weight decay: decay would fight the sparsity it induces.
+    exempt = {id(p) for p in regularizer.parameters(net)} if hasattr(regularizer, "parameters") else set()
+    decay = [p for p in net.parameters() if p.requires_grad and id(p) not in exempt]
+    free = [p for p in net.parameters() if p.requires_grad and id(p) in exempt]
+    groups = [{"params": decay}] + ([{"params": free, "weight_decay": 0.0}] if free else [])
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     history: dict[str, Any] = {"epochs": [], "steps": 0, "time_s": 0.0, "cpu_time_s": 0.0, "val": None}
@@ -332,7 +338,11 @@ def _step(
     loss = sum(loss_dict.values())
     total = loss
     reg = None
-    if regularizer is not None:
+    proximal = bool(getattr(regularizer, "proximal", False))
+    if regularizer is not None and proximal:
+        with torch.no_grad():
+            reg = regularizer(net)  # for the log only: the proximal step below applies it
+    elif regularizer is not None:
         reg = regularizer(net)  # full precision, on the plain module's parameters
         total = loss + reg
     opt.zero_grad(set_to_none=True)
@@ -342,6 +352,8 @@ def _step(
         nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
     scaler.step(opt)
     scaler.update()
+    if proximal:
+        regularizer.prox(net, opt.param_groups[0]["lr"])  # type: ignore[union-attr]
     out = {k: v.detach().float() for k, v in loss_dict.items()}
     out["loss"] = loss.detach().float()
     if reg is not None:

@@ -22,10 +22,7 @@ from prunekit.pipeline import STAGES
 TINY = {
     "width": 0.0625,
     "epochs_train": 2,
-    "epochs_sparsity": 1,
-    "epochs_retrain": 1,
-    "lam_grid": [0.002],
-    "k_range": [0.5, 1.0, 1.5],
+    "prune": {"epochs_sparsity": 1, "epochs_retrain": 1, "shrink_grid": [0.5], "k_range": [0.5, 1.0, 1.5]},
     "batch_size": 8,
     "lr": 0.01,
     "bench_batch": [1],

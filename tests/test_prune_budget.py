@@ -14,6 +14,7 @@ from prunekit.prune.cost import l1_layer_weights
 from prunekit.prune.method import PruneConfig, load_table_for, run_phases
 from prunekit.prune.report import model_stats
 from prunekit.prune.selection import select_filters
+from prunekit.prune.trainer import FnTrainer
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +71,7 @@ def test_macs_budget_is_met_with_the_most_accurate_scored_candidate(tmp_path):
     model = _model()
     toy = _Toy(model)
     hp = _hp(align=1, target_flops=0.5, budget_eps=0.0)
-    out = run_phases(model, "vgg16", toy.train, toy.eval, hp, tmp_path)
+    out = run_phases(model, "vgg16", FnTrainer(toy.train, toy.eval), hp, tmp_path)
     orig, final = model_stats(model), model_stats(out)
     assert final["macs"] <= 0.5 * orig["macs"]
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -87,8 +88,9 @@ def test_macs_budget_is_met_with_the_most_accurate_scored_candidate(tmp_path):
         assert rb["metric"] == max(c["metric"] for c in scored)
         assert rec["pruned_metric"] == rb["metric"]  # the scored model is the one that was kept
         assert rec["threshold"]["search"] == "budget" and len(rec["threshold"]["tau"]) == 3
-    # no extra training: one sparsity and one retraining run per phase
-    assert [t for t, _ in toy.calls] == ["convs/sparsity", "convs/retrain", "fcs/sparsity", "fcs/retrain"]
+    # no extra training: the λ = 0 control, one sparsity and one retraining run per phase
+    assert toy.calls == [(f"{p}/{s}", r) for p in ("convs", "fcs")
+                         for s, r in (("sparsity", False), ("sparsity", True), ("retrain", False))]  # fmt: skip
     md = (tmp_path / "summary.md").read_text()
     assert "## Budget" in md and "met" in md and "MACs share after %" in md
     # the selection recorded in p1 reproduces from the saved thresholded model and its τ
@@ -96,11 +98,11 @@ def test_macs_budget_is_met_with_the_most_accurate_scored_candidate(tmp_path):
     pruned = prunekit.load(tmp_path / "p1" / "pruned.pt")
     tau = summary["records"][0]["threshold"]["tau"]
     layers = summary["records"][0]["prune_layers"]
-    sel = select_filters(th, layers, None, *tau, align=1)
+    sel = select_filters(th, layers, None, *tau, align=1, min_keep_fraction=hp.min_keep_fraction)
     assert sel.counts() == {n: c for n, c in pruned.prunekit_config.channels.items() if n in layers}
     # resume: the budget choice is read back, nothing is trained or searched again
     toy.calls.clear()
-    again = run_phases(model, "vgg16", toy.train, toy.eval, hp, tmp_path, resume=True)
+    again = run_phases(model, "vgg16", FnTrainer(toy.train, toy.eval), hp, tmp_path, resume=True)
     assert toy.calls == [] and again.prunekit_config.channels == out.prunekit_config.channels
 
 
@@ -108,7 +110,7 @@ def test_impossible_budget_is_reported_and_the_run_goes_on(tmp_path, caplog):
     model = _model()
     toy = _Toy(model)
     with caplog.at_level(logging.WARNING, logger="prunekit"):
-        out = run_phases(model, "vgg16", toy.train, toy.eval, _hp(target_flops=0.01), tmp_path)
+        out = run_phases(model, "vgg16", FnTrainer(toy.train, toy.eval), _hp(target_flops=0.01), tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     rec = summary["records"][0]
     assert rec["budget_met"] is False
@@ -130,7 +132,7 @@ def test_no_budget_path_is_the_papers_and_alpha0_is_uniform(tmp_path):
     runs = {}
     for name, kw in {"paper": {}, "alpha0": dict(cost_aware="macs", cost_alpha=0.0)}.items():
         toy = _Toy(model)
-        runs[name] = run_phases(model, "vgg16", toy.train, toy.eval, _hp(align=1, **kw), tmp_path / name)
+        runs[name] = run_phases(model, "vgg16", FnTrainer(toy.train, toy.eval), _hp(align=1, **kw), tmp_path / name)
     a, b = (r.state_dict() for r in runs.values())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     paper = json.loads((tmp_path / "paper" / "summary.json").read_text())
@@ -139,7 +141,7 @@ def test_no_budget_path_is_the_papers_and_alpha0_is_uniform(tmp_path):
     assert paper["records"][0]["sparsity"]["layer_weights"] is None
     assert set(alpha0["records"][0]["sparsity"]["layer_weights"].values()) == {1.0}
     th = paper["records"][0]["threshold"]
-    assert th["k"] == 2.0 and [t["k"] for t in th["trials"]] == [2.0]  # ε2 = 100: the largest k, by scan
+    assert th["k"] == 2.0 and [t["k"] for t in th["trials"]] == [1.0, 2.0]  # ε2 = 100: the largest k (bisection)
     # the per-layer tables carry MACs before/after and shares (JSON and markdown)
     table = json.loads((tmp_path / "paper" / "p1" / "table_pruned.json").read_text())
     row = table["layers"][0]
@@ -196,7 +198,7 @@ def test_latency_budget_with_a_multi_table_file(tmp_path):
     hp = _hp(align=1, target_latency=0.6, latency_table=str(path), latency_batch=2, budget_eps=0.0)
     assert load_table_for(hp, model).batch == 2
     toy = _Toy(model)
-    run_phases(model, "vgg16", toy.train, toy.eval, hp, tmp_path / "run")
+    run_phases(model, "vgg16", FnTrainer(toy.train, toy.eval), hp, tmp_path / "run")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["budget"]["kind"] == "latency" and summary["budget"]["met"]
     assert summary["budget"]["final_ratio"] <= 0.6

@@ -51,7 +51,7 @@ def test_prune_command_end_to_end_on_synthetic_shapes(tmp_path):
     prunekit.save(prunekit.vgg16(len(classes), variant="cifar", width=0.0625), tmp_path / "m.pt")
     out = _run(
         "prune", tmp_path / "m.pt", "--data", f"cifar10:{data}", "--val-split", "test", "--out", tmp_path / "run",
-        "--lam-grid", "1e-4", "--k-range", "0.5,1", "--eps1", "100", "--eps2", "100", "--epochs-sparsity", "1",
+        "--shrink-grid", "1", "--k-range", "0.5,1", "--eps1", "100", "--eps2", "100", "--epochs-sparsity", "1",
         "--epochs-retrain", "1", "--batch-size", "5", "--device", "cpu", "--align", "1",
     )  # fmt: skip
     assert "fewer parameters" in out

@@ -8,7 +8,7 @@ from torch import nn
 
 import prunekit
 from prunekit.prune.graph import build_dependency_graph
-from prunekit.prune.method import PruneConfig, run_phases
+from prunekit.prune.method import PruneConfig
 from prunekit.prune.phases import Phase, load_phases, preset_phases, resolve, resolve_phases
 from prunekit.prune.selection import (
     filter_sparsity,
@@ -242,62 +242,6 @@ def test_user_phase_file_with_ranges_and_overlap(tmp_path):
 
 
 # -- the runner ---------------------------------------------------------------------------------
-
-
-class _Toy:
-    """Train: a few SGD steps on a fixed batch (+ the L1 term); eval: agreement with the start."""
-
-    def __init__(self, model):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.rand(4, 3, 32, 32, generator=g)
-        with torch.no_grad():
-            self.y = model.eval()(self.x).argmax(1)
-        self.calls = []
-
-    def train(self, model, reg, epochs, tag):
-        self.calls.append((tag, epochs, reg is not None))
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        for _ in range(epochs):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(self.x), self.y)
-            if reg is not None:
-                loss = loss + reg(model)
-            loss.backward()
-            opt.step()
-        model.eval()
-
-    def eval(self, model):
-        with torch.no_grad():
-            return float((model.eval()(self.x).argmax(1) == self.y).float().mean())
-
-
-def test_run_phases_end_to_end_and_resume(tmp_path):
-    model = prunekit.vgg16(10, variant="cifar", width=0.125)
-    toy = _Toy(model)
-    hp = PruneConfig(
-        eps1=100, eps2=100, lam_grid=[1e-3], k_range=[0.5, 1.0], epochs_sparsity=2, epochs_retrain=1, align=1
-    )
-    out = run_phases(model, "vgg16", toy.train, toy.eval, hp, tmp_path)
-    assert prunekit.count_params(out) < prunekit.count_params(model)
-    assert toy.calls == [("convs/sparsity", 2, True), ("convs/retrain", 1, False)] + [
-        ("fcs/sparsity", 2, True),
-        ("fcs/retrain", 1, False),
-    ]
-    for step in ("sparse", "thresholded", "pruned", "retrained"):
-        assert (tmp_path / "p1" / f"{step}.pt").is_file() and (tmp_path / "p2" / f"table_{step}.md").is_file()
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["final"]["params"] == prunekit.count_params(out)
-    assert summary["records"][0]["threshold"]["k"] == 1.0  # ε2 = 100 points admits every k
-    assert "| conv1_1 |" in (tmp_path / "summary.md").read_text()
-    table = json.loads((tmp_path / "p1" / "table_pruned.json").read_text())
-    assert table["layers"][0]["filters_before"] == 8
-    # resume: nothing is trained again and the same model comes back
-    toy.calls.clear()
-    again = run_phases(model, "vgg16", toy.train, toy.eval, hp, tmp_path, resume=True)
-    assert toy.calls == [] and prunekit.count_params(again) == prunekit.count_params(out)
-    with pytest.raises(ValueError, match="other hyper-parameters"):
-        run_phases(model, "vgg16", toy.train, toy.eval, PruneConfig(eps1=2), tmp_path, resume=True)
 
 
 def test_search_tau_evaluates_distinct_selections_once():

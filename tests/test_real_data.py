@@ -35,7 +35,7 @@ def _cifar(shared: Path, split: str, per_class: int) -> TensorImageDataset:
 
 def test_vgg16_trains_on_real_cifar_subset(shared_data: Path, tmp_path: Path) -> None:
     sys.path.insert(0, str(BENCHMARKS))
-    from real_cifar10 import make_vgg
+    from common import make_vgg
 
     train_set = _cifar(shared_data, "train", 26)  # 260 images, 26 per class
     test_set = _cifar(shared_data, "test", 13)  # 130 images, every class

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -9,10 +10,7 @@ from typing import Any
 import click
 
 from prunekit.cli.common import UserError, friendly_errors
-
-
-def _floats(s: str | None) -> list[float] | None:
-    return None if s is None else [float(x) for x in s.split(",") if x]
+from prunekit.cli.prune import prune_config_options
 
 
 def _ints(s: str | None) -> list[int] | None:
@@ -44,25 +42,8 @@ def _strs(s: str | None) -> list[str] | None:
     "--skip-bad", is_flag=True, default=None, help="Skip malformed annotations (counted) instead of failing."
 )
 @click.option("--phases", help="Phase preset (ssd300, ssd512, vgg16) or a YAML/JSON file of layer names.")
-@click.option("--keep-detection-layers", type=int, help="Keep the first K SSD feature maps (pruned-Kdet).")
-@click.option("--eps1", type=float, help="Max metric drop after L1 training, points.")
-@click.option("--eps2", type=float, help="Max further drop after thresholding, points.")
-@click.option("--lam-grid", help="Comma-separated λ values for the L1 term.")
-@click.option("--k-range", help="Comma-separated k values (threshold = k * std).")
-@click.option("--tau1", type=float)
-@click.option("--tau2", type=float)
-@click.option("--tau3", type=float)
-@click.option("--align", type=int, help="Round kept filters to a multiple of N (1 = the paper exactly).")
-@click.option(
-    "--cost-aware", type=click.Choice(["macs", "latency"]), help="Weight the L1 term by layer cost."
-)
-@click.option("--cost-alpha", type=float, help="0 = uniform L1 term, 1 = fully cost-proportional.")
-@click.option("--latency-table", help="Per-layer latency JSON from `prunekit profile`.")
-@click.option("--target-flops", type=float, help="MACs budget as a fraction of the original.")
-@click.option("--target-latency", type=float, help="Latency budget as a fraction of the original.")
+@prune_config_options
 @click.option("--epochs-train", type=int)
-@click.option("--epochs-sparsity", type=int)
-@click.option("--epochs-retrain", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float)
 @click.option(
@@ -85,12 +66,15 @@ def compress_and_export(out: Path, config_file: Path | None, resume: bool, force
 
     if resume and force:
         raise UserError("--resume and --force contradict each other; pick one")
+    from prunekit.cli.options import collect
+    from prunekit.prune.method import PruneConfig
+
     values: dict[str, Any] = PipelineConfig.from_yaml(config_file) if config_file else {}
-    convert = {
-        "lam_grid": _floats, "k_range": _floats, "backends": _strs, "precision": _strs, "bench_batch": _ints,
-    }  # fmt: skip
+    values["prune"] = collect(PruneConfig, opts, values.get("prune"))
+    prune_fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    convert = {"backends": _strs, "precision": _strs, "bench_batch": _ints}
     for key, val in opts.items():
-        if val is not None:
+        if val is not None and key not in prune_fields:
             values[key] = convert.get(key, lambda v: v)(val)
     cfg = PipelineConfig(**values)
     try:

@@ -10,6 +10,10 @@ from typing import Any
 import click
 
 from prunekit.cli.common import UserError, friendly_errors
+from prunekit.cli.options import collect, dataclass_options
+from prunekit.prune.method import FIELD_CHOICES, FIELD_HELP, PruneConfig
+
+prune_config_options = dataclass_options(PruneConfig, FIELD_HELP, FIELD_CHOICES, exclude=("seed",))
 
 log = logging.getLogger(__name__)
 
@@ -67,94 +71,7 @@ def _totals_line(stats: dict[str, Any]) -> str:
     help="ssd300 | ssd512 | vgg16 | a YAML/JSON file [default: the model's preset].",
 )
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option(
-    "--eps1", type=float, default=1.0, show_default=True, help="Allowed drop after L1 training (points)."
-)
-@click.option(
-    "--eps2", type=float, default=15.0, show_default=True, help="Allowed drop after thresholding (points)."
-)
-@click.option("--lam-grid", default="1e-4,3e-4,1e-3", show_default=True, help="λ values to try.")
-@click.option(
-    "--k-range", default="0.25,0.5,0.75,1,1.5,2", show_default=True, help="Threshold multiples of std."
-)
-@click.option("--threshold-search", type=click.Choice(["scan", "bisect"]), default="scan", show_default=True)
-@click.option("--tau1", type=float, default=0.9, show_default=True)
-@click.option("--tau2", type=float, default=0.7, show_default=True)
-@click.option("--tau3", type=float, default=0.9, show_default=True)
-@click.option(
-    "--min-keep", type=int, default=1, show_default=True, help="Filters every layer keeps at least."
-)
-@click.option(
-    "--align",
-    type=int,
-    default=8,
-    show_default=True,
-    help="Round kept filters to multiples of N (1 = the paper exactly).",
-)
-@click.option(
-    "--cost-aware", type=click.Choice(["macs", "latency"]), default=None, help="Weight the L1 term by cost."
-)
-@click.option(
-    "--cost-alpha",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="With --cost-aware: 0 = uniform L1 (paper) .. 1 = fully cost-proportional.",
-)
-@click.option(
-    "--cost-per",
-    type=click.Choice(["weight", "layer"]),
-    default="weight",
-    show_default=True,
-    help="With --cost-aware: cost per weight of a layer, or the layer's cost share.",
-)
-@click.option(
-    "--target-flops",
-    type=float,
-    default=None,
-    help="Budget: at most R x the original multiply-adds (0 < R <= 1).",
-)
-@click.option(
-    "--target-latency",
-    type=float,
-    default=None,
-    help="Budget: at most R x the original latency estimated from --latency-table.",
-)
-@click.option(
-    "--budget-eps",
-    type=float,
-    default=0.01,
-    show_default=True,
-    help="Budget tolerance, a fraction of the original cost.",
-)
-@click.option(
-    "--budget-max-evals", type=int, default=8, show_default=True, help="Candidates scored per phase."
-)
-@click.option(
-    "--latency-table",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="`prunekit profile` JSON: for --cost-aware latency, --target-latency and the report.",
-)
-@click.option("--latency-key", default=None, help="Table key in a multi-table --latency-table.")
-@click.option(
-    "--latency-backend",
-    type=click.Choice(["ort-cpu", "torch"]),
-    default="ort-cpu",
-    show_default=True,
-    help="Which table of --latency-table (with the device, precision, batch below).",
-)
-@click.option("--latency-device", default="cpu", show_default=True)
-@click.option("--latency-precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--latency-batch", type=int, default=1, show_default=True)
-@click.option("--epochs-sparsity", type=int, default=10, show_default=True)
-@click.option("--epochs-retrain", type=int, default=10, show_default=True)
-@click.option(
-    "--keep-detection-layers",
-    type=int,
-    default=None,
-    help="pruned-Kdet: keep the first K maps after the phases.",
-)
+@prune_config_options
 @click.option("--device", default="auto", show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--lr", type=float, default=1e-3, show_default=True)
@@ -171,47 +88,19 @@ def prune(
     import prunekit
     from prunekit.models import get_config
     from prunekit.prune.cost import render_cost_markdown
-    from prunekit.prune.method import PruneConfig, cost_rows, load_table_for, make_train_eval, run_phases
+    from prunekit.prune.method import PruneConfig, cost_rows, load_table_for, make_trainer, run_phases
     from prunekit.prune.phases import resolve_phases
     from prunekit.prune.report import model_stats, write_table
 
     model = prunekit.load(model_path)
     phases = resolve_phases(phases_spec or get_config(model).arch, model)
-    hp = PruneConfig(
-        eps1=kw["eps1"],
-        eps2=kw["eps2"],
-        lam_grid=_floats(kw["lam_grid"], "--lam-grid"),
-        k_range=_floats(kw["k_range"], "--k-range"),
-        threshold_search=kw["threshold_search"],
-        tau1=kw["tau1"],
-        tau2=kw["tau2"],
-        tau3=kw["tau3"],
-        min_keep=kw["min_keep"],
-        align=kw["align"],
-        cost_aware=kw["cost_aware"],
-        cost_alpha=kw["cost_alpha"],
-        cost_per=kw["cost_per"],
-        latency_table=kw["latency_table"],
-        latency_key=kw["latency_key"],
-        latency_backend=kw["latency_backend"],
-        latency_device=kw["latency_device"],
-        latency_precision=kw["latency_precision"],
-        latency_batch=kw["latency_batch"],
-        target_flops=kw["target_flops"],
-        target_latency=kw["target_latency"],
-        budget_eps=kw["budget_eps"],
-        budget_max_evals=kw["budget_max_evals"],
-        epochs_sparsity=kw["epochs_sparsity"],
-        epochs_retrain=kw["epochs_retrain"],
-        keep_detection_layers=kw["keep_detection_layers"],
-        seed=kw["seed"],
-    )
+    hp = PruneConfig.from_dict({**collect(PruneConfig, kw), "seed": kw["seed"]})
     train_set, val_set = _datasets(data, split, val_split)
     tcfg = _train_config(
         kw["device"], kw["batch_size"], kw["lr"], kw["weight_decay"], kw["warmup_iters"], kw["seed"]
     )
-    train_fn, eval_fn = make_train_eval(train_set, val_set, tcfg, max_val_images=kw["max_val_images"])
-    pruned = run_phases(model, phases, train_fn, eval_fn, hp, out_dir / "phases", resume=kw["resume"])
+    trainer = make_trainer(train_set, val_set, tcfg, max_val_images=kw["max_val_images"])
+    pruned = run_phases(model, phases, trainer, hp, out_dir / "phases", resume=kw["resume"])
     summary = json.loads((out_dir / "phases" / "summary.json").read_text(encoding="utf-8"))
     original_channels = {r["layer"]: r["filters_before"] for r in summary["layers"]}
     prunekit.save(

@@ -10,9 +10,12 @@ from prunekit.prune.method import PruneConfig, run_phases
 from prunekit.prune.phases import Phase, resolve_phases
 from prunekit.prune.report import layer_table, model_stats
 from prunekit.prune.surgery import keep_detection_layers, prune_channels
+from prunekit.prune.trainer import DataTrainer, FnTrainer, Trainer
 
 __all__ = [
+    "DataTrainer",
     "DependencyGraph",
+    "FnTrainer",
     "Phase",
     "PruneConfig",
     "build_dependency_graph",
@@ -22,4 +25,5 @@ __all__ = [
     "prune_channels",
     "resolve_phases",
     "run_phases",
+    "Trainer",
 ]

@@ -3,52 +3,45 @@
 * ``l1``: Li et al. (ICLR'17), "Pruning Filters for Efficient ConvNets": in every pruned layer keep
   the filters with the largest ``||W_l[i]||_1``.
 * ``random``: the paper's RRF-x: remove a fraction x of the filters of every pruned layer at random.
+* ``bnscale``: network slimming's |gamma| ranking.
 
-Both remove the same fraction from every layer; :func:`prune_baseline` searches that fraction so
-the pruned model has (at most, and as close as possible to) a target parameter count, which is how
-they are compared with the multi-layer method at equal size.
+All remove the same fraction from every layer; :func:`prune_baseline` searches that fraction so the
+pruned model has (at most, and as close as possible to) a target parameter count, which is how they
+are compared with the multi-layer method at equal size. The scoring lives in
+:mod:`prunekit.prune.selectors`; this module is the user-facing entry point.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from prunekit.prune.graph import DependencyGraph, build_dependency_graph
+from prunekit.prune.selectors import BNScale, L1Norm, Random, RankSelector, match_budget, n_keep
 from prunekit.prune.surgery import predict_params, prune_channels
 
 log = logging.getLogger(__name__)
-METHODS = ("l1", "random")
+METHODS = ("l1", "random", "bnscale")
+
+__all__ = ["METHODS", "baseline_keep", "make_selector", "n_keep", "prune_baseline", "ratio_for_params"]
 
 
-def _layers(graph: DependencyGraph, layers: Sequence[str] | None) -> list[str]:
-    if layers is None:
-        return [g.name for g in graph.prunable()]
-    out = []
-    for name in layers:
-        g = graph.group(name)
-        if not g.prunable:
-            raise ValueError(f"layer {name!r} cannot be pruned: {g.reason}")
-        if g.name not in out:
-            out.append(g.name)
-    return out
-
-
-def n_keep(channels: int, ratio: float) -> int:
-    """Filters kept when removing ``ratio`` of ``channels`` (rounded to nearest, at least 1)."""
-    return max(1, min(channels, int(math.floor(channels * (1.0 - ratio) + 0.5))))
+def make_selector(method: str, ratio: float = 0.0, seed: int = 0) -> RankSelector:
+    if method == "l1":
+        return L1Norm(ratio)
+    if method == "random":
+        return Random(ratio, seed=seed)
+    if method == "bnscale":
+        return BNScale(ratio)
+    raise ValueError(f"unknown baseline {method!r}; expected one of {METHODS}")
 
 
 def filter_l1_norms(model: nn.Module, graph: DependencyGraph, name: str) -> Tensor:
     """``||W_l[i]||_1`` per output channel, summed over tied producers."""
-    mods = dict(model.named_modules())
-    group = graph.group(name)
-    return sum(mods[p].weight.detach().abs().flatten(1).sum(1).cpu() for p in group.producers)
+    return L1Norm().scores(model, graph.group(name), graph)
 
 
 def baseline_keep(
@@ -60,23 +53,9 @@ def baseline_keep(
     seed: int = 0,
 ) -> dict[str, Tensor]:
     """Kept indices per layer after removing ``ratio`` of each layer's filters by ``method``."""
-    if method not in METHODS:
-        raise ValueError(f"unknown baseline {method!r}; expected one of {METHODS}")
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"removal ratio must be in [0, 1), got {ratio}")
+    sel = make_selector(method, ratio, seed)  # validates the method before any tracing
     graph = graph or build_dependency_graph(model)
-    gen = torch.Generator().manual_seed(seed)
-    keep = {}
-    for name in _layers(graph, layers):
-        c = graph.group(name).channels
-        k = n_keep(c, ratio)
-        if method == "l1":
-            norms = filter_l1_norms(model, graph, name)
-            idx = torch.argsort(norms, descending=True, stable=True)[:k]
-        else:
-            idx = torch.randperm(c, generator=gen)[:k]
-        keep[name] = torch.sort(idx).values
-    return keep
+    return sel.select(model, layers, graph).keep
 
 
 def ratio_for_params(
@@ -91,27 +70,8 @@ def ratio_for_params(
     Raises ``ValueError`` when even keeping one filter per layer exceeds the target.
     """
     graph = graph or build_dependency_graph(model)
-    names = _layers(graph, layers)
-
-    def count(r: float) -> int:
-        return predict_params(model, {n: range(n_keep(graph.group(n).channels, r)) for n in names}, graph)
-
-    if count(0.0) <= target_params:
-        return 0.0
-    hi = 1.0 - 1e-9
-    if count(hi) > target_params:
-        raise ValueError(
-            f"cannot reach {target_params:,} parameters by uniform filter removal "
-            f"(minimum {count(hi):,} with one filter per pruned layer)"
-        )
-    lo = 0.0
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if count(mid) <= target_params:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+    count = lambda keep: predict_params(model, keep, graph)  # noqa: E731
+    return match_budget(model, lambda r: Random(r), count, target_params, graph, layers, iters)[1]
 
 
 def prune_baseline(
@@ -128,6 +88,7 @@ def prune_baseline(
     """
     if (ratio is None) == (target_params is None):
         raise ValueError("give exactly one of ratio or target_params")
+    make_selector(method)
     graph = build_dependency_graph(model)
     if target_params is not None:
         ratio = ratio_for_params(model, int(target_params), layers, graph)

@@ -234,12 +234,16 @@ def selection_candidates(
     taus: Sequence[tuple[float, float, float]],
     min_keep: int = 1,
     align: int = 1,
+    min_keep_fraction: float = 0.0,
+    fold_bn: bool = False,
+    make_threshold: Callable[[float], nn.Module] | None = None,
 ) -> tuple[list[SelectionCandidate], float]:
     """Every distinct selection over ``k_range`` x ``taus`` on Θ_L1 (``sparse``); and the std.
 
-    The threshold is the paper's global ``k * std`` over ``l1_layers``; selection is the τ rule
-    (then ``min_keep`` and ``align``) on ``prune_layers``. Many settings select the same filters,
-    so candidates are deduplicated: each is priced and evaluated once.
+    The threshold is ``make_threshold(k)`` (default: the paper's global ``k * std`` over
+    ``l1_layers``); selection is the τ rule (then the floors and ``align``) on ``prune_layers``,
+    on BN-folded statistics with ``fold_bn``. Many settings select the same filters, so candidates
+    are deduplicated: each is priced and evaluated once.
     """
     from prunekit.prune.selection import select_filters_grid
     from prunekit.prune.threshold import apply_threshold, global_std
@@ -251,8 +255,11 @@ def selection_candidates(
     found: dict[tuple, SelectionCandidate] = {}
     grid = [(float(t[0]), float(t[1]), float(t[2])) for t in taus]
     for k in ks:
-        thresholded = apply_threshold(sparse, l1_layers, k * std)
-        sels = select_filters_grid(thresholded, prune_layers, graph, grid, min_keep=min_keep, align=align)
+        thresholded = make_threshold(k) if make_threshold else apply_threshold(sparse, l1_layers, k * std)
+        sels = select_filters_grid(
+            thresholded, prune_layers, graph, grid, min_keep=min_keep, align=align,
+            min_keep_fraction=min_keep_fraction, fold_bn=fold_bn,
+        )  # fmt: skip
         for t3, sel in zip(grid, sels):
             key = tuple((n, tuple(v.tolist())) for n, v in sorted(sel.keep.items()))
             if key not in found:

@@ -51,6 +51,7 @@ PASSTHROUGH_MODULES = (
     nn.Dropout,
     nn.Dropout2d,
     nn.Identity,
+    nn.Upsample,
 )
 PASSTHROUGH_FUNCTIONS = {
     F.relu,

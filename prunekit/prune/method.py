@@ -1,9 +1,14 @@
 """The phase runner: the paper's multi-layer pruning (section 3), one phase after another.
 
-For each phase: (1) sparsity induction with L1 on the phase's layers, λ from a grid within ε1;
-(2) one global threshold k * std, the largest k within ε2 of Θ_L1; (3) filter selection by
-zero-row statistics of Θ_L1^th (τ1, τ2, τ3); (4) surgery from Θ_L1 into a dense, smaller model;
-(5) retraining without L1. Every step leaves a checkpoint ``<out>/pN/{sparse,thresholded,pruned,
+For each phase: (1) sparsity induction with L1 on the phase's layers (by default a proximal L1 on
+the BN scales of conv+BN layers and on the weights elsewhere), λ from a grid within ε1 of a λ = 0
+control; (2) one global threshold k, the largest k within ε2 of Θ_L1 (BN recalibrated before it is
+scored); (3) filter selection by zero-row statistics of Θ_L1^th (τ1, τ2, τ3) on BN-folded weights,
+never below ``min_keep_fraction`` of a layer; (4) surgery from Θ_L1 into a dense, smaller model,
+the removed channels' constant outputs folded into their consumers' biases, checked against
+``eps_pruned`` (a smaller k is tried while it is out of tolerance); (5) retraining without L1.
+``sparsity_target="weights"``, ``proximal=False``, ``threshold_scale="raw"``, ``fold_stats=False``,
+``min_keep_fraction=0`` and ``align=1`` give the paper's steps exactly. Every step leaves a checkpoint ``<out>/pN/{sparse,thresholded,pruned,
 retrained}.pt`` and a per-layer table ``<out>/pN/table_<step>.{json,md}``; ``resume=True`` picks up
 after the last completed step. ``<out>/summary.{json,md}`` holds the whole run.
 
@@ -23,17 +28,15 @@ cannot reach its target within ``budget_eps`` goes on with its cheapest candidat
 and records ``budget_met: false`` with the ratio it reached; ``summary.json`` says whether the
 final model meets the budget. Without a budget the paper's method runs unchanged.
 
-Training and evaluation are callables so that the runner knows no data: ``train_fn(model,
-regularizer)`` or ``train_fn(model, regularizer, epochs, tag)`` trains in place (``regularizer`` is
-None for retraining); ``eval_fn(model)`` returns the validation metric in [0, 1] or a metrics dict
-(reduced with :func:`prunekit.evaluate.primary_metric`).
+Training, evaluation and BN recalibration go through one :class:`prunekit.prune.trainer.Trainer`
+built by the caller, so the runner knows no data; its ``evaluate`` returns the validation metric in
+[0, 1] or a metrics dict (reduced with :func:`prunekit.evaluate.primary_metric`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import json
 import logging
 import os
@@ -50,10 +53,25 @@ from prunekit.fileio import atomic_write_json, atomic_write_text
 from prunekit.prune.graph import DependencyGraph, build_dependency_graph
 from prunekit.prune.phases import Phase, ResolvedPhase, resolve, resolve_phases
 from prunekit.prune.report import layer_table, model_stats, render_markdown
-from prunekit.prune.selection import TAU1, TAU2, TAU3, check_taus, select_filters, tau_grid
-from prunekit.prune.sparsity import induce_sparsity, weight_sparsity
+from prunekit.prune.selection import (
+    MIN_KEEP_FRACTION,
+    TAU1,
+    TAU2,
+    TAU3,
+    check_taus,
+    select_filters,
+    tau_grid,
+)
+from prunekit.prune.sparsity import POINT, Sparsity, induce_sparsity, sparsity_targets, weight_sparsity
 from prunekit.prune.surgery import keep_detection_layers, prune_channels
-from prunekit.prune.threshold import search_threshold
+from prunekit.prune.threshold import (
+    DEFAULT_K_RANGE,
+    apply_threshold,
+    global_std,
+    search_threshold,
+    threshold_model,
+)
+from prunekit.prune.trainer import Trainer, standard_error
 
 if TYPE_CHECKING:
     from prunekit.models.config import ArchConfig
@@ -69,13 +87,29 @@ class PruneConfig:
 
     eps1: float = 1.0
     eps2: float = 15.0
-    lam_grid: list[float] = field(default_factory=lambda: [1e-4, 3e-4, 1e-3])
-    k_range: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0])
-    threshold_search: str = "scan"  # "scan" | "bisect"
+    # The sparsity term. ``shrink_grid``: total L1 shrink of a sparsity stage, λ Σ_steps lr, in
+    # units of each parameter's own mean |value| (``l1_normalise``); λ = shrink / Σ lr, so the grid
+    # means the same on any data size and schedule. ``lam_grid`` (absolute λ) overrides it.
+    shrink_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
+    lam_grid: list[float] | None = None
+    sparsity_target: str = "bn"  # "bn": BN scale where a BN follows, else weights | "weights": the paper
+    proximal: bool = True  # soft-threshold after each step (exact zeros) | False: subgradient in the loss
+    l1_normalise: bool = True
+    eps1_reference: str = "control"  # "control": λ = 0 fine-tune of the same length | "before"
+    strict: bool = False  # no admissible λ / pruned model out of tolerance: error instead of warning
+    # The threshold and the statistics.
+    k_range: list[float] = field(default_factory=lambda: list(DEFAULT_K_RANGE))
+    threshold_search: str = "bisect"  # "scan" | "bisect"
+    threshold_scale: str = "layer"  # "layer": k in each layer's std | "global": pooled std | "raw": the paper
+    fold_stats: bool = True  # zero-row statistics and thresholds on BN-folded weights
+    recalibrate_bn: bool = True  # BN statistics re-estimated before a cut model is scored
     tau1: float = TAU1
     tau2: float = TAU2
     tau3: float = TAU3
     min_keep: int = 1
+    min_keep_fraction: float = MIN_KEEP_FRACTION  # a layer keeps at least this share of its filters
+    fold_bias: bool = True  # constant outputs of removed channels folded into the consumers' biases
+    eps_pruned: float = 5.0  # pruned (before retraining) may lose at most this many points vs Θ_L1
     align: int = 8  # round kept counts to multiples of this (1 = the paper exactly)
     epochs_sparsity: int = 10
     epochs_retrain: int = 10
@@ -94,7 +128,8 @@ class PruneConfig:
     budget_eps: float = 0.01  # tolerance of a budget, as a fraction of the original cost
     budget_taus: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])  # τ grid values
     budget_max_evals: int | None = 8  # evaluations per phase in the budget search
-    keep_detection_layers: int | None = None  # pruned-Kdet after the phases (then retrained)
+    keep_detection_layers: int | None = None  # pruned-Kdet: cut before the phases, which retrain it
+    fold_bn: bool = False  # fold BatchNorm into the convs first: the paper's BN-free setting
     stop_early: bool = True  # λ search stops at the first inadmissible λ
     seed: int = 0
 
@@ -102,8 +137,18 @@ class PruneConfig:
         check_taus(self.tau1, self.tau2, self.tau3)
         if self.eps1 < 0 or self.eps2 < 0:
             raise ValueError(f"eps1/eps2 must be >= 0 points, got {self.eps1}, {self.eps2}")
-        if not self.lam_grid or not self.k_range:
-            raise ValueError("lam_grid and k_range must not be empty")
+        if (self.lam_grid is not None and not self.lam_grid) or not self.shrink_grid or not self.k_range:
+            raise ValueError("lam_grid / shrink_grid and k_range must not be empty")
+        if self.sparsity_target not in ("bn", "weights"):
+            raise ValueError(f"sparsity_target must be 'bn' or 'weights', got {self.sparsity_target!r}")
+        if self.eps1_reference not in ("control", "before"):
+            raise ValueError(f"eps1_reference must be 'control' or 'before', got {self.eps1_reference!r}")
+        if self.threshold_scale not in ("layer", "global", "raw"):
+            raise ValueError(f"threshold_scale must be 'layer', 'global' or 'raw', got {self.threshold_scale!r}")
+        if not 0.0 <= self.min_keep_fraction <= 1.0:
+            raise ValueError(f"min_keep_fraction must be in [0, 1], got {self.min_keep_fraction}")
+        if self.eps_pruned < 0:
+            raise ValueError(f"eps_pruned must be >= 0 points, got {self.eps_pruned}")
         if self.align < 1 or self.min_keep < 1:
             raise ValueError(f"align and min_keep must be >= 1, got {self.align}, {self.min_keep}")
         if self.cost_aware not in (None, "macs", "latency"):
@@ -152,52 +197,111 @@ class PruneConfig:
         return cls(**dict(d))
 
 
+# Help text of every field (the CLI options are generated from the dataclass and this).
+FIELD_HELP: dict[str, str] = {
+    "eps1": "Allowed drop after sparsity induction, points (against the λ = 0 control by default).",
+    "eps2": "Allowed drop of the thresholded model below Θ_L1, points (it only guides selection).",
+    "shrink_grid": "Total L1 shrink per sparsity stage, in units of each parameter's scale (λ = shrink / Σ lr).",
+    "lam_grid": "Absolute λ values (override --shrink-grid; the paper's units).",
+    "sparsity_target": "bn: L1 on BN scales where a BN follows a layer, weights elsewhere; weights: the paper.",
+    "proximal": "Apply the L1 as a proximal step (exact zeros) instead of a loss subgradient.",
+    "l1_normalise": "Scale λ by each parameter's mean |value| (one λ for BN scales and FC weights).",
+    "eps1_reference": "control: ε1 against a λ = 0 fine-tune of the same length; before: the pre-phase model.",
+    "strict": "No admissible λ or a pruned model out of tolerance is an error, not a warning.",
+    "k_range": "Threshold multiples k to search (geometric by default).",
+    "threshold_search": "scan (exact) or bisect (assumes the metric falls with k).",
+    "threshold_scale": "layer: k in each layer's std of folded weights; global: pooled; raw: the paper.",
+    "fold_stats": "Zero-row statistics and thresholds on BN-folded weights.",
+    "recalibrate_bn": "Re-estimate BN statistics on training images before a cut model is scored.",
+    "tau1": "Remove filter i if s(W_l[i]) > τ1.",
+    "tau2": "... or if s(W_l[i]) > τ2 and s(W_l+1[:, i]) > τ3.",
+    "tau3": "See --tau2.",
+    "min_keep": "Filters every layer keeps at least.",
+    "min_keep_fraction": "Share of its filters every layer keeps at least.",
+    "fold_bias": "Fold removed channels' constant outputs (bias, BN beta) into the consumers' biases.",
+    "eps_pruned": "Allowed drop of the pruned model (before retraining) below Θ_L1, points; else smaller k.",
+    "align": "Round kept filters to multiples of N (1 = the paper exactly).",
+    "epochs_sparsity": "Epochs of each sparsity-induction run.",
+    "epochs_retrain": "Epochs of retraining after each phase's surgery.",
+    "layer_weights": "Per-layer L1 multipliers, name=w,... (cost-aware by hand).",
+    "cost_aware": "Weight the L1 term by layer cost: macs or latency.",
+    "cost_alpha": "0 = uniform L1 (paper) .. 1 = fully cost-proportional.",
+    "cost_per": "Cost per weight of a layer, or the layer's cost share.",
+    "latency_table": "`prunekit profile` JSON: for latency costs, --target-latency and the report.",
+    "latency_key": "Table key in a multi-table --latency-table.",
+    "latency_backend": "Which table of --latency-table (with device, precision, batch).",
+    "latency_device": "Device of the latency table.",
+    "latency_precision": "Precision of the latency table.",
+    "latency_batch": "Batch size of the latency table.",
+    "target_flops": "Budget: at most R x the original multiply-adds (0 < R <= 1).",
+    "target_latency": "Budget: at most R x the original latency estimated from --latency-table.",
+    "budget_eps": "Budget tolerance, a fraction of the original cost.",
+    "budget_taus": "τ values the budget search combines.",
+    "budget_max_evals": "Candidates scored per phase in the budget search.",
+    "keep_detection_layers": "pruned-Kdet: keep only the first K SSD feature maps, before the phases.",
+    "stop_early": "Stop the λ search at the first inadmissible λ.",
+    "fold_bn": "Fold BatchNorm into the convs before phase 1 (the paper's BN-free setting; the L1 then goes on the weights).",
+    "seed": "Seed of every training stage.",
+}
+FIELD_CHOICES: dict[str, tuple[str, ...]] = {
+    "sparsity_target": ("bn", "weights"),
+    "eps1_reference": ("control", "before"),
+    "threshold_search": ("scan", "bisect"),
+    "threshold_scale": ("layer", "global", "raw"),
+    "cost_aware": ("macs", "latency"),
+    "cost_per": ("weight", "layer"),
+    "latency_backend": ("ort-cpu", "torch"),
+    "latency_precision": ("fp32", "fp16"),
+}
+
+
 TrainFn = Callable[..., Any]
 EvalFn = Callable[[nn.Module], Any]
 
 
-def _takes_epochs(fn: Callable[..., Any]) -> bool:
-    try:
-        params = list(inspect.signature(fn).parameters.values())
-    except (TypeError, ValueError):
-        return False
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return True
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    return len(positional) >= 4
+class PhaseToleranceError(RuntimeError):
+    """Raised under ``strict`` when a phase's pruned model loses more than ``eps_pruned``."""
 
 
 class _Runner:
-    """State of one run (callables adapted, metrics cached, files written on rank 0 only)."""
+    """State of one run (the trainer, metrics cached, files written on rank 0 only)."""
 
-    def __init__(self, train_fn: TrainFn, eval_fn: EvalFn, hp: PruneConfig, out: Path):
-        self.train_fn, self.eval_fn, self.hp, self.out = train_fn, eval_fn, hp, out
-        self.four_args = _takes_epochs(train_fn)
+    def __init__(self, trainer: Trainer, hp: PruneConfig, out: Path):
+        self.trainer, self.hp, self.out = trainer, hp, out
         self.main = _is_main_process()
         self.original_channels: dict[str, int] = {}
         self.table: LatencyTable | None = None
         self.budget: _BudgetPlan | None = None
+        self.val_items: int | None = None
 
-    def train(self, model: nn.Module, regularizer: Any, stage: str, tag: str) -> None:
+    def train(self, model: nn.Module, sparsity: Any, stage: str, tag: str) -> None:
         epochs = self.hp.epochs_sparsity if stage == "sparsity" else self.hp.epochs_retrain
         torch.manual_seed(self.hp.seed)
         t0 = time.perf_counter()
-        if self.four_args:
-            self.train_fn(model, regularizer, epochs, tag)
-        else:
-            self.train_fn(model, regularizer)
+        self.trainer.train(model, epochs, sparsity, tag)
         log.info("%s: trained %s in %.1f s", tag, stage, time.perf_counter() - t0)
 
     def evaluate(self, model: nn.Module) -> tuple[float, dict[str, Any] | None]:
-        res = self.eval_fn(model)
+        res = self.trainer.evaluate(model)
         if isinstance(res, Mapping):
             from prunekit.evaluate import primary_metric
 
+            n = res.get("num_images")
+            if isinstance(n, int):
+                self.val_items = n
             return float(primary_metric(dict(res))), _json_safe(res)
         return float(res), None
 
     def metric(self, model: nn.Module) -> float:
         return self.evaluate(model)[0]
+
+    def recalibrated_metric(self, model: nn.Module) -> float:
+        if self.hp.recalibrate_bn:
+            self.trainer.recalibrate(model)
+        return self.metric(model)
+
+    def se(self, metric: float) -> float | None:
+        return standard_error(metric, self.val_items)
 
     def save(self, model: nn.Module, path: Path, extra: dict[str, Any]) -> None:
         if self.main:
@@ -367,18 +471,20 @@ def _budget_search(
     index: int,
     phase_name: str,
     sparse_metric: float,
+    make_threshold: Callable[[float], nn.Module],
+    fold: bool,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Steps 2 + 3 under a budget (module docstring): the chosen Θ_L1^th and its record."""
     from prunekit.prune.budget import SelectionCandidate, search_budget, selection_candidates
-    from prunekit.prune.threshold import apply_threshold
 
     hp, plan = runner.hp, runner.budget
     assert plan is not None
     own = (hp.tau1, hp.tau2, hp.tau3)
     taus = [own] + [t for t in tau_grid(hp.budget_taus) if t != own]
     cands, std = selection_candidates(
-        sparse, rp.l1_layers, rp.prune_layers, graph, hp.k_range, taus, hp.min_keep, hp.align
-    )
+        sparse, rp.l1_layers, rp.prune_layers, graph, hp.k_range, taus, hp.min_keep, hp.align,
+        hp.min_keep_fraction, fold, make_threshold,
+    )  # fmt: skip
     prices: dict[tuple, float] = {}
 
     def cost_fn(c: SelectionCandidate) -> float:
@@ -388,7 +494,7 @@ def _budget_search(
         return prices[key]
 
     def eval_fn(c: SelectionCandidate) -> float:
-        return runner.metric(prune_channels(sparse, c.keep, graph))
+        return runner.recalibrated_metric(prune_channels(sparse, c.keep, graph, fold_bias=hp.fold_bias))
 
     target = plan.targets[index]
     res = search_budget(
@@ -411,7 +517,7 @@ def _budget_search(
             "phase %s: %s; continuing with the cheapest candidate (%.3f x original, phase target %.3f)",
             phase_name, res.message, res.ratio, target,
         )  # fmt: skip
-    thresholded = apply_threshold(sparse, rp.l1_layers, chosen.k * std)
+    thresholded = make_threshold(chosen.k)
     th = {
         "k": chosen.k,
         "t": chosen.k * std,
@@ -462,6 +568,18 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _stat_layers(rp: ResolvedPhase, graph: DependencyGraph) -> list[str]:
+    """The phase's L1 set plus every consumer of its pruned layers outside it (conv5_3's fc6):
+    thresholded too, so that the outgoing statistic s(W_{l+1}[:, i]) of the last layer exists."""
+    out = list(rp.l1_layers)
+    for name in rp.prune_layers:
+        for c in graph.group(name).consumers:
+            cname = graph.name_of(c.target)
+            if cname not in out:
+                out.append(cname)
+    return out
+
+
 def run_phase(
     model: nn.Module,
     phase: Phase,
@@ -483,6 +601,7 @@ def run_phase(
         record["skipped"] = True
         return model, record, before_metric
     device = _device_of(model)
+    stat_layers = _stat_layers(rp, graph)
 
     def table(step: str, m: nn.Module, metric: float, extra: dict[str, Any] | None = None) -> None:
         if not runner.main:
@@ -510,15 +629,23 @@ def run_phase(
         log.info("phase %s: resumed %s", phase.name, path)
     else:
         weights = _layer_weights(model, rp, hp, runner.table)
+        targets = sparsity_targets(model, rp.l1_layers, hp.sparsity_target, weights, hp.l1_normalise, graph)
+        lr_sum = float(runner.trainer.lr_sum(hp.epochs_sparsity))
+        lams = list(hp.lam_grid) if hp.lam_grid else [x / max(lr_sum, 1e-12) for x in hp.shrink_grid]
 
         def train_sparse(m: nn.Module, reg: Any) -> None:
             runner.train(m, reg, "sparsity", f"{phase.name}/sparsity")
 
         res = induce_sparsity(
-            model, rp.l1_layers, hp.lam_grid, train_sparse, runner.metric, hp.eps1, before_metric, weights,
-            stop_early=hp.stop_early,
+            model, rp.l1_layers, lams, train_sparse, runner.metric, hp.eps1, before_metric, weights,
+            stop_early=hp.stop_early, make_regularizer=lambda m, lam: Sparsity(lam, targets, hp.proximal),
+            reference=hp.eps1_reference, strict=hp.strict, se=runner.se(before_metric), name=phase.name,
         )  # fmt: skip
-        sparse, sp = res.model, {**res.to_dict(), "layer_weights": weights}
+        for t in res.trials:
+            t["shrink"] = t["lam"] * lr_sum
+        sparse = res.model
+        sp = {**res.to_dict(), "layer_weights": weights, "lr_sum": lr_sum, "target": hp.sparsity_target,
+              "regularised": len(targets), "se": runner.se(res.metric)}  # fmt: skip
         runner.save(
             sparse, path, {"step": "sparse", "phase": phase.name, "sparsity": sp, "metric": res.metric}
         )
@@ -527,16 +654,28 @@ def run_phase(
 
     # 2. global threshold (with a budget: threshold and selection searched together)
     path = pdir / "thresholded.pt"
+    scale = None if hp.threshold_scale == "raw" else hp.threshold_scale
+    fold = hp.fold_stats and scale is not None
+    recal = runner.trainer.recalibrate if hp.recalibrate_bn else None
+
+    def make_threshold(k: float) -> nn.Module:
+        if scale is None:
+            return apply_threshold(sparse, stat_layers, k * global_std(sparse, stat_layers))
+        return threshold_model(sparse, stat_layers, k, graph, scale, fold)
+
     if resume and path.is_file():
         thresholded, extra = _load(path)
         th = extra["threshold"]
     else:
         if runner.budget is not None:
-            thresholded, th = _budget_search(sparse, rp, graph, runner, index, phase.name, sp["metric"])
+            thresholded, th = _budget_search(
+                sparse, rp, graph, runner, index, phase.name, sp["metric"], make_threshold, fold
+            )
         else:
             tres = search_threshold(
-                sparse, rp.l1_layers, hp.k_range, runner.metric, hp.eps2, sp["metric"], hp.threshold_search
-            )
+                sparse, stat_layers, hp.k_range, runner.metric, hp.eps2, sp["metric"], hp.threshold_search,
+                graph=graph, scale=scale, fold_bn=fold, recalibrate=recal,
+            )  # fmt: skip
             thresholded, th = tres.model, tres.to_dict()
         runner.save(thresholded, path, {"step": "thresholded", "phase": phase.name, "threshold": th})
         table(
@@ -550,33 +689,61 @@ def run_phase(
         record["budget"] = th["budget"]
         record["budget_met"] = bool(th["budget"]["met"])
 
-    # 3 + 4. selection on Θ_L1^th, surgery on Θ_L1
+    # 3 + 4. selection on Θ_L1^th, surgery on Θ_L1 (backing off to smaller k while out of tolerance)
     path = pdir / "pruned.pt"
     if resume and path.is_file():
         pruned, extra = _load(path)
         pruned = pruned.to(device)
         sel, pruned_metric = extra["selection"], extra["metric"]
+        record["selection_k"] = extra.get("selection_k", th.get("k"))
     else:
         tau1, tau2, tau3 = th.get("tau") or (hp.tau1, hp.tau2, hp.tau3)
-        result = select_filters(
-            thresholded,
-            rp.prune_layers,
-            graph,
-            tau1,
-            tau2,
-            tau3,
-            min_keep=hp.min_keep,
-            align=hp.align,
-        )
-        pruned = prune_channels(sparse, result.keep, graph)
         scored = (th.get("budget") or {}).get("metric")  # the budget search scored this very model
-        pruned_metric = runner.metric(pruned) if scored is None else float(scored)
-        sel = {n: {k: v for k, v in s.items()} for n, s in result.stats.items()}
+        floor = sp["metric"] - hp.eps_pruned * POINT
+        ks = [th["k"]] + sorted((k for k in hp.k_range if k < th["k"]), reverse=True)
+        if scored is not None or th["k"] == 0:
+            ks = ks[:1]
+        attempts: list[dict[str, Any]] = []
+        for k in ks:
+            th_model = thresholded if k == th["k"] else make_threshold(k)
+            result = select_filters(
+                th_model, rp.prune_layers, graph, tau1, tau2, tau3, min_keep=hp.min_keep, align=hp.align,
+                min_keep_fraction=hp.min_keep_fraction, fold_bn=fold,
+            )  # fmt: skip
+            pruned = prune_channels(sparse, result.keep, graph, fold_bias=hp.fold_bias)
+            pruned_metric = runner.recalibrated_metric(pruned) if scored is None else float(scored)
+            cut = {n: f"{st['filters']}->{st['kept']}" for n, st in result.stats.items() if st["kept"] < st["filters"]}
+            attempts.append({"k": k, "metric": pruned_metric, "params": model_stats(pruned)["params"], "cut": cut})
+            if pruned_metric >= floor:
+                break
+            log.warning(
+                "phase %s: the model pruned at k=%g scores %.4f, more than eps_pruned = %.1f points below "
+                "Θ_L1 (%.4f)%s; layers cut: %s%s", phase.name, k, pruned_metric, hp.eps_pruned, sp["metric"],
+                _se_text(runner.se(pruned_metric)), cut or "none", "; trying a smaller k" if k != ks[-1] else "",
+            )  # fmt: skip
+        else:
+            tried = ", ".join(f"k={a['k']:g}: {a['metric']:.4f}" for a in attempts)
+            msg = (
+                f"phase {phase.name}: the pruned model is out of tolerance at every k tried ({tried}; "
+                f"floor {floor:.4f}); layers cut at the last: {attempts[-1]['cut'] or 'none'}"
+            )
+            if hp.strict:
+                raise PhaseToleranceError(msg)
+            log.warning("%s; going on with it (retraining may recover)", msg)
+        record["selection_k"] = attempts[-1]["k"]
+        record["selection_attempts"] = attempts
+        sel = {n: {k: v for k, v in st.items()} for n, st in result.stats.items()}
         runner.save(
-            pruned, path, {"step": "pruned", "phase": phase.name, "selection": sel, "metric": pruned_metric}
-        )
+            pruned, path, {"step": "pruned", "phase": phase.name, "selection": sel, "metric": pruned_metric,
+                           "selection_k": record["selection_k"]},
+        )  # fmt: skip
         table("pruned", pruned, pruned_metric, {"selection": sel})
-    record["selection"] = sel
+        if runner.main:
+            from prunekit.prune.diagnostics import phase_diagnostics, write_diagnostics
+
+            write_diagnostics(pdir, phase_diagnostics(sparse, th_model, graph, rp, sel, hp.tau1, fold), phase.name)
+    record["selection"] = {n: {k: v for k, v in st.items() if k not in ("filter_sparsity", "outgoing_sparsity")}
+                           for n, st in sel.items()}  # fmt: skip
     record["pruned_metric"] = pruned_metric
 
     # 5. retraining without L1
@@ -598,16 +765,22 @@ def run_phase(
     return retrained, record, metric
 
 
+def _se_text(se: float | None) -> str:
+    return "" if se is None else f" (standard error {100 * se:.2f} points)"
+
+
 def run_phases(
     model: nn.Module,
     phases: Sequence[Phase] | str | os.PathLike,
-    train_fn: TrainFn,
-    eval_fn: EvalFn,
+    trainer: Trainer,
     hp: PruneConfig | None = None,
     out_dir: str | os.PathLike = "phases",
     resume: bool = False,
 ) -> nn.Module:
     """Run every phase on ``model`` (not modified) and return the final pruned, retrained model.
+
+    ``trainer`` (:class:`prunekit.prune.trainer.Trainer`) trains, scores and recalibrates;
+    :class:`~prunekit.prune.trainer.FnTrainer` wraps plain ``train_fn`` / ``eval_fn`` callables.
 
     ``phases``: :class:`Phase` objects, a preset name or a YAML/JSON file. Files go under
     ``out_dir`` (``pN/`` per phase, ``summary.{json,md}``). With ``resume`` a phase whose
@@ -616,10 +789,17 @@ def run_phases(
     """
     hp = hp or PruneConfig()
     out = Path(out_dir)
-    phases = resolve_phases(phases, model) if isinstance(phases, str | os.PathLike) else list(phases)
-    runner = _Runner(train_fn, eval_fn, hp, out)
-    _check_resume(out, hp, phases, resume, runner)
     original = copy.deepcopy(model)
+    if hp.keep_detection_layers is not None:
+        # pruned-Kdet first: the phases then prune (and retrain) the network that will ship
+        model = keep_detection_layers(model, hp.keep_detection_layers)
+    if hp.fold_bn:
+        from prunekit.prune.fold import fold_batchnorm
+
+        model = fold_batchnorm(model)
+    phases = resolve_phases(phases, model) if isinstance(phases, str | os.PathLike) else list(phases)
+    runner = _Runner(trainer, hp, out)
+    _check_resume(out, hp, phases, resume, runner)
     runner.original_channels = {r["layer"]: r["filters_before"] for r in layer_table(original)}
     runner.table = load_table_for(hp, original)
     runner.budget = _budget_plan(hp, original, phases, runner.table)
@@ -638,9 +818,6 @@ def run_phases(
         already |= set(record.get("prune_layers", []))
         summary["records"].append(record)
         log.info("phase %s done: metric %.4f, %s", phase.name, metric, model_stats(current))
-    if hp.keep_detection_layers is not None:
-        current, rec, metric = _detection_cut(current, runner, hp.keep_detection_layers, resume)
-        summary["records"].append(rec)
     summary["final"] = {**model_stats(current), "metric": metric}
     if runner.budget is not None:
         summary["budget"] = _final_budget(runner.budget, current)
@@ -662,25 +839,6 @@ def _final_budget(plan: _BudgetPlan, model: nn.Module) -> dict[str, Any]:
     )
     (log.info if met else log.warning)(msg)
     return {**plan.to_dict(), "final_cost": cost, "final_ratio": ratio, "met": met, "message": msg}
-
-
-def _detection_cut(
-    model: nn.Module, runner: _Runner, k: int, resume: bool
-) -> tuple[nn.Module, dict[str, Any], float]:
-    ddir = runner.out / f"det{k}"
-    path = ddir / "retrained.pt"
-    if resume and path.is_file():
-        cut, extra = _load(path)
-        return cut.to(_device_of(model)), extra["record"], extra["metric"]
-    cut = keep_detection_layers(model, k)
-    cut_metric = runner.metric(cut)
-    runner.save(cut, ddir / "pruned.pt", {"step": "pruned", "metric": cut_metric})
-    runner.train(cut, None, "retrain", f"det{k}/retrain")
-    metric = runner.metric(cut)
-    rec = {"phase": f"keep {k} detection layers", "dir": ddir.name, "pruned_metric": cut_metric,
-           "retrained_metric": metric, "stats": model_stats(cut)}  # fmt: skip
-    runner.save(cut, path, {"step": "retrained", "metric": metric, "record": rec})
-    return cut, rec, metric
 
 
 def _check_resume(out: Path, hp: PruneConfig, phases: Sequence[Phase], resume: bool, runner: _Runner) -> None:
@@ -754,36 +912,20 @@ def render_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
     return "\n".join(lines) + "\n" + body + ("\n" + cost_md if cost_md else "")
 
 
-def make_train_eval(
+def make_trainer(
     train_set: Any,
     val_set: Any,
     train_config: Any,
     eval_batch_size: int = 16,
     max_val_images: int | None = None,
     progress: bool = False,
-) -> tuple[TrainFn, EvalFn]:
-    """``(train_fn, eval_fn)`` for :func:`run_phases` on real data with :mod:`prunekit.train`.
+    sparsity_lr: float | None = None,
+    retrain_lr: float | None = None,
+) -> Trainer:
+    """The :class:`~prunekit.prune.trainer.DataTrainer` for :func:`run_phases` on real data."""
+    from prunekit.prune.trainer import DataTrainer
 
-    ``train_config`` is a :class:`prunekit.train.TrainConfig`; its ``epochs`` is replaced by each
-    stage's (``epochs_sparsity`` / ``epochs_retrain``). ``eval_fn`` returns the full metrics dict.
-    """
-    from prunekit.evaluate import evaluate
-    from prunekit.train import train
-
-    def train_fn(model: nn.Module, regularizer: Any, epochs: int, tag: str) -> None:
-        if epochs <= 0:
-            return
-        cfg = dataclasses.replace(train_config, epochs=epochs)
-        train(model, train_set, cfg, regularizer=regularizer, progress=progress)
-
-    def eval_fn(model: nn.Module) -> dict[str, Any]:
-        return evaluate(
-            model,
-            val_set,
-            batch_size=eval_batch_size,
-            device=train_config.device,
-            progress=progress,
-            max_images=max_val_images,
-        )
-
-    return train_fn, eval_fn
+    return DataTrainer(
+        train_set, val_set, train_config, sparsity_lr=sparsity_lr, retrain_lr=retrain_lr,
+        eval_batch_size=eval_batch_size, max_val_images=max_val_images, progress=progress,
+    )  # fmt: skip

@@ -10,6 +10,11 @@ where ``s`` is the fraction of zero rows and ``W_{l+1}[:, i]`` is the slice of E
 that reads channel i (next conv and detection heads; after a flatten, the block of linear inputs
 that channel i became). Fully connected neurons are removed when all their incoming or all their
 outgoing weights are zero (paper section 4.3).
+
+Statistics are read on BN-folded weights (:mod:`prunekit.prune.fold`) unless ``fold_bn=False``:
+under a BatchNorm the raw conv weights carry no scale, the folded ones do. A layer never loses
+more than ``1 - min_keep_fraction`` of its filters: on weak statistics the rule is a cliff (a layer
+goes all or nothing), and an SSD extra layer cut to one filter is a detection layer deleted.
 """
 
 from __future__ import annotations
@@ -23,11 +28,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from prunekit.prune.fold import folded_weights
 from prunekit.prune.graph import DependencyGraph, Group, build_dependency_graph
 
 log = logging.getLogger(__name__)
 
 TAU1, TAU2, TAU3 = 0.9, 0.7, 0.9
+MIN_KEEP_FRACTION = 0.125
 
 
 def zero_rows(w: Tensor) -> Tensor:
@@ -53,8 +60,17 @@ def input_zero_rows(w: Tensor) -> tuple[Tensor, int]:
     return z.sum(dim=0), z.shape[0]
 
 
-def _weights(model: nn.Module) -> dict[str, Tensor]:
+def _weights(model: nn.Module, graph: DependencyGraph | None = None) -> dict[str, Tensor]:
+    if graph is not None:
+        return folded_weights(model, graph)
     return {p: m.weight.detach() for p, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+
+
+def keep_floor(channels: int, min_keep: int = 1, min_keep_fraction: float = 0.0) -> int:
+    """Fewest filters a layer of ``channels`` may keep: ``max(min_keep, ceil(fraction * channels))``."""
+    import math
+
+    return min(channels, max(min_keep, math.ceil(min_keep_fraction * channels - 1e-9)))
 
 
 def group_statistics(weights: dict[str, Tensor], group: Group) -> tuple[Tensor, Tensor]:
@@ -126,15 +142,19 @@ def select_filters(
     tau3: float = TAU3,
     min_keep: int = 1,
     align: int = 1,
+    min_keep_fraction: float = 0.0,
+    fold_bn: bool = True,
 ) -> SelectionResult:
     """Select the filters to keep in each prunable layer of ``layers`` from ``model`` (Θ_L1^th).
 
     Conv producers use the τ rule, linear producers the all-zero rule. Non-prunable layers in
-    ``layers`` (heads, the final classifier) are skipped. At least ``min_keep`` filters survive
-    per layer (the least sparse ones). ``align > 1`` rounds each kept count with
+    ``layers`` (heads, the final classifier) are skipped. At least :func:`keep_floor` filters
+    survive per layer (the least sparse ones). ``align > 1`` rounds each kept count with
     :func:`prunekit.prune.align.align_keep`. Returns kept indices (sorted, int64) by layer name.
     """
-    return select_filters_grid(model, layers, graph, [(tau1, tau2, tau3)], min_keep, align)[0]
+    return select_filters_grid(
+        model, layers, graph, [(tau1, tau2, tau3)], min_keep, align, min_keep_fraction, fold_bn
+    )[0]
 
 
 def select_filters_grid(
@@ -144,6 +164,8 @@ def select_filters_grid(
     taus: Sequence[tuple[float, float, float]],
     min_keep: int = 1,
     align: int = 1,
+    min_keep_fraction: float = 0.0,
+    fold_bn: bool = True,
 ) -> list[SelectionResult]:
     """:func:`select_filters` for every (τ1, τ2, τ3) in ``taus`` (results in the same order).
 
@@ -154,8 +176,10 @@ def select_filters_grid(
         check_taus(*t)
     if min_keep < 1:
         raise ValueError(f"min_keep must be >= 1, got {min_keep}")
+    if not 0.0 <= min_keep_fraction <= 1.0:
+        raise ValueError(f"min_keep_fraction must be in [0, 1], got {min_keep_fraction}")
     graph = graph or build_dependency_graph(model)
-    weights = _weights(model)
+    weights = _weights(model, graph if fold_bn else None)
     results = [SelectionResult({}) for _ in taus]
     seen: set[str] = set()
     for name in layers:
@@ -168,13 +192,17 @@ def select_filters_grid(
         seen.add(group.name)
         s_l, s_next = group_statistics(weights, group)
         is_fc = all(isinstance(weights[p], Tensor) and weights[p].dim() == 2 for p in group.producers)
+        norm = sum(weights[p].abs().flatten(1).sum(1).float().cpu() for p in group.producers)
         for (tau1, tau2, tau3), result in zip(taus, results):
             remove = fc_rule(s_l, s_next) if is_fc else removal_rule(s_l, s_next, tau1, tau2, tau3)
             keep_mask = ~remove
-            floor = min(min_keep, group.channels)
-            if int(keep_mask.sum()) < floor:
-                # keep the least sparse filters (own sparsity, then outgoing), so the layer stays alive
-                order = sorted(range(group.channels), key=lambda i: (float(s_l[i]), float(s_next[i]), i))
+            by_tau = int(keep_mask.sum())
+            floor = keep_floor(group.channels, min_keep, min_keep_fraction)
+            if by_tau < floor:
+                # keep the least sparse filters (own sparsity, outgoing, then the largest folded L1 norm)
+                order = sorted(
+                    range(group.channels), key=lambda i: (float(s_l[i]), float(s_next[i]), -float(norm[i]), i)
+                )
                 keep_mask = torch.zeros(group.channels, dtype=torch.bool)
                 keep_mask[order[:floor]] = True
             by_rule = int(keep_mask.sum())
@@ -186,11 +214,16 @@ def select_filters_grid(
             result.keep[group.name] = kept
             result.stats[group.name] = {
                 "filters": group.channels,
-                "kept_by_rule": by_rule,
+                "kept_by_rule": by_tau,
+                "kept_after_floor": by_rule,
+                "floor": floor,
                 "kept": len(kept),
                 "rule": "fc" if is_fc else "tau",
                 "mean_filter_sparsity": float(s_l.mean()),
                 "mean_outgoing_sparsity": float(s_next.mean()),
+                # per filter, for the zero-row histogram of the phase report
+                "filter_sparsity": [round(float(v), 4) for v in s_l],
+                "outgoing_sparsity": [round(float(v), 4) for v in s_next],
             }
     return results
 
@@ -216,6 +249,7 @@ def search_tau(
     min_keep: int = 1,
     align: int = 1,
     example: Tensor | None = None,
+    min_keep_fraction: float = 0.0,
 ) -> dict[str, Any]:
     """Grid search over (τ1, τ2, τ3): prune Θ_L1 with each selection and evaluate.
 
@@ -234,7 +268,10 @@ def search_tau(
     rows: list[dict[str, Any]] = []
     done: dict[tuple, tuple[int, float]] = {}
     for t1, t2, t3 in grid or tau_grid():
-        sel = select_filters(thresholded, layers, graph, t1, t2, t3, min_keep=min_keep, align=align)
+        sel = select_filters(
+            thresholded, layers, graph, t1, t2, t3, min_keep=min_keep, align=align,
+            min_keep_fraction=min_keep_fraction,
+        )  # fmt: skip
         key = tuple((n, tuple(k.tolist())) for n, k in sorted(sel.keep.items()))
         if key not in done:
             pruned = prune_channels(sparse, sel.keep, graph)

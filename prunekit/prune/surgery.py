@@ -169,15 +169,97 @@ def new_widths(graph: DependencyGraph, selection: dict[str, list[int]]) -> dict[
     return out
 
 
-def prune_channels(model: nn.Module, keep: Selection, graph: DependencyGraph | None = None) -> nn.Module:
+def removed_constants(
+    model: nn.Module, graph: DependencyGraph, keep: Selection, example: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Consumer module path -> the bias its removed input channels contributed (``[out]``).
+
+    A removed filter whose weights (and BN scale gamma) are zero still outputs a constant: its
+    bias, or ``act(beta)`` after a BatchNorm. Dropping it would shift every consumer by
+    ``Σ_kernel W[:, i] * c_i``; folding that into the consumer's bias keeps the pruned model
+    equal to Θ_L1. The constants are read from one forward pass of a copy of ``model`` with the
+    removed filters silenced (:func:`mask_channels` with ``keep_bias=True``), at each consumer's
+    input, so any activation / pooling in between is accounted for. Exact for linear and unpadded
+    conv consumers; a zero-padded conv sees the constant only in its interior (its 1-pixel border
+    differs), and a channel reaching a consumer through a cross-channel op (SSD's L2Norm) gets an
+    approximation.
+    """
+    from prunekit.prune.graph import example_input, traced_network
+
+    selection = normalise_selection(graph, keep)
+    gone_by_group = {
+        g: sorted(set(range(graph.group(g).channels)) - set(k)) for g, k in selection.items()
+    }
+    gone_by_group = {g: v for g, v in gone_by_group.items() if v}
+    if not gone_by_group:
+        return {}
+    masked = mask_channels(model, selection, graph, keep_bias=True).eval()
+    targets = {c.target for g in gone_by_group for c in graph.group(g).consumers}
+    seen: dict[str, Tensor] = {}
+    hooks = [
+        masked.get_submodule(t).register_forward_pre_hook(
+            lambda _m, inp, t=t: seen.setdefault(t, inp[0].detach().clone())
+        )
+        for t in targets
+    ]
+    try:
+        x = example if example is not None else example_input(model)
+        with torch.no_grad():
+            traced_network(masked)(x[:1].to(next(model.parameters()).device))
+    finally:
+        for h in hooks:
+            h.remove()
+    out: dict[str, Tensor] = {}
+    for g, gone in gone_by_group.items():
+        for c in graph.group(g).consumers:
+            if c.target not in seen:
+                continue
+            m = model.get_submodule(c.target)
+            idx = torch.tensor(c.slot.indices(gone), dtype=torch.long)
+            x_in = seen[c.target][0]
+            w = m.weight.detach()
+            if w.dim() == 4:
+                vals = x_in[idx].flatten(1).mean(dim=1)
+                delta = (w[:, idx].sum(dim=(2, 3)) * vals).sum(dim=1)
+            else:
+                delta = w[:, idx] @ x_in.flatten()[idx]
+            out[c.target] = out.get(c.target, 0) + delta
+    return out
+
+
+def fold_constants(model: nn.Module, deltas: Mapping[str, Tensor]) -> None:
+    """Add :func:`removed_constants` to the consumers' biases of ``model`` (in place)."""
+    with torch.no_grad():
+        for path, delta in deltas.items():
+            m = model.get_submodule(path)
+            if m.bias is None:
+                if float(delta.abs().max()) > 0:
+                    log.warning("%s has no bias: the constant output of removed channels is dropped", path)
+                continue
+            m.bias.add_(delta.to(m.bias.dtype))
+
+
+def prune_channels(
+    model: nn.Module,
+    keep: Selection,
+    graph: DependencyGraph | None = None,
+    fold_bias: bool = False,
+    example: Tensor | None = None,
+) -> nn.Module:
     """A NEW model keeping only ``keep[layer]`` output channels of each listed layer.
 
     Layers not listed keep all their channels. Weights are copied from ``model`` (not modified).
-    For prunekit models the result is rebuilt with :func:`prunekit.models.build_model` from a
-    config with the new widths; for any other module it is a sliced deep copy.
+    ``fold_bias`` folds the constant output of removed channels (bias, BN beta) into the
+    consumers' biases (:func:`removed_constants`), so removing a channel whose BN scale is zero
+    changes nothing; the method always does, plain slicing (``False``) is what the exactness tests
+    of the slicing itself compare with. For prunekit models the result is rebuilt with
+    :func:`prunekit.models.build_model` from a config with the new widths; for any other module
+    it is a sliced deep copy (``example`` then gives the input shape for ``fold_bias``).
     """
     graph = graph or build_dependency_graph(model)
     work = copy.deepcopy(model)
+    if fold_bias:
+        fold_constants(work, removed_constants(model, graph, keep, example))
     selection = slice_in_place(work, graph, keep)
     cfg = getattr(model, "prunekit_config", None)
     if cfg is None:
@@ -197,12 +279,16 @@ def prune_channels(model: nn.Module, keep: Selection, graph: DependencyGraph | N
     return new.to(next(model.parameters()).device)
 
 
-def mask_channels(model: nn.Module, keep: Selection, graph: DependencyGraph | None = None) -> nn.Module:
+def mask_channels(
+    model: nn.Module, keep: Selection, graph: DependencyGraph | None = None, keep_bias: bool = False
+) -> nn.Module:
     """A copy of ``model`` in which the removed channels output exactly zero (same shapes).
 
     Zeroes each removed filter's weights and bias, its BatchNorm affine terms (so the normalised
     output is 0 whatever the running stats) and its per-channel parameters. Downstream this is
-    what :func:`prune_channels` computes, which is how surgery is tested.
+    what :func:`prune_channels` computes, which is how surgery is tested. ``keep_bias=True``
+    zeroes only the weights and BN scales: the removed channels then output their constant
+    (bias / BN beta), which is what a dead channel of Θ_L1 does and what ``fold_bias`` folds.
     """
     graph = graph or build_dependency_graph(model)
     out = copy.deepcopy(model)
@@ -217,47 +303,42 @@ def mask_channels(model: nn.Module, keep: Selection, graph: DependencyGraph | No
                 if c.kind == "out":
                     m = out.get_submodule(c.target)
                     m.weight[gone] = 0
-                    if m.bias is not None:
+                    if m.bias is not None and not keep_bias:
                         m.bias[gone] = 0
                 elif c.kind == "norm":
                     m = out.get_submodule(c.target)
                     if m.weight is None:
                         raise ValueError(f"{c.target}: cannot zero a BatchNorm without affine terms")
                     m.weight[gone] = 0
-                    m.bias[gone] = 0
-                elif c.kind == "param":
+                    if not keep_bias:
+                        m.bias[gone] = 0
+                elif c.kind == "param" and not keep_bias:
                     p = out.get_parameter(c.target)
                     p.index_fill_(channel_dim(p, group.channels), gone, 0.0)
     return out
 
 
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the meta device (shapes only), without copying its data."""
+    cfg = getattr(model, "prunekit_config", None)
+    if cfg is not None:
+        from prunekit.models import build_model
+
+        with torch.device("meta"):
+            return build_model(cfg)
+    return copy.deepcopy(model).to("meta")
+
+
 def predict_params(model: nn.Module, keep: Selection, graph: DependencyGraph | None = None) -> int:
-    """Parameter count after :func:`prune_channels`, computed from the selection alone."""
+    """Parameter count after :func:`prune_channels`, from the selection alone.
+
+    The registered slicers run on a meta-device copy, so the count is by construction what
+    surgery produces (no second per-layer-type dispatch to keep in step).
+    """
     graph = graph or build_dependency_graph(model)
-    selection = normalise_selection(graph, keep)
-    removed = _removals(graph, selection)
-    gone: dict[str, dict[str, int]] = {}
-    for c, idx in removed.items():
-        gone.setdefault(c.target, {})[c.kind] = len(idx)
-    total = 0
-    for path, m in model.named_modules():
-        own = sum(p.numel() for p in m.parameters(recurse=False))
-        g = gone.get(path)
-        if g is None:
-            total += own
-        elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            w = m.weight
-            o = w.shape[0] - g.get("out", 0)
-            i = w.shape[1] - g.get("in", 0)
-            total += o * i * int(w[0, 0].numel()) + (o if m.bias is not None else 0)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            total += own - (2 * g["norm"] if m.weight is not None else 0)
-        else:
-            total += own
-    for c, idx in removed.items():
-        if c.kind == "param":
-            total -= len(idx)
-    return int(total)
+    work = _meta_copy(model)
+    slice_in_place(work, graph, keep)
+    return int(sum(p.numel() for p in work.parameters()))
 
 
 def group_summary(group: Group, graph: DependencyGraph) -> dict[str, Any]:

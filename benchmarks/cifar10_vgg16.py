@@ -1,0 +1,280 @@
+"""VGG16 (the paper's Table 8 layout, BN, width 0.25) on all of CIFAR-10: prunekit against its controls.
+
+    python benchmarks/cifar10_vgg16.py                      # every stage, CPU (about 1.5 h on 2 cores)
+    python benchmarks/cifar10_vgg16.py --stages baseline    # one stage; later runs reuse it (--out)
+    python benchmarks/cifar10_vgg16.py --smoke              # plumbing only: a few hundred images
+
+Stages, each a checkpoint in ``--out`` that a later invocation reuses:
+
+* ``baseline``: trained from scratch on 45,000 train images (the other 5,000 are the validation
+  set every search scores on); top-1 on the 10,000 test images.
+* ``paper``: prunekit's default method (BN-aware proximal L1, the τ rule on BN-folded weights,
+  beta folded into the consumers, retraining), phases ``convs`` then ``fcs``.
+* ``control``: the baseline given as many extra epochs as ``paper`` trained, unpruned: what the
+  compressed model is judged against (the short baseline is not converged).
+* ``l1norm`` / ``random``: Li et al.'s filter L1-norm ranking and random removal, cut from the
+  baseline to ``paper``'s parameter count and retrained for the same epochs.
+* ``ort``: ONNX Runtime CPU throughput at batch 1 of ``paper`` against ``baseline``, one run.
+
+Writes ``benchmarks/results/cifar10_vgg16.{json,md}`` with the keys the pruning issue names
+(``baseline``/``control``/``paper``/``l1norm``/``random`` with ``params``, ``macs``, ``top1`` in
+percent, and ``ort_cpu_fps_ratio_b1``), plus the standard error of each top-1, the machine,
+versions, wall and CPU seconds per stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunekit.evaluate import evaluate
+from prunekit.fileio import atomic_write_json, atomic_write_text
+from prunekit.prune.baselines import prune_baseline
+from prunekit.prune.method import PruneConfig, phase_rows, run_phases
+from prunekit.prune.trainer import DataTrainer
+from prunekit.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_DATA, RESULTS, Stages, load_cifar, machine_info, make_vgg  # noqa: E402
+
+STAGES = ("baseline", "paper", "control", "l1norm", "random", "ort")
+log = logging.getLogger("cifar10_vgg16")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--out", type=Path, default=Path("runs/cifar10_vgg16"))
+    ap.add_argument("--result", type=Path, default=RESULTS / "cifar10_vgg16.json")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--width", type=float, default=0.25)
+    ap.add_argument("--train-images", type=int, default=45000)
+    ap.add_argument("--val-images", type=int, default=5000)
+    ap.add_argument("--epochs", type=int, default=25, help="baseline epochs")
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--sparsity-epochs", type=int, default=2)
+    ap.add_argument("--retrain-epochs", type=int, default=2)
+    ap.add_argument("--prune-lr", type=float, default=0.02, help="sparsity-induction (constant) lr")
+    ap.add_argument("--retrain-lr", type=float, default=0.02, help="retraining lr (cosine)")
+    ap.add_argument("--lam-grid", default="", help="absolute λ values (override --shrink-grid)")
+    ap.add_argument("--shrink-grid", default="1,2", help="total L1 shrink per sparsity stage, comma list")
+    ap.add_argument("--eps1", type=float, default=1.0)
+    ap.add_argument("--eps2", type=float, default=15.0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.train_images, args.val_images = 512, 256
+        args.epochs = args.sparsity_epochs = args.retrain_epochs = 1
+    return args
+
+
+def make_stages(args: argparse.Namespace) -> Stages:
+    data = load_cifar(args.data_dir, args.train_images, args.val_images, 512 if args.smoke else None, args.seed)
+
+    def score(model: nn.Module, ds: Any) -> dict[str, float]:
+        return {"top1": 100.0 * float(evaluate(model, ds, batch_size=256, device=args.device, progress=False)["top1"])}
+
+    return Stages(args, data, score, "top1")
+
+
+def stage_baseline(b: Stages) -> None:
+    a = b.args
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    model = make_vgg("imagenet", a.width, b.train_set.classes)
+    b.stamp(f"baseline: VGG16-BN width {a.width}, {a.epochs} epochs")
+    hist = train(
+        model, b.train_set, b.tcfg(a.epochs, a.lr, warmup=100), out_dir=b.out / "baseline_train",
+        val_set=b.val_set, resume=True, progress=False,
+    )  # fmt: skip
+    vals = [e.get("val_metric") for e in hist["epochs"]]
+    b.record("baseline", model, cpu0, wall0, epochs=a.epochs, val_curve=vals)
+
+
+def _hp(b: Stages) -> PruneConfig:
+    a = b.args
+    extra = {"lam_grid": [float(x) for x in a.lam_grid.split(",") if x]} if a.lam_grid else {}
+    shrink = [float(x) for x in a.shrink_grid.split(",") if x]
+    return PruneConfig(
+        eps1=a.eps1, eps2=a.eps2, shrink_grid=shrink, epochs_sparsity=a.sparsity_epochs,
+        epochs_retrain=a.retrain_epochs, seed=a.seed, **extra,
+    )  # fmt: skip
+
+
+def lineage_epochs(b: Stages) -> int:
+    """Epochs on the path baseline -> paper (each phase: its chosen sparsity run + retraining)."""
+    return 2 * (b.args.sparsity_epochs + b.args.retrain_epochs)
+
+
+def stage_paper(b: Stages) -> None:
+    a = b.args
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    baseline = b.model("baseline")
+    trainer = DataTrainer(
+        b.train_set, b.val_set, b.tcfg(1, a.retrain_lr), sparsity_lr=a.prune_lr, retrain_lr=a.retrain_lr,
+        eval_batch_size=256,
+    )  # fmt: skip
+    hp = _hp(b)
+    b.stamp(f"paper: prunekit default method, {hp.to_dict()}")
+    pruned = run_phases(baseline, "vgg16", trainer, hp, b.out / "paper", resume=True)
+    summary = json.loads((b.out / "paper" / "summary.json").read_text())
+    b.record("paper", pruned, cpu0, wall0, epochs=lineage_epochs(b), epochs_all=trainer.epochs_trained,
+             phases=phase_rows(summary), prune_config=hp.to_dict())  # fmt: skip
+
+
+def stage_control(b: Stages) -> None:
+    a = b.args
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    model = copy.deepcopy(b.model("baseline"))
+    epochs = lineage_epochs(b)
+    b.stamp(f"control: {epochs} more epochs of the unpruned baseline")
+    train(model, b.train_set, b.tcfg(epochs, a.retrain_lr), progress=False)
+    b.record("control", model, cpu0, wall0, epochs=a.epochs + epochs)
+
+
+def _matched(b: Stages, stage: str, method: str) -> None:
+    a = b.args
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    if "paper" not in b.done:
+        raise SystemExit(f"the {stage} stage needs the paper stage (its parameter count)")
+    target = b.done["paper"]["params"]
+    model, info = prune_baseline(b.model("baseline"), method, target_params=target, seed=a.seed)
+    before = b.score(model, b.val_set)["top1"]
+    epochs = lineage_epochs(b)
+    b.stamp(f"{stage}: {info['params']:,} params (paper {target:,}), val top-1 before retraining {before:.2f}")
+    train(model, b.train_set, b.tcfg(epochs, a.retrain_lr), progress=False)
+    b.record(stage, model, cpu0, wall0, epochs=epochs, val_top1_before_retrain=before, ratio=info["ratio"])
+
+
+def stage_l1norm(b: Stages) -> None:
+    _matched(b, "l1norm", "l1")
+
+
+def stage_random(b: Stages) -> None:
+    _matched(b, "random", "random")
+
+
+def stage_ort(b: Stages) -> None:
+    b.ort_ratio(("baseline", "paper"), rounds=10 if b.args.smoke else 200)
+
+
+def write_result(b: Stages) -> None:
+    keys = ("params", "macs", "top1", "top1_se", "val_top1", "epochs", "wall_s", "cpu_s", "filters")
+    res: dict[str, Any] = {
+        "benchmark": "cifar10_vgg16",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "smoke": b.args.smoke,
+        "model": {"arch": "vgg16", "variant": "imagenet (torchvision layout, 7x7 pool)", "batch_norm": True,
+                  "width": b.args.width},  # fmt: skip
+        "data": {"train_images": len(b.train_set), "val_images": len(b.val_set), "test_images": len(b.test_set),
+                 "source": "../shared/data/cifar10-jpg-{train,test}.tar.gz (JPEG q~75)"},  # fmt: skip
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(b.args).items()},
+        "machine": machine_info(b.args.device, b.args.threads),
+    }
+    for stage in ("baseline", "control", "paper", "l1norm", "random"):
+        if stage in b.done:
+            res[stage] = {k: b.done[stage][k] for k in keys if k in b.done[stage]}
+            if "phases" in b.done[stage]:
+                res[stage]["phases"] = b.done[stage]["phases"]
+    if "ort" in b.done:
+        res["ort_cpu_fps_ratio_b1"] = b.done["ort"]["fps_ratio_b1"]
+        res["ort_timing"] = b.done["ort"]["timing"]
+    if "baseline" in res and "paper" in res:
+        base, paper = res["baseline"], res["paper"]
+        res["targets"] = t = {
+            "baseline_top1_ge_85": base["top1"] >= 85,
+            "params_x": base["params"] / paper["params"],
+            "macs_x": base["macs"] / paper["macs"],
+            "params_ge_20x": base["params"] / paper["params"] >= 20,
+            "macs_ge_2.5x": base["macs"] / paper["macs"] >= 2.5,
+        }
+        if "control" in res:
+            t["paper_within_1_of_control"] = res["control"]["top1"] - paper["top1"] <= 1.0
+        for other in ("l1norm", "random"):
+            if other in res:
+                t[f"paper_2_above_{other}"] = paper["top1"] - res[other]["top1"] >= 2
+    atomic_write_json(b.args.result, res)
+    atomic_write_text(b.args.result.with_suffix(".md"), render(res))
+
+
+def render(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    lines = [
+        "# VGG16-BN (width 0.25) on CIFAR-10: prunekit against control and baselines"
+        + (" - SMOKE RUN, not a result" if r["smoke"] else ""),
+        "",
+        f"`{r['command']}`",
+        "",
+        f"{r['data']['train_images']:,} train / {r['data']['val_images']:,} validation (searches) / "
+        f"{r['data']['test_images']:,} test images. Machine: {m['cpu']} ({m['cpu_count']} cores, "
+        f"{m['torch_threads']} torch threads), torch {m['versions']['torch']}. Top-1 on the test set with its "
+        "standard error; wall and process CPU seconds per stage.",
+        "",
+        "| model | params | MMACs | top-1 (%) | ± SE | params x | MACs x | epochs | wall s | CPU s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    base = r.get("baseline")
+    for stage in ("baseline", "control", "paper", "l1norm", "random"):
+        if stage not in r:
+            continue
+        x = r[stage]
+        lines.append(
+            f"| {stage} | {x['params']:,} | {x['macs'] / 1e6:.1f} | {x['top1']:.2f} | {x['top1_se']:.2f} | "
+            f"{base['params'] / x['params']:.1f} | {base['macs'] / x['macs']:.2f} | {x.get('epochs', '-')} | "
+            f"{x.get('wall_s', '-')} | {x.get('cpu_s', '-')} |"
+        )
+    if "ort_cpu_fps_ratio_b1" in r:
+        t = r["ort_timing"]
+        lines += ["", f"ONNX Runtime CPU, batch 1, interleaved: paper {t['paper']['fps']:.0f} img/s, baseline "
+                  f"{t['baseline']['fps']:.0f} img/s: **{r['ort_cpu_fps_ratio_b1']:.2f}x**."]  # fmt: skip
+    if "targets" in r:
+        lines += ["", "Targets: " + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else
+                                          f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items())]  # fmt: skip
+    if "paper" in r and r["paper"].get("phases"):
+        pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        lines += ["", "## paper: phases (validation top-1)", "",
+                  "| phase | λ | k | before | sparse | thresholded | pruned | retrained | params |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for p in r["paper"]["phases"]:
+            lines.append(
+                f"| {p['phase']} | {p['lam']} | {p['k']} | {pct(p['val_before'])} | {pct(p['val_sparse'])} | "
+                f"{pct(p['val_thresholded'])} | {pct(p['val_pruned'])} | {pct(p['val_retrained'])} | {p['params']} |"
+            )
+    if base is not None:
+        stages = [s for s in ("baseline", "paper", "l1norm", "random") if s in r]
+        lines += ["", "## Filters per layer", "", "| layer | " + " | ".join(stages) + " |",
+                  "|---|" + "---:|" * len(stages)]  # fmt: skip
+        for layer in base["filters"]:
+            lines.append(f"| {layer} | " + " | ".join(str(r[s]["filters"].get(layer, "-")) for s in stages) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    b = make_stages(args)
+    for stage in [s for s in args.stages.split(",") if s]:
+        if stage not in STAGES:
+            raise SystemExit(f"unknown stage {stage!r}; choose from {STAGES}")
+        if stage in b.done and stage != "ort":
+            b.stamp(f"{stage}: reused from {b.saved}")
+            continue
+        globals()[f"stage_{stage}"](b)
+        write_result(b)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""What the real-data benchmark scripts share: the data, the machine record, the stage bookkeeping.
+
+Each script is a list of stages (train the original, compress, control, baselines, ONNX Runtime
+timing); every stage leaves a checkpoint and a row in ``<out>/stages.json``, so a later invocation
+reuses what is done and a killed run loses one stage at most.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.data import ImageFolder, TensorImageDataset, build_dataset, cached_uint8
+from prunekit.data.transforms import Compose, RandomHorizontalFlip, classification_train_transforms
+from prunekit.fileio import atomic_write_json
+from prunekit.models import build_model
+from prunekit.models.vgg import CIFAR_MEAN, CIFAR_STD, vgg16_config
+from prunekit.prune.report import layer_table, model_stats
+from prunekit.train import TrainConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def standard_error(pct: float, n: int) -> float:
+    """Binomial standard error, in points, of an accuracy of ``pct`` percent measured on ``n`` items."""
+    p = pct / 100.0
+    return 100.0 * math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def machine_info(device: str, threads: int) -> dict[str, Any]:
+    """Where the figures were measured: CPU model, cores, load, library versions (and the GPU)."""
+    cpu = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for mod in ("torchvision", "onnxruntime", "onnx", "numpy", "pycocotools"):
+        try:
+            versions[mod] = getattr(__import__(mod), "__version__", "?")
+        except ImportError:
+            versions[mod] = None
+    versions["prunekit"] = getattr(prunekit, "__version__", "?")
+    info: dict[str, Any] = {
+        "device": device,
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": threads,
+        "loadavg": list(os.getloadavg()),
+        "versions": versions,
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def load_cifar(
+    data_dir: Path, n_train: int, n_val: int, n_test: int | None, seed: int
+) -> tuple[TensorImageDataset, TensorImageDataset, TensorImageDataset]:
+    """(train, val, test) from the JPEG archives, decoded once into memory.
+
+    Train and val are disjoint seeded random subsets of the train split (class-mixed: the archive
+    is sorted by class); test is a seeded random subset of the test split (all of it by default).
+    """
+    spec = f"folder:{data_dir}/cifar10-jpg-{{split}}.tar.gz"
+    tr = build_dataset(spec, "train")
+    te = build_dataset(spec, "test")
+    assert isinstance(tr, ImageFolder) and isinstance(te, ImageFolder)
+    x_tr, y_tr = cached_uint8(tr)
+    x_te, y_te = cached_uint8(te)
+    if n_train + n_val > len(x_tr):
+        raise ValueError(f"--train-images + --val-images = {n_train + n_val} > {len(x_tr)} train images")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x_tr), generator=g)
+    i_tr, i_val = perm[:n_train], perm[n_train : n_train + n_val]
+    i_te = torch.randperm(len(x_te), generator=g)[: n_test or len(x_te)]
+    aug = classification_train_transforms(32)
+    return (
+        TensorImageDataset(x_tr[i_tr], y_tr[i_tr], tr.classes, aug, source=tr.source),
+        TensorImageDataset(x_tr[i_val], y_tr[i_val], tr.classes, None, source=tr.source),
+        TensorImageDataset(x_te[i_te], y_te[i_te], te.classes, None, source=te.source),
+    )
+
+
+def make_vgg(variant: str, width: float, classes: list[str]) -> nn.Module:
+    """VGG16 (BN) for 32x32 inputs: the config's input size and statistics are CIFAR's for either
+    variant, so MACs are counted at 32x32 and the export takes 32x32 images."""
+    cfg = vgg16_config(len(classes), variant=variant, width=width, batch_norm=True, class_names=classes)
+    cfg = dataclasses.replace(
+        cfg, input_size=(32, 32), image_mean=list(CIFAR_MEAN), image_std=list(CIFAR_STD)
+    )
+    return build_model(cfg)
+
+
+def load_bccd(
+    root: Path, augment: str, limit: int | None = None, train_split: str = "train"
+) -> tuple[Any, Any, Any]:
+    """(train, val, test) BCCD splits; ``augment`` "flip" (short schedules) or "ssd" (the full SSD
+    augmentation, for long ones). ``limit`` keeps the first images of each split (smoke runs)."""
+    spec = f"voc:{root}"
+    tf = {"transforms": Compose([RandomHorizontalFlip()])} if augment == "flip" else {}
+    train_set = build_dataset(spec, train_split, train=True, skip_bad=True, **tf)
+    val_set = build_dataset(spec, "val", skip_bad=True)
+    test_set = build_dataset(spec, "test", skip_bad=True)
+    if limit:
+        from torch.utils.data import Subset
+
+        def cut(ds: Any) -> Any:
+            sub = Subset(ds, range(min(limit, len(ds))))
+            sub.classes = ds.classes  # type: ignore[attr-defined]
+            return sub
+
+        train_set, val_set, test_set = cut(train_set), cut(val_set), cut(test_set)
+    return train_set, val_set, test_set
+
+
+class Stages:
+    """The stages' shared state: the datasets, the stage records (``stages.json``), the timers.
+
+    ``datasets`` is ``(train, val, test)``; ``score(model, dataset)`` returns the metrics of a
+    model in percent, with the primary one under ``primary`` (``top1`` / ``ap50``).
+    """
+
+    def __init__(
+        self,
+        args: Any,
+        datasets: tuple[Any, Any, Any],
+        score: Callable[[nn.Module, Any], dict[str, float]],
+        primary: str,
+    ):
+        self.args, self.score, self.primary = args, score, primary
+        self.out: Path = args.out
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.t0 = time.perf_counter()
+        self.train_set, self.val_set, self.test_set = datasets
+        self.saved = self.out / "stages.json"
+        self.done: dict[str, Any] = json.loads(self.saved.read_text()) if self.saved.is_file() else {}
+        self.stamp(f"data: {len(self.train_set)} train / {len(self.val_set)} val / {len(self.test_set)} test")
+
+    def stamp(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.0f}s] {msg}", flush=True)
+
+    def tcfg(self, epochs: int, lr: float, schedule: str = "cosine", warmup: int = 0, **kw: Any) -> TrainConfig:
+        a = self.args
+        return TrainConfig(
+            epochs=epochs, lr=lr, warmup_iters=warmup, schedule=schedule, batch_size=a.batch_size,
+            device=a.device, seed=a.seed, log_every=50, channels_last=True, amp=a.device.startswith("cuda"), **kw,
+        )  # fmt: skip
+
+    def record(self, stage: str, model: nn.Module, cpu0: float, wall0: float, **extra: Any) -> dict[str, Any]:
+        """Save ``model`` as ``<out>/<stage>.pt`` and its row: size, test metrics (+ SE), val metric."""
+        path = self.out / f"{stage}.pt"
+        prunekit.save(model, path)
+        test = self.score(model, self.test_set)
+        val = self.score(model, self.val_set)
+        row = {
+            **model_stats(model),
+            **test,
+            f"{self.primary}_se": standard_error(test[self.primary], len(self.test_set)),
+            f"val_{self.primary}": val[self.primary],
+            "checkpoint": str(path),
+            "filters": {r["layer"]: r["filters_after"] for r in layer_table(model)},
+            "wall_s": round(time.perf_counter() - wall0, 1),
+            "cpu_s": round(time.process_time() - cpu0, 1),
+            "loadavg_end": list(os.getloadavg()),
+            **extra,
+        }
+        self.done[stage] = row
+        atomic_write_json(self.saved, self.done)
+        self.stamp(
+            f"{stage}: params {row['params']:,}, MACs {row['macs']:,}, {self.primary} {test[self.primary]:.2f} "
+            f"± {row[self.primary + '_se']:.2f}"
+        )
+        return row
+
+    def model(self, stage: str) -> nn.Module:
+        path = self.out / f"{stage}.pt"
+        if stage not in self.done or not path.is_file():
+            raise SystemExit(f"{path}: stage {stage!r} has not run yet (add it to --stages)")
+        return prunekit.load(path).to(self.args.device)
+
+    def ort_ratio(self, names: tuple[str, str], rounds: int) -> dict[str, Any]:
+        """ONNX Runtime CPU at batch 1: ``names[1]``'s throughput over ``names[0]``'s, interleaved."""
+        import tempfile
+
+        from speed_aware import time_ort_interleaved
+
+        from prunekit.export import export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            paths = {}
+            for stage in names:
+                paths[stage] = Path(tmp) / f"{stage}.onnx"
+                export_onnx(self.model(stage).cpu(), paths[stage], check=False)
+            timing = time_ort_interleaved(paths, rounds=rounds, warmup=5)
+        row = {
+            "timing": timing,
+            "fps_ratio_b1": timing[names[1]]["fps"] / timing[names[0]]["fps"],
+            "loadavg": list(os.getloadavg()),
+        }
+        self.done["ort"] = row
+        atomic_write_json(self.saved, self.done)
+        self.stamp(f"ort: {names[1]} {timing[names[1]]['fps']:.1f} img/s vs {names[0]} {timing[names[0]]['fps']:.1f}")
+        return row

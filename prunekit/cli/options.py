@@ -1,0 +1,104 @@
+"""Click options generated from a config dataclass, so each setting and its default live in one place.
+
+``dataclass_options(PruneConfig, help=FIELD_HELP)`` adds one ``--field-name`` per field (bool
+fields as ``--x/--no-x``, lists as comma-separated values, dicts as ``a=1,b=2``, ``none`` for an
+optional value); every option defaults to "not given" so that a YAML config or the dataclass
+default applies, and :func:`collect` turns what was given into constructor keywords.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import click
+
+from prunekit.cli.common import UserError
+
+
+def _inner(tp: Any) -> tuple[Any, bool]:
+    """(type without ``None``, whether ``None`` is allowed)."""
+    args = typing.get_args(tp)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _parse(tp: Any, text: str, flag: str) -> Any:
+    base, optional = _inner(tp)
+    if optional and text.strip().lower() == "none":
+        return None
+    origin = typing.get_origin(base)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(base)
+            return [item(x) for x in text.replace(" ", "").split(",") if x]
+        if origin is dict:
+            _, val = typing.get_args(base)
+            out = {}
+            for part in text.replace(" ", "").split(","):
+                if part:
+                    k, v = part.split("=", 1)
+                    out[k] = val(v)
+            return out
+        return base(text)
+    except ValueError:
+        raise UserError(f"{flag}: cannot read {text!r} as {getattr(base, '__name__', base)}") from None
+
+
+def option_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def dataclass_options(
+    cls: type,
+    help: Mapping[str, str] | None = None,
+    choices: Mapping[str, Iterable[str]] | None = None,
+    exclude: Iterable[str] = (),
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding one click option per field of ``cls`` (see the module docstring)."""
+    hints = typing.get_type_hints(cls)
+    skip = set(exclude)
+    fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for f in reversed(fields):
+            tp = hints[f.name]
+            base, _ = _inner(tp)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            text = (help or {}).get(f.name, "")
+            shown = f" [default: {_show(default)}]"
+            if base is bool:
+                opt = click.option(f"{option_name(f.name)}/--no-{f.name.replace('_', '-')}", f.name,
+                                   default=None, help=text + shown)  # fmt: skip
+            elif choices and f.name in choices:
+                vals = list(choices[f.name])
+                opt = click.option(option_name(f.name), f.name, type=click.Choice(vals), default=None,
+                                   help=text + shown)  # fmt: skip
+            else:
+                opt = click.option(option_name(f.name), f.name, type=str, default=None, help=text + shown)
+            fn = opt(fn)
+        return fn
+
+    return deco
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, list):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def collect(cls: type, opts: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``base`` (e.g. a YAML section) updated with the options of ``cls`` that were given."""
+    hints = typing.get_type_hints(cls)
+    out = dict(base or {})
+    for f in dataclasses.fields(cls):
+        val = opts.get(f.name)
+        if val is None:
+            continue
+        out[f.name] = _parse(hints[f.name], val, option_name(f.name)) if isinstance(val, str) else val
+    return out

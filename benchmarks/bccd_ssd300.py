@@ -44,7 +44,7 @@ from prunekit.prune.trainer import DataTrainer
 from prunekit.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, RESULTS, Stages, load_bccd, machine_info  # noqa: E402
+from common import DEFAULT_DATA, RESULTS, Stages, load_bccd, machine_info, render_tail, run_stages  # noqa: E402
 
 STAGES = ("original", "paper", "control", "l1norm", "ort")
 log = logging.getLogger("bccd_ssd300")
@@ -83,7 +83,11 @@ def make_stages(args: argparse.Namespace) -> Stages:
 
     def score(model: nn.Module, ds: Any) -> dict[str, float]:
         m = evaluate(model, ds, batch_size=8, device=args.device, progress=False)
-        return {"ap50": 100 * float(m["map50"]), "map": 100 * float(m["map"]), "voc07_ap": 100 * float(m["voc07_ap"])}
+        return {
+            "ap50": 100 * float(m["map50"]),
+            "map": 100 * float(m["map"]),
+            "voc07_ap": 100 * float(m["voc07_ap"]),
+        }
 
     return Stages(args, data, score, "ap50")
 
@@ -161,8 +165,14 @@ def write_result(b: Stages) -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "smoke": b.args.smoke,
         "model": {"arch": "ssd300_vgg16", "batch_norm": True, "width": b.args.width},
-        "data": {"train": "trainval", "train_images": len(b.train_set), "search_split": "val (inside trainval)",
-                 "val_images": len(b.val_set), "test_images": len(b.test_set), "source": "../shared/data/BCCD"},  # fmt: skip
+        "data": {
+            "train": "trainval",
+            "train_images": len(b.train_set),
+            "search_split": "val (inside trainval)",
+            "val_images": len(b.val_set),
+            "test_images": len(b.test_set),
+            "source": "../shared/data/BCCD",
+        },  # fmt: skip
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(b.args).items()},
         "machine": machine_info(b.args.device, b.args.threads),
     }
@@ -219,29 +229,7 @@ def render(r: dict[str, Any]) -> str:
             f"{x['map']:.2f} | {x['voc07_ap']:.2f} | {o['params'] / x['params']:.2f} | {o['macs'] / x['macs']:.2f} | "
             f"{x.get('epochs', '-')} | {x.get('wall_s', '-')} | {x.get('cpu_s', '-')} |"
         )
-    if "ort_cpu_fps_ratio_b1" in r:
-        t = r["ort_timing"]
-        lines += ["", f"ONNX Runtime CPU, batch 1, interleaved: paper {t['paper']['fps']:.1f} img/s, original "
-                  f"{t['original']['fps']:.1f} img/s: **{r['ort_cpu_fps_ratio_b1']:.2f}x**."]  # fmt: skip
-    if "targets" in r:
-        lines += ["", "Targets: " + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else
-                                          f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items())]  # fmt: skip
-    if "paper" in r and r["paper"].get("phases"):
-        pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-        lines += ["", "## paper: phases (val AP50)", "",
-                  "| phase | λ | k | before | sparse | thresholded | pruned | retrained | params |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for p in r["paper"]["phases"]:
-            lines.append(
-                f"| {p['phase']} | {p['lam']} | {p['k']} | {pct(p['val_before'])} | {pct(p['val_sparse'])} | "
-                f"{pct(p['val_thresholded'])} | {pct(p['val_pruned'])} | {pct(p['val_retrained'])} | {p['params']} |"
-            )
-    if o is not None:
-        stages = [s for s in ("original", "paper", "l1norm") if s in r]
-        lines += ["", "## Filters per layer", "", "| layer | " + " | ".join(stages) + " |",
-                  "|---|" + "---:|" * len(stages)]  # fmt: skip
-        for layer in o["filters"]:
-            lines.append(f"| {layer} | " + " | ".join(str(r[s]["filters"].get(layer, "-")) for s in stages) + " |")
+    lines += render_tail(r, "original", "paper", ("original", "paper", "l1norm"), "AP50")
     return "\n".join(lines) + "\n"
 
 
@@ -250,14 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     b = make_stages(args)
-    for stage in [s for s in args.stages.split(",") if s]:
-        if stage not in STAGES:
-            raise SystemExit(f"unknown stage {stage!r}; choose from {STAGES}")
-        if stage in b.done and stage != "ort":
-            b.stamp(f"{stage}: reused from {b.saved}")
-            continue
-        globals()[f"stage_{stage}"](b)
-        write_result(b)
+    run_stages(b, [s for s in args.stages.split(",") if s], STAGES, globals(), write_result)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from prunekit.prune.trainer import DataTrainer
 from prunekit.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, RESULTS, Stages, load_cifar, machine_info, make_vgg  # noqa: E402
+from common import DEFAULT_DATA, RESULTS, Stages, load_cifar, machine_info, make_vgg, render_tail, run_stages  # noqa: E402
 
 STAGES = ("baseline", "paper", "control", "l1norm", "random", "ort")
 log = logging.getLogger("cifar10_vgg16")
@@ -82,10 +82,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def make_stages(args: argparse.Namespace) -> Stages:
-    data = load_cifar(args.data_dir, args.train_images, args.val_images, 512 if args.smoke else None, args.seed)
+    data = load_cifar(
+        args.data_dir, args.train_images, args.val_images, 512 if args.smoke else None, args.seed
+    )
 
     def score(model: nn.Module, ds: Any) -> dict[str, float]:
-        return {"top1": 100.0 * float(evaluate(model, ds, batch_size=256, device=args.device, progress=False)["top1"])}
+        return {
+            "top1": 100.0
+            * float(evaluate(model, ds, batch_size=256, device=args.device, progress=False)["top1"])
+        }
 
     return Stages(args, data, score, "top1")
 
@@ -153,7 +158,9 @@ def _matched(b: Stages, stage: str, method: str) -> None:
     model, info = prune_baseline(b.model("baseline"), method, target_params=target, seed=a.seed)
     before = b.score(model, b.val_set)["top1"]
     epochs = lineage_epochs(b)
-    b.stamp(f"{stage}: {info['params']:,} params (paper {target:,}), val top-1 before retraining {before:.2f}")
+    b.stamp(
+        f"{stage}: {info['params']:,} params (paper {target:,}), val top-1 before retraining {before:.2f}"
+    )
     train(model, b.train_set, b.tcfg(epochs, a.retrain_lr), progress=False)
     b.record(stage, model, cpu0, wall0, epochs=epochs, val_top1_before_retrain=before, ratio=info["ratio"])
 
@@ -176,10 +183,18 @@ def write_result(b: Stages) -> None:
         "benchmark": "cifar10_vgg16",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "smoke": b.args.smoke,
-        "model": {"arch": "vgg16", "variant": "imagenet (torchvision layout, 7x7 pool)", "batch_norm": True,
-                  "width": b.args.width},  # fmt: skip
-        "data": {"train_images": len(b.train_set), "val_images": len(b.val_set), "test_images": len(b.test_set),
-                 "source": "../shared/data/cifar10-jpg-{train,test}.tar.gz (JPEG q~75)"},  # fmt: skip
+        "model": {
+            "arch": "vgg16",
+            "variant": "imagenet (torchvision layout, 7x7 pool)",
+            "batch_norm": True,
+            "width": b.args.width,
+        },  # fmt: skip
+        "data": {
+            "train_images": len(b.train_set),
+            "val_images": len(b.val_set),
+            "test_images": len(b.test_set),
+            "source": "../shared/data/cifar10-jpg-{train,test}.tar.gz (JPEG q~75)",
+        },  # fmt: skip
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(b.args).items()},
         "machine": machine_info(b.args.device, b.args.threads),
     }
@@ -235,29 +250,7 @@ def render(r: dict[str, Any]) -> str:
             f"{base['params'] / x['params']:.1f} | {base['macs'] / x['macs']:.2f} | {x.get('epochs', '-')} | "
             f"{x.get('wall_s', '-')} | {x.get('cpu_s', '-')} |"
         )
-    if "ort_cpu_fps_ratio_b1" in r:
-        t = r["ort_timing"]
-        lines += ["", f"ONNX Runtime CPU, batch 1, interleaved: paper {t['paper']['fps']:.0f} img/s, baseline "
-                  f"{t['baseline']['fps']:.0f} img/s: **{r['ort_cpu_fps_ratio_b1']:.2f}x**."]  # fmt: skip
-    if "targets" in r:
-        lines += ["", "Targets: " + ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else
-                                          f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items())]  # fmt: skip
-    if "paper" in r and r["paper"].get("phases"):
-        pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-        lines += ["", "## paper: phases (validation top-1)", "",
-                  "| phase | λ | k | before | sparse | thresholded | pruned | retrained | params |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for p in r["paper"]["phases"]:
-            lines.append(
-                f"| {p['phase']} | {p['lam']} | {p['k']} | {pct(p['val_before'])} | {pct(p['val_sparse'])} | "
-                f"{pct(p['val_thresholded'])} | {pct(p['val_pruned'])} | {pct(p['val_retrained'])} | {p['params']} |"
-            )
-    if base is not None:
-        stages = [s for s in ("baseline", "paper", "l1norm", "random") if s in r]
-        lines += ["", "## Filters per layer", "", "| layer | " + " | ".join(stages) + " |",
-                  "|---|" + "---:|" * len(stages)]  # fmt: skip
-        for layer in base["filters"]:
-            lines.append(f"| {layer} | " + " | ".join(str(r[s]["filters"].get(layer, "-")) for s in stages) + " |")
+    lines += render_tail(r, "baseline", "paper", ("baseline", "paper", "l1norm", "random"), "top-1")
     return "\n".join(lines) + "\n"
 
 
@@ -266,14 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     b = make_stages(args)
-    for stage in [s for s in args.stages.split(",") if s]:
-        if stage not in STAGES:
-            raise SystemExit(f"unknown stage {stage!r}; choose from {STAGES}")
-        if stage in b.done and stage != "ort":
-            b.stamp(f"{stage}: reused from {b.saved}")
-            continue
-        globals()[f"stage_{stage}"](b)
-        write_result(b)
+    run_stages(b, [s for s in args.stages.split(",") if s], STAGES, globals(), write_result)
 
 
 if __name__ == "__main__":

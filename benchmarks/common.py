@@ -155,7 +155,9 @@ class Stages:
     def stamp(self, msg: str) -> None:
         print(f"[{time.perf_counter() - self.t0:7.0f}s] {msg}", flush=True)
 
-    def tcfg(self, epochs: int, lr: float, schedule: str = "cosine", warmup: int = 0, **kw: Any) -> TrainConfig:
+    def tcfg(
+        self, epochs: int, lr: float, schedule: str = "cosine", warmup: int = 0, **kw: Any
+    ) -> TrainConfig:
         a = self.args
         return TrainConfig(
             epochs=epochs, lr=lr, warmup_iters=warmup, schedule=schedule, batch_size=a.batch_size,
@@ -215,5 +217,53 @@ class Stages:
         }
         self.done["ort"] = row
         atomic_write_json(self.saved, self.done)
-        self.stamp(f"ort: {names[1]} {timing[names[1]]['fps']:.1f} img/s vs {names[0]} {timing[names[0]]['fps']:.1f}")
+        self.stamp(
+            f"ort: {names[1]} {timing[names[1]]['fps']:.1f} img/s vs {names[0]} {timing[names[0]]['fps']:.1f}"
+        )
         return row
+
+
+def render_tail(
+    r: dict[str, Any], base: str, compressed: str, stages: tuple[str, ...], what: str
+) -> list[str]:
+    """The markdown after a result's main table: ORT line, targets, the phases, filters per layer."""
+    lines: list[str] = []
+    if "ort_cpu_fps_ratio_b1" in r:
+        t = r["ort_timing"]
+        lines += ["", f"ONNX Runtime CPU, batch 1, interleaved: {compressed} {t[compressed]['fps']:.1f} img/s, "
+                  f"{base} {t[base]['fps']:.1f} img/s: **{r['ort_cpu_fps_ratio_b1']:.2f}x**."]  # fmt: skip
+    if "targets" in r:
+        shown = [f"{k} = {v:.2f}" if isinstance(v, float) else f"{k}: {'met' if v else 'NOT met'}"
+                 for k, v in r["targets"].items()]  # fmt: skip
+        lines += ["", "Targets: " + ", ".join(shown)]
+    if compressed in r and r[compressed].get("phases"):
+        pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        lines += ["", f"## {compressed}: phases (validation {what})", "",
+                  "| phase | λ | k | before | sparse | thresholded | pruned | retrained | params |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for p in r[compressed]["phases"]:
+            lines.append(
+                f"| {p['phase']} | {p['lam']:.4g} | {p['k']} | {pct(p['val_before'])} | {pct(p['val_sparse'])} | "
+                f"{pct(p['val_thresholded'])} | {pct(p['val_pruned'])} | {pct(p['val_retrained'])} | {p['params']:,} |"
+            )
+    if base in r:
+        shown_stages = [s for s in stages if s in r]
+        lines += ["", "## Filters per layer", "", "| layer | " + " | ".join(shown_stages) + " |",
+                  "|---|" + "---:|" * len(shown_stages)]  # fmt: skip
+        for layer in r[base]["filters"]:
+            vals = " | ".join(str(r[s]["filters"].get(layer, "-")) for s in shown_stages)
+            lines.append(f"| {layer} | {vals} |")
+    return lines
+
+
+def run_stages(b: Stages, names: list[str], known: tuple[str, ...], fns: dict[str, Any], write: Any) -> None:
+    """Run the stages ``names`` in order (``fns["stage_<name>"](b)``), skipping the done ones (the
+    ``ort`` timing always reruns), and rewrite the result after each."""
+    for stage in names:
+        if stage not in known:
+            raise SystemExit(f"unknown stage {stage!r}; choose from {known}")
+        if stage in b.done and stage != "ort":
+            b.stamp(f"{stage}: reused from {b.saved}")
+            continue
+        fns[f"stage_{stage}"](b)
+        write(b)

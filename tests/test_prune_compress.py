@@ -191,10 +191,17 @@ def test_phase_run_with_realistic_tolerances_removes_the_planted_filters_and_no_
     row = next(r for r in diag["layers"] if r["layer"] == "conv4_2")
     assert row["gamma_zero"] == 4 and row["kept"] == 60 and row["above_tau1"] == 4
     assert (tmp_path / "p1" / "diagnostics.png").stat().st_size > 1000
-    assert toy.calls[:3] == [("convs/sparsity", 2, False), ("convs/sparsity", 2, True), ("convs/retrain", 1, False)]
+    assert toy.calls[:3] == [
+        ("convs/sparsity", 2, False),
+        ("convs/sparsity", 2, True),
+        ("convs/retrain", 1, False),
+    ]
     for step in ("sparse", "thresholded", "pruned", "retrained"):
         assert (tmp_path / "p1" / f"{step}.pt").is_file() and (tmp_path / "p2" / f"table_{step}.md").is_file()
-    assert summary["final"]["params"] == prunekit.count_params(out) and "| conv1_1 |" in (tmp_path / "summary.md").read_text()
+    assert (
+        summary["final"]["params"] == prunekit.count_params(out)
+        and "| conv1_1 |" in (tmp_path / "summary.md").read_text()
+    )
     # resume: nothing is trained again and the same model comes back; other settings are refused
     toy.calls.clear()
     trainer = FnTrainer(toy.train, toy.eval, toy.recalibrate)
@@ -209,7 +216,13 @@ def test_surgery_takes_the_sparse_model_not_the_thresholded_one(tmp_path):
     toy = _PlantedToy(model)
     # ε2 = 100 admits a real threshold, so that Θ_L1^th and Θ_L1 differ
     hp = PruneConfig(eps1=2, eps2=100, shrink_grid=[0.001], epochs_sparsity=1, epochs_retrain=0, align=1)
-    run_phases(model, [resolve_phases("vgg16", model)[0]], FnTrainer(toy.train, toy.eval, toy.recalibrate), hp, tmp_path)
+    run_phases(
+        model,
+        [resolve_phases("vgg16", model)[0]],
+        FnTrainer(toy.train, toy.eval, toy.recalibrate),
+        hp,
+        tmp_path,
+    )
     sparse = prunekit.load(tmp_path / "p1" / "sparse.pt")
     thresholded = prunekit.load(tmp_path / "p1" / "thresholded.pt")
     pruned = prunekit.load(tmp_path / "p1" / "pruned.pt")
@@ -241,14 +254,18 @@ def test_no_admissible_lambda_is_loud_and_strict_raises(caplog):
             reference="control", stop_early=False, se=0.01,
         )  # fmt: skip
     assert not res.admissible and res.lam == 0.0 and res.reference == 0.90 and calls == [True, False, False]
-    assert "NO λ admissible" in caplog.text and "λ=0.1 -> 0.5000" in caplog.text and "1.00 points" in caplog.text
+    assert (
+        "NO λ admissible" in caplog.text and "λ=0.1 -> 0.5000" in caplog.text and "1.00 points" in caplog.text
+    )
     metrics = iter([0.90, 0.50])
     with pytest.raises(NoAdmissibleLambda, match="0.9000"):
         induce_sparsity(net, ["0"], [0.1], train_fn, lambda m: next(metrics), 2.0, 0.8, reference="control",
                         strict=True)  # fmt: skip
 
 
-@pytest.mark.parametrize("selector", [L1Norm(), Random(seed=3), BNScale()], ids=["l1norm", "random", "bnscale"])
+@pytest.mark.parametrize(
+    "selector", [L1Norm(), Random(seed=3), BNScale()], ids=["l1norm", "random", "bnscale"]
+)
 def test_every_rank_selector_at_a_matched_budget_gives_the_predicted_count(selector):
     model = prunekit.vgg16(10, variant="cifar", width=0.125)
     graph = build_dependency_graph(model)
@@ -287,7 +304,10 @@ def test_narrow_vgg_fc_init_scales_with_fan_in():
 
 @pytest.mark.parametrize(
     "build",
-    [lambda: prunekit.vgg16(10, variant="cifar", width=0.125), lambda: prunekit.ssd300_vgg16(3, width=0.125, batch_norm=True)],
+    [
+        lambda: prunekit.vgg16(10, variant="cifar", width=0.125),
+        lambda: prunekit.ssd300_vgg16(3, width=0.125, batch_norm=True),
+    ],
     ids=["vgg16-bn", "ssd300-bn"],
 )
 def test_fold_bn_gives_a_bn_free_model_with_the_same_outputs(build):

@@ -68,7 +68,9 @@ def phase_diagnostics(
         if bn is not None:
             g = sparse.get_submodule(bn).weight.detach().abs().float()
             row["gamma_zero"] = int((g == 0).sum())
-            row["gamma_quantiles"] = [float(q) for q in torch.quantile(g, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))]
+            row["gamma_quantiles"] = [
+                float(q) for q in torch.quantile(g, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0]))
+            ]
             row["gamma"] = [round(float(v), 5) for v in g]
         layers.append(row)
     return {"phase": rp.name, "tau1": tau1, "bins": BINS, "layers": layers}

@@ -95,7 +95,9 @@ class RankSelector(Selector):
     def scores(self, model: nn.Module, group: Group, graph: DependencyGraph) -> Tensor:
         raise NotImplementedError
 
-    def select(self, model: nn.Module, layers: Sequence[str] | None, graph: DependencyGraph) -> SelectionResult:
+    def select(
+        self, model: nn.Module, layers: Sequence[str] | None, graph: DependencyGraph
+    ) -> SelectionResult:
         if not 0.0 <= self.ratio < 1.0:
             raise ValueError(f"removal ratio must be in [0, 1), got {self.ratio}")
         result = SelectionResult({})
@@ -160,7 +162,9 @@ class CostAware(RankSelector):
     layer_cost: dict[str, float] | None = None  # layer name -> cost (e.g. MACs)
     name = "cost"
 
-    def select(self, model: nn.Module, layers: Sequence[str] | None, graph: DependencyGraph) -> SelectionResult:
+    def select(
+        self, model: nn.Module, layers: Sequence[str] | None, graph: DependencyGraph
+    ) -> SelectionResult:
         base = self.base or L1Norm()
         groups = prunable_groups(graph, layers)
         costs = self.layer_cost or {}

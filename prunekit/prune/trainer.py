@@ -113,7 +113,9 @@ class DataTrainer:
 
         if epochs <= 0:
             return
-        log.info("%s: %d epochs%s", tag, epochs, "" if sparsity is None else f" (sparsity λ={sparsity.lam:g})")
+        log.info(
+            "%s: %d epochs%s", tag, epochs, "" if sparsity is None else f" (sparsity λ={sparsity.lam:g})"
+        )
         train(model, self.train_set, self._cfg(epochs, sparsity is not None), regularizer=sparsity,
               progress=self.progress)  # fmt: skip
         self.epochs_trained += epochs

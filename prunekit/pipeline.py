@@ -87,7 +87,7 @@ class PipelineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from prunekit.prune.method import PruneConfig
+        from prunekit.prune.config import PruneConfig
 
         if not isinstance(self.prune, PruneConfig):
             given = dict(self.prune or {})

@@ -61,3 +61,41 @@ def test_prune_command_end_to_end_on_synthetic_shapes(tmp_path):
     assert "| fc6 |" in (tmp_path / "run" / "layers.md").read_text()
     table = _run("inspect", tmp_path / "run" / "model.pt")
     assert "| conv1_1 | 4 |" in table  # filters before come from the checkpoint's record
+
+
+def test_every_pruning_setting_is_an_option_of_prune_and_compress_and_export():
+    import dataclasses
+
+    from prunekit.cli.pipeline import compress_and_export
+    from prunekit.cli.prune import prune
+    from prunekit.prune.config import FIELD_HELP, PruneConfig
+
+    fields = {f.name for f in dataclasses.fields(PruneConfig)} - {"seed"}
+    assert fields <= set(FIELD_HELP)  # every setting is documented once, where it is defined
+    for cmd in (prune, compress_and_export):
+        assert fields <= {p.name for p in cmd.params}, cmd.name
+
+
+def test_options_parse_into_the_config_and_yaml_sections_nest():
+    import pytest
+
+    from prunekit.cli.common import UserError
+    from prunekit.cli.options import collect
+    from prunekit.pipeline import PIPELINE_PRUNE, PipelineConfig
+    from prunekit.prune.config import PruneConfig
+
+    got = collect(
+        PruneConfig,
+        {"shrink_grid": "0.5,1", "proximal": False, "budget_max_evals": "none", "layer_weights": "conv1_1=2",
+         "eps1": "3", "tau1": None},
+        {"eps2": 9.0},
+    )  # fmt: skip
+    assert got == {"eps2": 9.0, "shrink_grid": [0.5, 1.0], "proximal": False, "budget_max_evals": None,
+                   "layer_weights": {"conv1_1": 2.0}, "eps1": 3.0}  # fmt: skip
+    with pytest.raises(UserError, match="--eps1"):
+        collect(PruneConfig, {"eps1": "three"})
+    cfg = PipelineConfig(prune={"eps1": 3.0}, seed=7)
+    assert cfg.prune.eps1 == 3.0 and cfg.prune.seed == 7
+    assert cfg.prune.epochs_sparsity == PIPELINE_PRUNE["epochs_sparsity"]
+    with pytest.raises(ValueError, match="unknown"):
+        PipelineConfig(prune={"eps9": 1})

@@ -67,7 +67,7 @@ def compress_and_export(out: Path, config_file: Path | None, resume: bool, force
     if resume and force:
         raise UserError("--resume and --force contradict each other; pick one")
     from prunekit.cli.options import collect
-    from prunekit.prune.method import PruneConfig
+    from prunekit.prune.config import PruneConfig
 
     values: dict[str, Any] = PipelineConfig.from_yaml(config_file) if config_file else {}
     values["prune"] = collect(PruneConfig, opts, values.get("prune"))

@@ -11,7 +11,7 @@ import click
 
 from prunekit.cli.common import UserError, friendly_errors
 from prunekit.cli.options import collect, dataclass_options
-from prunekit.prune.method import FIELD_CHOICES, FIELD_HELP, PruneConfig
+from prunekit.prune.config import FIELD_CHOICES, FIELD_HELP, PruneConfig
 
 prune_config_options = dataclass_options(PruneConfig, FIELD_HELP, FIELD_CHOICES, exclude=("seed",))
 
@@ -88,7 +88,7 @@ def prune(
     import prunekit
     from prunekit.models import get_config
     from prunekit.prune.cost import render_cost_markdown
-    from prunekit.prune.method import PruneConfig, cost_rows, load_table_for, make_trainer, run_phases
+    from prunekit.prune.method import cost_rows, load_table_for, make_trainer, run_phases
     from prunekit.prune.phases import resolve_phases
     from prunekit.prune.report import model_stats, write_table
 

@@ -5,8 +5,9 @@ What is coupled (:mod:`~prunekit.prune.graph`), what to remove (:mod:`~prunekit.
 phase runner that strings the paper's steps together (:mod:`~prunekit.prune.method`).
 """
 
+from prunekit.prune.config import PruneConfig
 from prunekit.prune.graph import DependencyGraph, build_dependency_graph
-from prunekit.prune.method import PruneConfig, run_phases
+from prunekit.prune.method import run_phases
 from prunekit.prune.phases import Phase, resolve_phases
 from prunekit.prune.report import layer_table, model_stats
 from prunekit.prune.surgery import keep_detection_layers, prune_channels

@@ -36,13 +36,12 @@ built by the caller, so the runner knows no data; its ``evaluate`` returns the v
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,22 +49,14 @@ import torch
 from torch import nn
 
 from prunekit.fileio import atomic_write_json, atomic_write_text
+from prunekit.prune.config import PruneConfig
 from prunekit.prune.graph import DependencyGraph, build_dependency_graph
 from prunekit.prune.phases import Phase, ResolvedPhase, resolve, resolve_phases
 from prunekit.prune.report import layer_table, model_stats, render_markdown
-from prunekit.prune.selection import (
-    MIN_KEEP_FRACTION,
-    TAU1,
-    TAU2,
-    TAU3,
-    check_taus,
-    select_filters,
-    tau_grid,
-)
+from prunekit.prune.selection import select_filters, tau_grid
 from prunekit.prune.sparsity import POINT, Sparsity, induce_sparsity, sparsity_targets, weight_sparsity
 from prunekit.prune.surgery import keep_detection_layers, prune_channels
 from prunekit.prune.threshold import (
-    DEFAULT_K_RANGE,
     apply_threshold,
     global_std,
     search_threshold,
@@ -79,180 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 STEPS = ("sparse", "thresholded", "pruned", "retrained")
-
-
-@dataclass
-class PruneConfig:
-    """Every hyper-parameter of the method (JSON-safe). ε in points of the metric (0.01)."""
-
-    eps1: float = 1.0
-    eps2: float = 15.0
-    # The sparsity term. ``shrink_grid``: total L1 shrink of a sparsity stage, λ Σ_steps lr, in
-    # units of each parameter's own mean |value| (``l1_normalise``); λ = shrink / Σ lr, so the grid
-    # means the same on any data size and schedule. ``lam_grid`` (absolute λ) overrides it.
-    shrink_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])
-    lam_grid: list[float] | None = None
-    sparsity_target: str = "bn"  # "bn": BN scale where a BN follows, else weights | "weights": the paper
-    proximal: bool = True  # soft-threshold after each step (exact zeros) | False: subgradient in the loss
-    l1_normalise: bool = True
-    eps1_reference: str = "control"  # "control": λ = 0 fine-tune of the same length | "before"
-    strict: bool = False  # no admissible λ / pruned model out of tolerance: error instead of warning
-    # The threshold and the statistics.
-    k_range: list[float] = field(default_factory=lambda: list(DEFAULT_K_RANGE))
-    threshold_search: str = "bisect"  # "scan" | "bisect"
-    threshold_scale: str = "layer"  # "layer": k in each layer's std | "global": pooled std | "raw": the paper
-    fold_stats: bool = True  # zero-row statistics and thresholds on BN-folded weights
-    recalibrate_bn: bool = True  # BN statistics re-estimated before a cut model is scored
-    tau1: float = TAU1
-    tau2: float = TAU2
-    tau3: float = TAU3
-    min_keep: int = 1
-    min_keep_fraction: float = MIN_KEEP_FRACTION  # a layer keeps at least this share of its filters
-    fold_bias: bool = True  # constant outputs of removed channels folded into the consumers' biases
-    eps_pruned: float = 5.0  # pruned (before retraining) may lose at most this many points vs Θ_L1
-    align: int = 8  # round kept counts to multiples of this (1 = the paper exactly)
-    epochs_sparsity: int = 10
-    epochs_retrain: int = 10
-    layer_weights: dict[str, float] | None = None  # per-layer L1 multipliers (cost-aware)
-    cost_aware: str | None = None  # None | "macs" | "latency": layer_weights from prunekit.prune.cost
-    cost_alpha: float = 1.0  # 0 = uniform L1 (the paper) .. 1 = fully cost-proportional weights
-    cost_per: str = "weight"  # "weight" | "layer": see prunekit.prune.cost.l1_layer_weights
-    latency_table: str | None = None  # JSON file of `prunekit profile` (latency costs and reports)
-    latency_key: str | None = None  # its table to use; default: the key of the settings below
-    latency_backend: str = "ort-cpu"
-    latency_device: str = "cpu"
-    latency_precision: str = "fp32"
-    latency_batch: int = 1
-    target_flops: float | None = None  # budget: fraction of the original MACs
-    target_latency: float | None = None  # budget: fraction of the original estimated latency
-    budget_eps: float = 0.01  # tolerance of a budget, as a fraction of the original cost
-    budget_taus: list[float] = field(default_factory=lambda: [0.5, 0.7, 0.9])  # τ grid values
-    budget_max_evals: int | None = 8  # evaluations per phase in the budget search
-    keep_detection_layers: int | None = None  # pruned-Kdet: cut before the phases, which retrain it
-    fold_bn: bool = False  # fold BatchNorm into the convs first: the paper's BN-free setting
-    stop_early: bool = True  # λ search stops at the first inadmissible λ
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        check_taus(self.tau1, self.tau2, self.tau3)
-        if self.eps1 < 0 or self.eps2 < 0:
-            raise ValueError(f"eps1/eps2 must be >= 0 points, got {self.eps1}, {self.eps2}")
-        if (self.lam_grid is not None and not self.lam_grid) or not self.shrink_grid or not self.k_range:
-            raise ValueError("lam_grid / shrink_grid and k_range must not be empty")
-        if self.sparsity_target not in ("bn", "weights"):
-            raise ValueError(f"sparsity_target must be 'bn' or 'weights', got {self.sparsity_target!r}")
-        if self.eps1_reference not in ("control", "before"):
-            raise ValueError(f"eps1_reference must be 'control' or 'before', got {self.eps1_reference!r}")
-        if self.threshold_scale not in ("layer", "global", "raw"):
-            raise ValueError(f"threshold_scale must be 'layer', 'global' or 'raw', got {self.threshold_scale!r}")
-        if not 0.0 <= self.min_keep_fraction <= 1.0:
-            raise ValueError(f"min_keep_fraction must be in [0, 1], got {self.min_keep_fraction}")
-        if self.eps_pruned < 0:
-            raise ValueError(f"eps_pruned must be >= 0 points, got {self.eps_pruned}")
-        if self.align < 1 or self.min_keep < 1:
-            raise ValueError(f"align and min_keep must be >= 1, got {self.align}, {self.min_keep}")
-        if self.cost_aware not in (None, "macs", "latency"):
-            raise ValueError(f"cost_aware must be None, 'macs' or 'latency', got {self.cost_aware!r}")
-        if not 0.0 <= self.cost_alpha <= 1.0:
-            raise ValueError(f"cost_alpha must be in [0, 1], got {self.cost_alpha}")
-        if self.cost_per not in ("weight", "layer"):
-            raise ValueError(f"cost_per must be 'weight' or 'layer', got {self.cost_per!r}")
-        for name in ("target_flops", "target_latency"):
-            v = getattr(self, name)
-            if v is not None and not 0.0 < v <= 1.0:
-                raise ValueError(f"{name} must be a fraction of the original in (0, 1], got {v}")
-        if self.target_flops is not None and self.target_latency is not None:
-            raise ValueError("give target_flops or target_latency, not both")
-        needs_table = self.cost_aware == "latency" or self.target_latency is not None
-        if needs_table and not self.latency_table:
-            raise ValueError(
-                "cost_aware='latency' and target_latency need latency_table (a `prunekit profile` JSON file)"
-            )
-        if self.budget_eps < 0:
-            raise ValueError(f"budget_eps must be >= 0, got {self.budget_eps}")
-        if self.budget_max_evals is not None and self.budget_max_evals < 1:
-            raise ValueError(f"budget_max_evals must be >= 1 or None, got {self.budget_max_evals}")
-        if self.latency_batch < 1:
-            raise ValueError(f"latency_batch must be >= 1, got {self.latency_batch}")
-        tau_grid(self.budget_taus)  # validates the values
-
-    @property
-    def budget(self) -> tuple[str, float] | None:
-        """``(kind, target)`` of the configured budget (``"macs"``/``"latency"``), or None."""
-        if self.target_flops is not None:
-            return "macs", float(self.target_flops)
-        if self.target_latency is not None:
-            return "latency", float(self.target_latency)
-        return None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PruneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown pruning hyper-parameters {sorted(unknown)}")
-        return cls(**dict(d))
-
-
-# Help text of every field (the CLI options are generated from the dataclass and this).
-FIELD_HELP: dict[str, str] = {
-    "eps1": "Allowed drop after sparsity induction, points (against the λ = 0 control by default).",
-    "eps2": "Allowed drop of the thresholded model below Θ_L1, points (it only guides selection).",
-    "shrink_grid": "Total L1 shrink per sparsity stage, in units of each parameter's scale (λ = shrink / Σ lr).",
-    "lam_grid": "Absolute λ values (override --shrink-grid; the paper's units).",
-    "sparsity_target": "bn: L1 on BN scales where a BN follows a layer, weights elsewhere; weights: the paper.",
-    "proximal": "Apply the L1 as a proximal step (exact zeros) instead of a loss subgradient.",
-    "l1_normalise": "Scale λ by each parameter's mean |value| (one λ for BN scales and FC weights).",
-    "eps1_reference": "control: ε1 against a λ = 0 fine-tune of the same length; before: the pre-phase model.",
-    "strict": "No admissible λ or a pruned model out of tolerance is an error, not a warning.",
-    "k_range": "Threshold multiples k to search (geometric by default).",
-    "threshold_search": "scan (exact) or bisect (assumes the metric falls with k).",
-    "threshold_scale": "layer: k in each layer's std of folded weights; global: pooled; raw: the paper.",
-    "fold_stats": "Zero-row statistics and thresholds on BN-folded weights.",
-    "recalibrate_bn": "Re-estimate BN statistics on training images before a cut model is scored.",
-    "tau1": "Remove filter i if s(W_l[i]) > τ1.",
-    "tau2": "... or if s(W_l[i]) > τ2 and s(W_l+1[:, i]) > τ3.",
-    "tau3": "See --tau2.",
-    "min_keep": "Filters every layer keeps at least.",
-    "min_keep_fraction": "Share of its filters every layer keeps at least.",
-    "fold_bias": "Fold removed channels' constant outputs (bias, BN beta) into the consumers' biases.",
-    "eps_pruned": "Allowed drop of the pruned model (before retraining) below Θ_L1, points; else smaller k.",
-    "align": "Round kept filters to multiples of N (1 = the paper exactly).",
-    "epochs_sparsity": "Epochs of each sparsity-induction run.",
-    "epochs_retrain": "Epochs of retraining after each phase's surgery.",
-    "layer_weights": "Per-layer L1 multipliers, name=w,... (cost-aware by hand).",
-    "cost_aware": "Weight the L1 term by layer cost: macs or latency.",
-    "cost_alpha": "0 = uniform L1 (paper) .. 1 = fully cost-proportional.",
-    "cost_per": "Cost per weight of a layer, or the layer's cost share.",
-    "latency_table": "`prunekit profile` JSON: for latency costs, --target-latency and the report.",
-    "latency_key": "Table key in a multi-table --latency-table.",
-    "latency_backend": "Which table of --latency-table (with device, precision, batch).",
-    "latency_device": "Device of the latency table.",
-    "latency_precision": "Precision of the latency table.",
-    "latency_batch": "Batch size of the latency table.",
-    "target_flops": "Budget: at most R x the original multiply-adds (0 < R <= 1).",
-    "target_latency": "Budget: at most R x the original latency estimated from --latency-table.",
-    "budget_eps": "Budget tolerance, a fraction of the original cost.",
-    "budget_taus": "τ values the budget search combines.",
-    "budget_max_evals": "Candidates scored per phase in the budget search.",
-    "keep_detection_layers": "pruned-Kdet: keep only the first K SSD feature maps, before the phases.",
-    "stop_early": "Stop the λ search at the first inadmissible λ.",
-    "fold_bn": "Fold BatchNorm into the convs before phase 1 (the paper's BN-free setting; the L1 then goes on the weights).",
-    "seed": "Seed of every training stage.",
-}
-FIELD_CHOICES: dict[str, tuple[str, ...]] = {
-    "sparsity_target": ("bn", "weights"),
-    "eps1_reference": ("control", "before"),
-    "threshold_search": ("scan", "bisect"),
-    "threshold_scale": ("layer", "global", "raw"),
-    "cost_aware": ("macs", "latency"),
-    "cost_per": ("weight", "layer"),
-    "latency_backend": ("ort-cpu", "torch"),
-    "latency_precision": ("fp32", "fp16"),
-}
 
 
 TrainFn = Callable[..., Any]

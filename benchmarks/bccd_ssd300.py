@@ -65,7 +65,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--retrain-epochs", type=int, default=2)
     ap.add_argument("--prune-lr", type=float, default=0.02, help="sparsity-induction (constant) lr")
     ap.add_argument("--retrain-lr", type=float, default=0.02, help="retraining lr (cosine)")
-    ap.add_argument("--shrink-grid", default="1,2")
+    ap.add_argument("--shrink-grid", default="1", help="total L1 shrink per sparsity stage (one value: CPU time)")
     ap.add_argument("--eps1", type=float, default=2.0, help="points of val AP50 (87 images: SE ~3-4 points)")
     ap.add_argument("--eps2", type=float, default=15.0)
     ap.add_argument("--device", default="cpu")

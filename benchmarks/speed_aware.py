@@ -1,4 +1,4 @@
-"""Speed-aware pruning benchmark (issue 4): does a pruned SSD300 actually run faster?
+"""Speed-aware pruning benchmark: does a pruned SSD300 actually run faster?
 
 Two parts:
 

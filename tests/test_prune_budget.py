@@ -90,7 +90,7 @@ def test_macs_budget_is_met_with_the_most_accurate_scored_candidate(tmp_path):
         assert rec["threshold"]["search"] == "budget" and len(rec["threshold"]["tau"]) == 3
     # no extra training: the λ = 0 control, one sparsity and one retraining run per phase
     assert toy.calls == [(f"{p}/{s}", r) for p in ("convs", "fcs")
-                         for s, r in (("sparsity", False), ("sparsity", True), ("retrain", False))]  # fmt: skip
+                         for s, r in (("sparsity", True), ("sparsity", True), ("retrain", False))]  # fmt: skip
     md = (tmp_path / "summary.md").read_text()
     assert "## Budget" in md and "met" in md and "MACs share after %" in md
     # the selection recorded in p1 reproduces from the saved thresholded model and its τ

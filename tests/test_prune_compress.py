@@ -191,8 +191,10 @@ def test_phase_run_with_realistic_tolerances_removes_the_planted_filters_and_no_
     row = next(r for r in diag["layers"] if r["layer"] == "conv4_2")
     assert row["gamma_zero"] == 4 and row["kept"] == 60 and row["above_tau1"] == 4
     assert (tmp_path / "p1" / "diagnostics.png").stat().st_size > 1000
+    # the control is the same sparsity stage at λ = 0
+    assert [t["lam"] for t in rec["sparsity"]["trials"]][0] == 0.0
     assert toy.calls[:3] == [
-        ("convs/sparsity", 2, False),
+        ("convs/sparsity", 2, True),
         ("convs/sparsity", 2, True),
         ("convs/retrain", 1, False),
     ]
@@ -244,7 +246,7 @@ def test_no_admissible_lambda_is_loud_and_strict_raises(caplog):
     calls = []
 
     def train_fn(m, reg):
-        calls.append(reg is None)
+        calls.append(reg.lam == 0)
 
     metrics = iter([0.90, 0.50, 0.40])  # control, then every λ far below it
 

@@ -1,4 +1,4 @@
-"""Speed-aware pruning: channel alignment, cost model, budgets, latency tables (issue 4)."""
+"""Speed-aware pruning: channel alignment, cost model, budgets, latency tables."""
 
 from __future__ import annotations
 

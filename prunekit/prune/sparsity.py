@@ -217,8 +217,9 @@ def induce_sparsity(
     ref_metric, fallback = float(baseline_metric), None
     trials: list[dict[str, Any]] = []
     if reference == "control":
+        # the same stage with λ = 0 (same schedule, same weight-decay exemption): only the L1 differs
         fallback = copy.deepcopy(model)
-        train_fn(fallback, None)
+        train_fn(fallback, make(fallback, 0.0))
         ref_metric = float(eval_fn(fallback))
         trials.append({"lam": 0.0, "metric": ref_metric, "admissible": True, "control": True})
         log.info("%s sparsity control (λ=0, same epochs): metric %.4f%s", name, ref_metric, _se(se))

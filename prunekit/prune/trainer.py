@@ -13,9 +13,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Callable
+import random
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -154,7 +157,24 @@ class DataTrainer:
                     x = x.to(device)
                     yield (x - norm[0]) / norm[1] if norm is not None else x
 
-        recalibrate_bn(model, batches(), device)
+        # Augmentation draws random numbers: seeded and restored, so the statistics (and every
+        # choice scored on them) are the same in a resumed run and leave training's RNG untouched.
+        with _fixed_rng(0):
+            recalibrate_bn(model, batches(), device)
+
+
+@contextmanager
+def _fixed_rng(seed: int) -> Iterator[None]:
+    py, npy, th = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
+        torch.set_rng_state(th)
 
 
 class FnTrainer:

@@ -460,7 +460,9 @@ def run_phase(
         )  # fmt: skip
         for t in res.trials:
             t["shrink"] = t["lam"] * lr_sum
-        sparse = res.model
+        # the layout a resumed run loads it in: channels_last and contiguous kernels round differently,
+        # and every later choice (k, back-off) must be the same after a resume
+        sparse = res.model.to(memory_format=torch.contiguous_format)
         sp = {**res.to_dict(), "layer_weights": weights, "lr_sum": lr_sum, "target": hp.sparsity_target,
               "regularised": len(targets), "se": runner.se(res.metric)}  # fmt: skip
         runner.save(
@@ -572,6 +574,7 @@ def run_phase(
     else:
         retrained = pruned
         runner.train(retrained, None, "retrain", f"{phase.name}/retrain")
+        retrained = retrained.to(memory_format=torch.contiguous_format)
         metric = runner.metric(retrained)
         runner.save(retrained, path, {"step": "retrained", "phase": phase.name, "metric": metric})
         table("retrained", retrained, metric)

@@ -109,7 +109,8 @@ def sparsity_targets(
     """Parameter path -> L1 multiplier for the layers of one phase.
 
     ``target="bn"``: for a conv/linear followed by its own BatchNorm, the BN scale gamma (the L1
-    on the conv weight would be cancelled by the BN); elsewhere the weights, element-wise.
+    on the conv weight would be cancelled by the BN); elsewhere the weights, element-wise; layers
+    that cannot be pruned (heads) get no term.
     ``target="weights"``: the weights everywhere (the paper). ``normalise`` divides each
     parameter's multiplier by its mean |value| on ``model``, so one λ means the same relative
     shrink for a BN scale near 1 and an FC weight near 0.01 (then the total shrink over a stage,
@@ -124,7 +125,12 @@ def sparsity_targets(
         from prunekit.prune.fold import producer_norms
         from prunekit.prune.graph import build_dependency_graph
 
-        norms = producer_norms(model, graph or build_dependency_graph(model))
+        graph = graph or build_dependency_graph(model)
+        norms = producer_norms(model, graph)
+        # Layers that cannot lose filters (SSD's head convs, the classifier's last layer) are left
+        # alone: an element-wise shrink of a detection head only costs accuracy (measured: BCCD val
+        # AP50 94.6 -> 58.9 at shrink 0.5 with the conv4_3 heads regularised).
+        paths = {n: p for n, p in paths.items() if graph.group(n).prunable}
     out: dict[str, float] = {}
     for name, path in paths.items():
         param = f"{norms[path]}.weight" if path in norms else f"{path}.weight"

@@ -88,9 +88,10 @@ def prune(
     import prunekit
     from prunekit.models import get_config
     from prunekit.prune.cost import render_cost_markdown
-    from prunekit.prune.method import cost_rows, load_table_for, make_trainer, run_phases
+    from prunekit.prune.method import cost_rows, load_table_for, run_phases
     from prunekit.prune.phases import resolve_phases
     from prunekit.prune.report import model_stats, write_table
+    from prunekit.prune.trainer import DataTrainer
 
     model = prunekit.load(model_path)
     phases = resolve_phases(phases_spec or get_config(model).arch, model)
@@ -99,7 +100,7 @@ def prune(
     tcfg = _train_config(
         kw["device"], kw["batch_size"], kw["lr"], kw["weight_decay"], kw["warmup_iters"], kw["seed"]
     )
-    trainer = make_trainer(train_set, val_set, tcfg, max_val_images=kw["max_val_images"])
+    trainer = DataTrainer(train_set, val_set, tcfg, eval_batch_size=16, max_val_images=kw["max_val_images"])
     pruned = run_phases(model, phases, trainer, hp, out_dir / "phases", resume=kw["resume"])
     summary = json.loads((out_dir / "phases" / "summary.json").read_text(encoding="utf-8"))
     original_channels = {r["layer"]: r["filters_before"] for r in summary["layers"]}

@@ -37,9 +37,7 @@ def phase_diagnostics(
     fold: bool = True,
 ) -> dict[str, Any]:
     """JSON-able diagnostics of one phase (see the module docstring)."""
-    weights = folded_weights(thresholded, graph) if fold else {
-        p: m.weight.detach() for p, m in thresholded.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)
-    }  # fmt: skip
+    weights = folded_weights(thresholded, graph, fold)
     norms = producer_norms(sparse, graph)
     layers: list[dict[str, Any]] = []
     for name, st in selection.items():

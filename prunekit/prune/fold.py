@@ -39,13 +39,16 @@ def bn_scale(bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
     return scale * gamma if gamma is not None else scale
 
 
-def folded_weights(model: nn.Module, graph: DependencyGraph) -> dict[str, Tensor]:
+def folded_weights(model: nn.Module, graph: DependencyGraph | None, fold: bool = True) -> dict[str, Tensor]:
     """Module path -> weight of every conv/linear, BN-folded where a BatchNorm follows it.
 
-    The model is not modified; tensors are detached (folded ones are new tensors).
+    ``fold=False`` (or no graph) gives the raw weights. The model is not modified; tensors are
+    detached (folded ones are new tensors).
     """
     mods = dict(model.named_modules())
     out = {p: m.weight.detach() for p, m in mods.items() if isinstance(m, nn.Conv2d | nn.Linear)}
+    if not fold or graph is None:
+        return out
     for group in graph.groups:
         bn_path = norm_of(graph, group)
         if bn_path is None:

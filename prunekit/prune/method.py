@@ -54,7 +54,14 @@ from prunekit.prune.graph import DependencyGraph, build_dependency_graph
 from prunekit.prune.phases import Phase, ResolvedPhase, resolve, resolve_phases
 from prunekit.prune.report import layer_table, model_stats, render_markdown
 from prunekit.prune.selection import select_filters, tau_grid
-from prunekit.prune.sparsity import POINT, Sparsity, induce_sparsity, sparsity_targets, weight_sparsity
+from prunekit.prune.sparsity import (
+    POINT,
+    Sparsity,
+    induce_sparsity,
+    se_text,
+    sparsity_targets,
+    weight_sparsity,
+)
 from prunekit.prune.surgery import keep_detection_layers, prune_channels
 from prunekit.prune.threshold import (
     apply_threshold,
@@ -72,8 +79,6 @@ log = logging.getLogger(__name__)
 STEPS = ("sparse", "thresholded", "pruned", "retrained")
 
 
-TrainFn = Callable[..., Any]
-EvalFn = Callable[[nn.Module], Any]
 
 
 class PhaseToleranceError(RuntimeError):
@@ -538,7 +543,7 @@ def run_phase(
             log.warning(
                 "phase %s: the model pruned at k=%g scores %.4f, more than eps_pruned = %.1f points below "
                 "Θ_L1 (%.4f)%s; layers cut: %s%s", phase.name, k, pruned_metric, hp.eps_pruned, sp["metric"],
-                _se_text(runner.se(pruned_metric)), cut or "none", "; trying a smaller k" if k != ks[-1] else "",
+                se_text(runner.se(pruned_metric)), cut or "none", "; trying a smaller k" if k != ks[-1] else "",
             )  # fmt: skip
         else:
             tried = ", ".join(f"k={a['k']:g}: {a['metric']:.4f}" for a in attempts)
@@ -583,10 +588,6 @@ def run_phase(
     record["filters"] = {r["layer"]: r["filters_after"] for r in layer_table(retrained)}
     runner.write_json(pdir / "record.json", record)
     return retrained, record, metric
-
-
-def _se_text(se: float | None) -> str:
-    return "" if se is None else f" (standard error {100 * se:.2f} points)"
 
 
 def run_phases(
@@ -730,22 +731,3 @@ def render_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
     cost_md = render_cost_markdown(list(rows))
     body = render_markdown(rows, totals, "Filters per layer")
     return "\n".join(lines) + "\n" + body + ("\n" + cost_md if cost_md else "")
-
-
-def make_trainer(
-    train_set: Any,
-    val_set: Any,
-    train_config: Any,
-    eval_batch_size: int = 16,
-    max_val_images: int | None = None,
-    progress: bool = False,
-    sparsity_lr: float | None = None,
-    retrain_lr: float | None = None,
-) -> Trainer:
-    """The :class:`~prunekit.prune.trainer.DataTrainer` for :func:`run_phases` on real data."""
-    from prunekit.prune.trainer import DataTrainer
-
-    return DataTrainer(
-        train_set, val_set, train_config, sparsity_lr=sparsity_lr, retrain_lr=retrain_lr,
-        eval_batch_size=eval_batch_size, max_val_images=max_val_images, progress=progress,
-    )  # fmt: skip

@@ -60,12 +60,6 @@ def input_zero_rows(w: Tensor) -> tuple[Tensor, int]:
     return z.sum(dim=0), z.shape[0]
 
 
-def _weights(model: nn.Module, graph: DependencyGraph | None = None) -> dict[str, Tensor]:
-    if graph is not None:
-        return folded_weights(model, graph)
-    return {p: m.weight.detach() for p, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
-
-
 def keep_floor(channels: int, min_keep: int = 1, min_keep_fraction: float = 0.0) -> int:
     """Fewest filters a layer of ``channels`` may keep: ``max(min_keep, ceil(fraction * channels))``."""
     import math
@@ -179,7 +173,7 @@ def select_filters_grid(
     if not 0.0 <= min_keep_fraction <= 1.0:
         raise ValueError(f"min_keep_fraction must be in [0, 1], got {min_keep_fraction}")
     graph = graph or build_dependency_graph(model)
-    weights = _weights(model, graph if fold_bn else None)
+    weights = folded_weights(model, graph, fold_bn)
     results = [SelectionResult({}) for _ in taus]
     seen: set[str] = set()
     for name in layers:

@@ -228,7 +228,7 @@ def induce_sparsity(
         train_fn(fallback, make(fallback, 0.0))
         ref_metric = float(eval_fn(fallback))
         trials.append({"lam": 0.0, "metric": ref_metric, "admissible": True, "control": True})
-        log.info("%s sparsity control (λ=0, same epochs): metric %.4f%s", name, ref_metric, _se(se))
+        log.info("%s sparsity control (λ=0, same epochs): metric %.4f%s", name, ref_metric, se_text(se))
     floor = ref_metric - eps1 * POINT
     best: SparsityResult | None = None
     for lam in sorted(float(x) for x in lam_grid):
@@ -239,7 +239,7 @@ def induce_sparsity(
         trials.append({"lam": lam, "metric": metric, "admissible": ok})
         log.info(
             "%s sparsity λ=%g: metric %.4f against floor %.4f (reference %.4f - ε1 %.2f points)%s: %s",
-            name, lam, metric, floor, ref_metric, eps1, _se(se), "ok" if ok else "too low",
+            name, lam, metric, floor, ref_metric, eps1, se_text(se), "ok" if ok else "too low",
         )  # fmt: skip
         if ok:
             best = SparsityResult(trial, lam, metric, True)
@@ -248,7 +248,7 @@ def induce_sparsity(
     if best is None:
         msg = (
             f"{name + ': ' if name else ''}NO λ admissible: every λ tried loses more than ε1 = {eps1:g} points "
-            f"against the reference {ref_metric:.4f} ({reference}){_se(se)}: "
+            f"against the reference {ref_metric:.4f} ({reference}){se_text(se)}: "
             + ", ".join(f"λ={t['lam']:g} -> {t['metric']:.4f}" for t in trials if not t.get("control"))
             + "; this phase goes on WITHOUT sparsity (little will be pruned). Try a smaller λ, more "
             "sparsity epochs or a larger --eps1."
@@ -263,7 +263,8 @@ def induce_sparsity(
     return best
 
 
-def _se(se: float | None) -> str:
+def se_text(se: float | None) -> str:
+    """`` (standard error X points)`` beside a metric check, or nothing without one."""
     return "" if se is None else f" (standard error {100 * se:.2f} points)"
 
 

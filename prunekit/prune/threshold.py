@@ -63,9 +63,7 @@ def layer_scales(
     if scale not in SCALES:
         raise ValueError(f"threshold scale must be one of {SCALES}, got {scale!r}")
     paths = layer_paths(model, layers)
-    weights = folded_weights(model, graph) if fold_bn else {
-        p: m.weight.detach() for p, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)
-    }  # fmt: skip
+    weights = folded_weights(model, graph, fold_bn)
     if scale == "global":
         pooled = float(torch.cat([weights[p].flatten().float() for p in paths.values()]).std())
         return dict.fromkeys(paths.values(), pooled)
@@ -86,13 +84,13 @@ def threshold_model(
     multiplies a filter by one positive-or-zero number per output channel."""
     graph = graph or build_dependency_graph(model)
     scales = scales or layer_scales(model, layers, graph, scale, fold_bn)
-    weights = folded_weights(model, graph) if fold_bn else None
+    weights = folded_weights(model, graph, fold_bn)
     out = copy.deepcopy(model)
     mods = dict(out.named_modules())
     with torch.no_grad():
         for p, unit in scales.items():
             w = mods[p].weight
-            ref = weights[p] if weights is not None else w
+            ref = weights[p]
             w.masked_fill_(ref.abs() < k * unit, 0.0)
     return out
 

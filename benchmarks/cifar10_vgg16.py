@@ -69,11 +69,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--sparsity-epochs", type=int, default=1)
-    ap.add_argument("--retrain-epochs", type=int, default=2)
-    ap.add_argument("--prune-lr", type=float, default=0.02, help="sparsity-induction (constant) lr")
+    ap.add_argument("--retrain-epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="passes over the phases (convs, fcs)")
+    ap.add_argument("--prune-lr", type=float, default=0.02, help="sparsity-induction lr (cosine to 0)")
     ap.add_argument("--retrain-lr", type=float, default=0.02, help="retraining lr (cosine)")
     ap.add_argument("--lam-grid", default="", help="absolute λ values (override --shrink-grid)")
-    ap.add_argument("--shrink-grid", default="0.25,0.5", help="total L1 shrink per sparsity stage, comma list")
+    ap.add_argument("--shrink-grid", default="1,2,4,8,16,32", help="total L1 shrink per sparsity stage, comma list")
     ap.add_argument("--eps1", type=float, default=5.0, help="points; see the module docstring")
     ap.add_argument("--eps2", type=float, default=15.0)
     ap.add_argument("--device", default="cpu")
@@ -120,13 +121,13 @@ def _hp(b: Stages) -> PruneConfig:
     shrink = [float(x) for x in a.shrink_grid.split(",") if x]
     return PruneConfig(
         eps1=a.eps1, eps2=a.eps2, shrink_grid=shrink, epochs_sparsity=a.sparsity_epochs,
-        epochs_retrain=a.retrain_epochs, seed=a.seed, **extra,
+        epochs_retrain=a.retrain_epochs, rounds=a.rounds, seed=a.seed, **extra,
     )  # fmt: skip
 
 
 def lineage_epochs(b: Stages) -> int:
     """Epochs on the path baseline -> paper (each phase: its chosen sparsity run + retraining)."""
-    return 2 * (b.args.sparsity_epochs + b.args.retrain_epochs)
+    return b.args.rounds * 2 * (b.args.sparsity_epochs + b.args.retrain_epochs)
 
 
 def stage_paper(b: Stages) -> None:

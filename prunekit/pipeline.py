@@ -39,7 +39,18 @@ log = logging.getLogger(__name__)
 # The pipeline's own defaults for the method (the rest are PruneConfig's): short stages for the demo.
 PIPELINE_PRUNE: dict[str, Any] = {"epochs_sparsity": 1, "epochs_retrain": 1}
 
-STAGES = ["data", "train", "eval_original", "prune", "export", "verify", "engines", "bench", "report"]
+STAGES = [
+    "data",
+    "train",
+    "eval_original",
+    "prune",
+    "export",
+    "verify",
+    "quantize",
+    "engines",
+    "bench",
+    "report",
+]
 
 
 class PipelineError(ValueError):
@@ -76,6 +87,10 @@ class PipelineConfig:
     batch_size: int = 16
     lr: float = 0.05
     max_val_images: int | None = 50
+    # an original whose metric is near chance is refused (AP50 below this many points, top-1
+    # below 1.5 / classes) unless force_compress: pruning it measures nothing
+    min_ap50: float = 5.0
+    force_compress: bool = False
     # export / engines / bench
     opset: int = 17
     backends: list[str] | None = None  # None: every available backend
@@ -207,6 +222,7 @@ class Pipeline:
             "prune": {"original": p / "original.pt"},
             "export": {"model": p / "model.pt", "original": p / "original.pt"},
             "verify": {"model": p / "model.pt", "onnx": p / "model.onnx"},
+            "quantize": {"onnx": p / "model.onnx", "original_onnx": p / "original.onnx"},
             "engines": {"onnx": p / "model.onnx"},
             "bench": {"original_onnx": p / "original.onnx", "onnx": p / "model.onnx"},
             "report": {"bench": p / "bench.json"},
@@ -257,12 +273,21 @@ class Pipeline:
     def stage_data(self) -> tuple[dict[str, Path], dict[str, Any]]:
         train_set, val_set = self._datasets()
         classes = list(getattr(train_set, "classes", []))
-        return {}, {
+        info: dict[str, Any] = {
             "spec": self.cfg.data,
             "train_images": len(train_set),
             "val_images": len(val_set),
             "classes": classes,
         }
+        files: dict[str, Path] = {}
+        split = getattr(train_set, "generated_split", None)
+        if split is not None and D.is_main_process():
+            # a VOC export without ImageSets/: the seeded split is part of the run's record
+            from prunekit.data.split import write_split_json
+
+            files["split"] = write_split_json(split, self.out)
+            info["split"] = {"seed": split.seed, "train_fraction": split.train_fraction}
+        return files, info
 
     def stage_train(self) -> tuple[dict[str, Path], dict[str, Any]]:
         """Build (or load) the original model; train it here only when no trained one was given."""
@@ -297,7 +322,15 @@ class Pipeline:
     def stage_eval_original(self) -> tuple[dict[str, Path], dict[str, Any]]:
         model = prunekit.load(self.out / "original.pt")
         metrics = self._evaluate(model)
-        return {}, _headline(metrics) | {"params": prunekit.count_params(model)}
+        problem = near_chance(metrics, get_config(model), self.cfg.min_ap50)
+        if problem and not self.cfg.force_compress:
+            raise NearChanceError(
+                f"{self.out / 'original.pt'}: {problem}; nothing can be measured against it. Train longer "
+                "(--epochs-train), pass a trained --model checkpoint or --weights, or --force-compress to go on"
+            )
+        if problem:
+            log.warning("%s; going on because of --force-compress", problem)
+        return {}, _headline(metrics) | {"params": prunekit.count_params(model), "near_chance": bool(problem)}
 
     def stage_prune(self) -> tuple[dict[str, Path], dict[str, Any]]:
         from prunekit.prune.method import run_phases
@@ -311,7 +344,9 @@ class Pipeline:
         trainer = DataTrainer(
             train_set, val_set, self._train_cfg(1), eval_batch_size=16, max_val_images=c.max_val_images
         )
-        pruned = run_phases(model, phases, trainer, c.prune, self.out / "phases", resume=True)
+        pruned = run_phases(
+            model, phases, trainer, c.prune, self.out / "phases", resume=True, allow_vacuous=c.force_compress
+        )
         dst = self.out / "model.pt"
         metrics = self._evaluate(pruned)
         if D.is_main_process():
@@ -363,6 +398,40 @@ class Pipeline:
         )
         return {"verify": dst}, {"passed": report["passed"], "backends": sorted(report.get("backends", {}))}
 
+    def stage_quantize(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        """INT8 (Q/DQ) models of the original and the compressed model, when ``int8`` is asked for.
+
+        Both are quantized the same way, so the benchmark's INT8 rows compare like with like; the
+        compressed one is verified at the INT8 tolerance (cosine, matched detections).
+        """
+        from prunekit.deploy.quantize import QuantizeConfig, calibration_batches, quantize_model
+        from prunekit.deploy.runtime import read_metadata
+        from prunekit.deploy.verify import verify
+
+        c = self.cfg
+        if "int8" not in c.precision:
+            return {}, {"skipped": "int8 not in --precision"}
+        if not D.is_main_process():
+            return {}, {}
+        qcfg = QuantizeConfig()
+        outs: dict[str, Path] = {}
+        info: dict[str, Any] = {}
+        for label in ("original", "model"):
+            src = self.out / f"{label}.onnx"
+            dst = self.out / f"{label}_int8.onnx"
+            batches = calibration_batches(c.data, read_metadata(src), qcfg.calib_images, qcfg.calib_batch,
+                                          c.train_split, c.seed)  # fmt: skip
+            rep = quantize_model(src, dst, batches, qcfg)
+            outs[f"{label}_int8"] = dst
+            info[label] = {
+                k: rep[k] for k in ("quantized_nodes", "compute_nodes", "size_bytes", "source_size_bytes")
+            }
+        dst = self.out / "verify_int8.json"
+        report = verify(self.out / "model.pt", self.out / "model_int8.onnx", data=c.data, split=c.val_split,
+                        backends=["ort-cpu"], precision="int8", num_images=c.verify_images, out=dst)  # fmt: skip
+        outs["verify_int8"] = dst
+        return outs, {**info, "verify_passed": report["passed"]}
+
     def _backends(self) -> list[str]:
         """The ONNX backends to build/bench: the requested ones, else every available one."""
         from prunekit.deploy import available_backends
@@ -390,6 +459,8 @@ class Pipeline:
             if backend.startswith("torch"):
                 continue  # torch runners run the checkpoint itself; nothing to build
             for prec in c.precision:
+                if prec == "int8" and backend.startswith("ort-") and backend != "ort-trt":
+                    continue  # its INT8 is the Q/DQ model of stage quantize
                 info = build(
                     self.out / "model.onnx",
                     backend,
@@ -408,8 +479,20 @@ class Pipeline:
         from prunekit.bench.timing import TimingConfig
 
         c = self.cfg
-        backends = [f"{b}:{p}" if p != "fp32" else b for b in self._backends() for p in c.precision]
+        # ONNX Runtime's INT8 is the Q/DQ model itself (stage quantize), not a precision flag
+        backends = [
+            f"{b}:{p}" if p != "fp32" else b
+            for b in self._backends()
+            for p in c.precision
+            if not (p == "int8" and b.startswith("ort-") and b != "ort-trt")
+        ]
+        backends = list(dict.fromkeys(backends)) or ["ort-cpu"]
         models = {"original": self.out / "original.onnx", "compressed": self.out / "model.onnx"}
+        if "int8" in c.precision:
+            models |= {
+                "compressed_int8": self.out / "model_int8.onnx",
+                "original_int8": self.out / "original_int8.onnx",
+            }
         if any(b.startswith("torch") for b in backends):
             models = {"original": self.out / "original.pt", "compressed": self.out / "model.pt"}
         res = run_benchmark(
@@ -479,6 +562,30 @@ def _check_classes(model: nn.Module, dataset: Any, path: Path) -> None:
             f"{path}: checkpoint has {cfg.num_classes} classes but the dataset has {want} "
             f"({'background + ' if cfg.is_detector else ''}{len(classes)}: {', '.join(classes[:5])}...)"
         )
+
+
+class NearChanceError(ValueError):
+    """The original model scores near chance: every tolerance check against it would pass."""
+
+
+def near_chance(metrics: dict[str, Any], cfg: Any, min_ap50: float = 5.0) -> str | None:
+    """Why the original's validation metric is too low to compress against, or None.
+
+    A detector needs AP50 >= ``min_ap50`` points; a classifier top-1 >= 1.5 / classes. Below that
+    a tolerance of a few points reaches below zero and any pruned model passes it.
+    """
+    if cfg.is_detector:
+        ap50 = metrics.get("map50")
+        if ap50 is not None and 100 * float(ap50) < min_ap50:
+            return f"the original's validation AP50 is {100 * float(ap50):.2f} points, below the {min_ap50:g}-point floor"
+        return None
+    top1, classes = metrics.get("top1"), int(cfg.num_classes)
+    if top1 is not None and classes > 1 and float(top1) < 1.5 / classes:
+        return (
+            f"the original's validation top-1 is {100 * float(top1):.2f}%, near chance "
+            f"({100 / classes:.1f}% for {classes} classes)"
+        )
+    return None
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:

@@ -29,6 +29,8 @@ TINY = {
     "bench_min_time": 0.2,
     "verify_images": 16,
     "backends": ["ort-cpu"],
+    # two epochs of a 1/16-width SSD score near chance: refused by default (tested below)
+    "force_compress": True,
 }
 
 
@@ -106,6 +108,16 @@ def test_missing_dataset_is_one_line_error(tmp_path: Path) -> None:
     assert err and "nope" in err[-1], proc.stderr[-2000:]
 
 
+def test_near_chance_original_is_refused_unless_forced(tmp_path: Path, tiny_data: str) -> None:
+    out = tmp_path / "o"
+    cfg = _config(tmp_path, tiny_data, force_compress=False, epochs_train=1)
+    proc = _cli("compress-and-export", "--config", str(cfg), "--out", str(out), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("Error")]
+    assert err and "original.pt" in err[-1] and "AP50" in err[-1] and "--force-compress" in err[-1]
+    assert not (out / "model.pt").exists()  # stopped before pruning
+
+
 def test_wrong_class_count_checkpoint_is_refused(tmp_path: Path, tiny_data: str) -> None:
     ckpt = prunekit.save(prunekit.ssd300_vgg16(7, width=0.0625), tmp_path / "seven.pt")
     proc = _cli(
@@ -162,3 +174,16 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(
     ours, ref = _onnx_outputs(out / "model.onnx"), _onnx_outputs(finished_run / "model.onnx")
     for name in ref:
         np.testing.assert_allclose(ours[name], ref[name], atol=1e-4, rtol=1e-3)
+
+
+def test_near_chance_thresholds() -> None:
+    from types import SimpleNamespace
+
+    from prunekit.pipeline import near_chance
+
+    det = SimpleNamespace(is_detector=True, num_classes=5)
+    cls = SimpleNamespace(is_detector=False, num_classes=10)
+    assert "AP50 is 4.90 points" in near_chance({"map50": 0.049}, det)
+    assert near_chance({"map50": 0.051}, det) is None
+    assert "near chance (10.0% for 10 classes)" in near_chance({"top1": 0.14}, cls)
+    assert near_chance({"top1": 0.16}, cls) is None

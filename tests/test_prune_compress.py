@@ -334,3 +334,30 @@ def test_fold_bn_gives_a_bn_free_model_with_the_same_outputs(build):
         out = SSDRaw(folded)(x) if get_config(model).is_detector else (folded(x),)
     for a, b in zip(ref, out):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+
+
+def test_rounds_pass_over_the_phases_again_and_may_cut_every_layer(tmp_path):
+    model, planted = _planted_vgg()
+    toy = _PlantedToy(model)
+    hp = PruneConfig(
+        eps1=2, eps2=15, shrink_grid=[0.001], epochs_sparsity=1, epochs_retrain=1, align=1, rounds=2
+    )
+    out = run_phases(model, "vgg16", FnTrainer(toy.train, toy.eval, toy.recalibrate), hp, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["phase"] for r in summary["records"]] == ["convs.r1", "fcs.r1", "convs.r2", "fcs.r2"]
+    second = summary["records"][2]
+    assert "conv4_2" in second["prune_layers"] and not second.get("skipped")  # not "already pruned"
+    assert (tmp_path / "p4" / "retrained.pt").is_file()
+    # nothing new died between the rounds: the second pass finds the same architecture
+    assert summary["records"][1]["filters"] == prunekit.models.get_config(out).channels | {"fc8": 10}
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        PruneConfig(rounds=0)
+
+
+def test_tolerances_reaching_below_zero_are_refused(tmp_path):
+    from prunekit.prune.method import ToleranceFloorError
+
+    model = prunekit.vgg16(10, variant="cifar", width=0.125).eval()
+    trainer = FnTrainer(lambda m, s, e, t: None, lambda m: 0.04)
+    with pytest.raises(ToleranceFloorError, match=r"scores 0\.0400 before pruning.*below zero"):
+        run_phases(model, "vgg16", trainer, PruneConfig(eps1=1, eps2=15, eps_pruned=5), tmp_path)

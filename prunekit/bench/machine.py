@@ -36,6 +36,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# CPU features INT8 speed depends on: AVX2 (no 8-bit dot product), AVX-512, VNNI (8-bit dot
+# products: ONNX Runtime's fast INT8 path), AMX (Sapphire Rapids tile units)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16")
+
+
+def cpu_isa() -> dict[str, bool]:
+    """Which of :data:`ISA_FLAGS` this CPU reports (/proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return {flag: flag in have for flag in ISA_FLAGS}
+    except OSError:
+        pass
+    return {}
+
+
 def library_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in LIBRARIES:
@@ -77,6 +95,7 @@ def describe_machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "cpu_isa": cpu_isa(),
         "cpu_usable": usable,
         "memory_bytes": mem,
         "torch_threads": torch_threads,

@@ -14,7 +14,7 @@ import click
 
 from prunekit import __version__
 
-_MODULES = ["pipeline", "data", "train", "prune", "profile", "export", "deploy", "bench"]
+_MODULES = ["pipeline", "data", "train", "prune", "profile", "export", "quantize", "deploy", "bench"]
 
 
 class _Group(click.Group):

@@ -115,19 +115,56 @@ def synth_cmd(
     "--decode", type=int, default=8, show_default=True, help="Images to decode as a check (-1 = all)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option(
+    "--train-fraction",
+    type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+    default=None,
+    help="voc: folder without ImageSets/: share of images in the seeded train split [0.8].",
+)
+@click.option(
+    "--split-seed", type=int, default=None, help="voc: folder without ImageSets/: seed of the split [0]."
+)
+@click.option(
+    "--write-split",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write a generated split (voc: folder without ImageSets/) as split.json into this folder.",
+)
 @friendly_errors
-def check_cmd(spec: str, split: str, skip_bad: bool, decode: int, as_json: bool) -> None:
+def check_cmd(
+    spec: str,
+    split: str,
+    skip_bad: bool,
+    decode: int,
+    as_json: bool,
+    train_fraction: float | None,
+    split_seed: int | None,
+    write_split: Path | None,
+) -> None:
     """Parse a dataset spec and print counts per class and the problems found.
 
-    SPEC is e.g. voc:../shared/data/BCCD or folder:data/cifar10-jpg-{split}.tar.gz. Every bad input is listed (the set is read with skipping on); the exit code is 1 when
-    something is wrong, unless --skip-bad accepts skipped inputs.
+    SPEC is e.g. voc:../shared/data/BCCD, yolo:data/signs/data.yaml or
+    folder:data/cifar10-jpg-{split}.tar.gz. Every bad input is listed (the set is read with
+    skipping on); the exit code is 1 when something is wrong, unless --skip-bad accepts skipped
+    inputs.
     """
     from prunekit.data.build import build_dataset, parse_spec
     from prunekit.data.check import format_summary, summarize
+    from prunekit.data.split import write_split_json
 
     kind, _ = parse_spec(spec)
-    kw = {} if kind in ("cifar10", "folder") else {"skip_bad": True}
-    summary = summarize(build_dataset(spec, split, train=False, **kw), decode=decode)
+    kw: dict[str, object] = {} if kind in ("cifar10", "folder") else {"skip_bad": True}
+    if train_fraction is not None:
+        kw["train_fraction"] = train_fraction
+    if split_seed is not None:
+        kw["split_seed"] = split_seed
+    dataset = build_dataset(spec, split, train=False, **kw)
+    if write_split is not None:
+        generated = getattr(dataset, "generated_split", None)
+        if generated is None:
+            raise click.UsageError(f"{spec}: has its own split; --write-split has nothing to write")
+        click.echo(f"wrote {write_split_json(generated, write_split)}", err=True)
+    summary = summarize(dataset, decode=decode)
     click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
     if summary["problems"] or (summary["skipped"] and not skip_bad):
         sys.exit(1)

@@ -37,7 +37,10 @@ def _strs(s: str | None) -> list[str] | None:
 )
 @click.option("--weights", help="Plain state dict for a named model (e.g. torchvision's SSD300 COCO .pth).")
 @click.option("--width", type=float, help="Channel width multiplier for a model built here.")
-@click.option("--data", help="synth | voc:DIR | coco:ANN.json,IMAGES | gtsdb:DIR | cifar10:DIR | folder:DIR")
+@click.option(
+    "--data",
+    help="synth | voc:DIR | yolo:DATA.yaml | coco:ANN.json,IMAGES | gtsdb:DIR | cifar10:DIR | folder:DIR",
+)
 @click.option(
     "--skip-bad", is_flag=True, default=None, help="Skip malformed annotations (counted) instead of failing."
 )
@@ -53,6 +56,10 @@ def _strs(s: str | None) -> list[str] | None:
 @click.option("--bench-batch", help="Comma-separated batch sizes for the benchmark.")
 @click.option("--device", help="cpu | cuda | cuda:N")
 @click.option("--seed", type=int)
+@click.option(
+    "--force-compress", is_flag=True, default=None,
+    help="Compress even an original whose validation metric is near chance (refused by default).",
+)  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue a run in --out from its last completed stage.")
 @click.option("--force", is_flag=True, help="Delete an existing --out and start over.")
 @friendly_errors

@@ -1,5 +1,6 @@
-"""Datasets (PASCAL VOC, COCO, GTSDB, CIFAR-10, GTSRB, image folders, synthetic), SSD augmentation,
-the in-memory small-image loader, and ``build_dataset(spec, split, train)``.
+"""Datasets (PASCAL VOC, Ultralytics YOLO, COCO, GTSDB, CIFAR-10, GTSRB, image folders, synthetic),
+SSD augmentation, the in-memory small-image loader, seeded splits for sets without one, and
+``build_dataset(spec, split, train)``.
 
 Item contracts are in :mod:`prunekit.data.base`; specs in :mod:`prunekit.data.build`.
 """
@@ -23,6 +24,7 @@ from prunekit.data.gtsdb import GTSDBDetection
 from prunekit.data.gtsrb import GTSRB
 from prunekit.data.memory import MemoryLoader, TensorImageDataset, cached_uint8, random_crop_flip
 from prunekit.data.signs import GTSDB_GROUPS, GTSRB_CLASSES
+from prunekit.data.split import SeededSplit, seeded_split, write_split_json
 from prunekit.data.synth import ensure_synth_voc, make_synth_cifar, make_synth_voc
 from prunekit.data.transforms import (
     PhotometricDistort,
@@ -36,6 +38,7 @@ from prunekit.data.transforms import (
     ssd_train_transforms,
 )
 from prunekit.data.voc import VOC_CLASSES, VOCDetection
+from prunekit.data.yolo import YOLODetection
 
 __all__ = [
     "CIFAR10",
@@ -58,9 +61,11 @@ __all__ = [
     "RandomZoomOut",
     "Resize",
     "SSDAugmentation",
+    "SeededSplit",
     "TensorImageDataset",
     "VOCDetection",
     "VOC_CLASSES",
+    "YOLODetection",
     "build_dataset",
     "cache_dir",
     "cached_uint8",
@@ -76,8 +81,10 @@ __all__ = [
     "parse_spec",
     "random_crop_flip",
     "read_image",
+    "seeded_split",
     "ssd_eval_transforms",
     "ssd_train_transforms",
     "summarize",
     "write_cifar_batches",
+    "write_split_json",
 ]

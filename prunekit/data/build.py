@@ -3,7 +3,11 @@
 =============================  ===============================================================
 ``synth``                      synthetic VOC-format shapes, generated once into the cache
 ``synth:DIR``                  the same, generated into (or read from) ``DIR``
-``voc:DIR``                    VOCdevkit (07+12 for train splits) or any VOC-format folder
+``voc:DIR``                    VOCdevkit (07+12 for train splits) or any VOC-format folder; one
+                               without ``ImageSets/`` (labelImg/Roboflow export) gets a seeded
+                               train/val split (``train_fraction=0.8``, ``split_seed=0``)
+``yolo:DATA.yaml``             Ultralytics dataset YAML (``train``/``val``/``test``, ``names``) +
+                               ``class cx cy w h`` label files; ``yolo:DIR`` reads DIR/data.yaml
 ``coco:ANN.json,IMAGES``       COCO instances file + image folder (or ``coco:ROOT``)
 ``gtsdb:DIR``                  GTSDB (``gt.txt`` + .ppm), 3 paper categories by default
 ``cifar10:DIR``                CIFAR-10 python batches (folder or .tar.gz)
@@ -12,7 +16,9 @@
 =============================  ===============================================================
 
 ``{split}`` in a path is replaced by the split, for sets kept as one file per split
-(``folder:data/cifar10-jpg-{split}.tar.gz``).
+(``folder:data/cifar10-jpg-{split}.tar.gz``). A spec carries no options; reader options
+(``train_fraction``, ``split_seed``, ``skip_bad``...) are keyword arguments of
+:func:`build_dataset`.
 
 ``train=True`` picks the training transforms (SSD augmentation for detection; padded random
 crop + flip for classification); ``train=False`` the evaluation ones (none: the SSD resizes
@@ -43,11 +49,12 @@ from prunekit.data.transforms import (
     ssd_train_transforms,
 )
 from prunekit.data.voc import VOCDetection, is_voc_folder
+from prunekit.data.yolo import YOLODetection
 
 log = logging.getLogger(__name__)
 
-DATASET_KINDS = ("synth", "voc", "coco", "gtsdb", "cifar10", "gtsrb", "folder")
-DETECTION_KINDS = ("synth", "voc", "coco", "gtsdb")
+DATASET_KINDS = ("synth", "voc", "yolo", "coco", "gtsdb", "cifar10", "gtsrb", "folder")
+DETECTION_KINDS = ("synth", "voc", "yolo", "coco", "gtsdb")
 _SYNTH_PARAMS = ("n_train", "n_val", "n_test", "seed", "image_size", "classes", "max_objects")
 
 
@@ -84,8 +91,9 @@ def build_dataset(spec: str, split: str, train: bool = False, **kw: Any) -> Data
     """The dataset a spec names, with the transforms for training or evaluation.
 
     ``kw`` go to the reader (``skip_bad``, ``classes``, ``keep_difficult``, ``grouping``,
-    ``image_size``...); ``size`` adds a fixed resize for detection; ``transforms``/``transform``
-    replace the default ones. For ``synth``, the generator's parameters (``n_train``, ``n_val``,
+    ``image_size``, ``train_fraction``/``split_seed`` for a ``voc`` folder without a split...);
+    ``size`` adds a fixed resize for detection; ``transforms``/``transform`` replace the default
+    ones. For ``synth``, the generator's parameters (``n_train``, ``n_val``,
     ``n_test``, ``seed``, ``image_size``, ``classes``, ``max_objects``) pick which set.
     """
     kind, arg = parse_spec(spec)
@@ -107,6 +115,8 @@ def build_dataset(spec: str, split: str, train: bool = False, **kw: Any) -> Data
             return _call(VOCDetection, kw, root, split)
         if kind == "voc":
             return _call(VOCDetection, kw, arg, split)
+        if kind == "yolo":
+            return _call(YOLODetection, kw, arg, split)
         if kind == "coco":
             ann, _, images = (arg or "").partition(",")
             ann_file, image_dir = resolve_coco(ann, images or None, split)

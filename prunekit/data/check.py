@@ -53,6 +53,17 @@ def summarize(dataset: Dataset, decode: int = 8) -> dict[str, Any]:
         }
         out["objects"] = int(sum(objects.values()))
         out["images_without_objects"] = empty
+        # Readers that treat a missing label file as background say how many; the others cannot know.
+        if getattr(dataset, "without_label_file", None) is not None:
+            out["images_without_label_file"] = int(dataset.without_label_file)
+        split = getattr(dataset, "generated_split", None)
+        if split is not None:
+            out["generated_split"] = {
+                "seed": split.seed,
+                "train_fraction": split.train_fraction,
+                "train": len(split.train),
+                "val": len(split.val),
+            }
         out["image_sizes"] = {f"{w}x{h}": k for (w, h), k in sizes.most_common(5)}
         if sides:
             q = np.percentile(sides, [0, 50, 100])
@@ -95,6 +106,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append(
             f"objects: {summary['objects']}, images without objects: {summary['images_without_objects']}"
         )
+        if "images_without_label_file" in summary:
+            lines.append(f"images without a label file (background): {summary['images_without_label_file']}")
+        if "generated_split" in summary:
+            g = summary["generated_split"]
+            lines.append(
+                f"split: none in the folder; seeded split (seed {g['seed']}, train fraction "
+                f"{g['train_fraction']:g}): {g['train']} train, {g['val']} val"
+            )
         width = max((len(c) for c in summary["per_class"]), default=5)
         for c, v in summary["per_class"].items():
             lines.append(f"  {c:<{width}}  {v['objects']:>7} objects  ({v['difficult']} difficult)")

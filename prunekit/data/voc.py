@@ -4,10 +4,18 @@ A VOC-format folder has ``Annotations/*.xml``, ``ImageSets/Main/<split>.txt`` an
 ``JPEGImages/``. VOC pixel coordinates are 1-based and inclusive; they are converted to 0-based
 continuous coordinates (``x1 = xmin - 1``, ``x2 = xmax``), so a box never leaves ``[0, W]``.
 
+Folders without ``ImageSets/`` (labelImg, Roboflow and most annotation tools export these) are
+read too: ``Annotations/`` + ``JPEGImages/`` or ``annotations/`` + ``images/`` (any case; images
+may also sit beside the xml files), or xml files next to their images in one folder. If the
+folder has split sub-folders (``train/``, ``valid/`` or ``val/``, ``test/``, Roboflow's export)
+each holding such a layout, the split picks one; otherwise prunekit makes a seeded train/val split
+of the xml stems (:func:`prunekit.data.split.seeded_split`, ``train_fraction`` and ``split_seed``)
+and keeps it on the dataset as ``generated_split`` so a run can write it as ``split.json``.
+
 Class list, in order of precedence: the ``classes`` argument; ``classes.txt`` at the folder root
 (one name a line, the order defines the labels); the 20 VOC classes for a VOCdevkit or a
 ``VOC20xx`` folder; otherwise the sorted set of names found in *all* of ``Annotations/`` (not
-only the split, so that train and val agree on the labels).
+only the split, so that train and val agree on the labels; for split sub-folders, in all of them).
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import os
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from prunekit.data.base import (
@@ -28,6 +37,7 @@ from prunekit.data.base import (
     make_record,
 )
 from prunekit.data.errors import BadInputs, DatasetError
+from prunekit.data.split import SeededSplit, seeded_split
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +49,10 @@ VOC_CLASSES = [
 
 _YEAR_DIR = re.compile(r"^VOC(\d{4})$")
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
+# Exports from Windows tools often carry upper-case extensions; only folders without ImageSets/ look for them.
+_ANY_CASE_EXTS = _IMAGE_EXTS + tuple(e.upper() for e in _IMAGE_EXTS)
+# Split sub-folder names as annotation tools write them (Roboflow: train/ valid/ test/).
+_SPLIT_DIRS = {"train": ("train",), "val": ("valid", "val", "validation"), "test": ("test",)}
 
 
 class _RawObject:
@@ -50,6 +64,60 @@ class _RawObject:
 
 def is_voc_folder(path: Path) -> bool:
     return (path / "Annotations").is_dir() and (path / "ImageSets" / "Main").is_dir()
+
+
+@dataclass(frozen=True)
+class FlatVOC:
+    """Where a VOC folder without ``ImageSets/`` keeps its xml files and its images."""
+
+    annotations: Path
+    images: Path
+
+    def xml_files(self) -> list[Path]:
+        return _xml_files(self.annotations)
+
+
+def _xml_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() == ".xml" and p.is_file())
+
+
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in _IMAGE_EXTS for p in folder.iterdir())
+
+
+def _flat_layout(folder: Path) -> FlatVOC | None:
+    subdirs = {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir()}
+    ann = subdirs.get("annotations")
+    if ann is not None and _xml_files(ann):
+        img = subdirs.get("jpegimages") or subdirs.get("images")
+        if img is None:
+            img = ann if _has_images(ann) else folder
+        return FlatVOC(ann, img)
+    if _xml_files(folder):
+        return FlatVOC(folder, folder)
+    return None
+
+
+def find_flat_voc(root: Path) -> dict[str, FlatVOC]:
+    """The layout of a VOC folder without ``ImageSets/``: ``{"": layout}`` when ``root`` holds one
+    set (to be split by seed), ``{"train": ..., "val": ...}`` for split sub-folders, ``{}`` if neither.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return {}
+    top = _flat_layout(root)
+    if top is not None:
+        return {"": top}
+    subdirs = {p.name.lower(): p for p in sorted(root.iterdir()) if p.is_dir()}
+    out = {}
+    for split, names in _SPLIT_DIRS.items():
+        sub = next((subdirs[n] for n in names if n in subdirs), None)
+        layout = _flat_layout(sub) if sub is not None else None
+        if layout is not None:
+            out[split] = layout
+    return out
 
 
 def _year_folders(root: Path) -> dict[str, Path]:
@@ -80,7 +148,8 @@ def resolve_voc_folders(root: Path, split: str, years: Sequence[str] | None = No
     found = _year_folders(root)
     if not found:
         raise DatasetError(
-            f"{root}: not a VOC folder (needs Annotations/ and ImageSets/Main/) nor a VOCdevkit with VOC20xx/"
+            f"{root}: not a VOC folder (needs Annotations/ + JPEGImages/ with or without ImageSets/Main/, "
+            "annotations/ + images/, or xml files beside their images) nor a VOCdevkit with VOC20xx/"
         )
     if years:
         missing = [y for y in years if y not in found]
@@ -166,11 +235,12 @@ def _xml_size(root: ET.Element) -> tuple[int, int] | None:
     return (w, h) if w > 0 and h > 0 else None
 
 
-def _find_image(folder: Path, image_id: str, root: ET.Element) -> Path | None:
-    img_dir = folder / "JPEGImages"
+def _find_image(
+    img_dir: Path, image_id: str, root: ET.Element, exts: Sequence[str] = _IMAGE_EXTS
+) -> Path | None:
     fname = (root.findtext("filename") or "").strip()
-    candidates = [img_dir / Path(fname).name] if fname else []  # never follow a path out of JPEGImages/
-    candidates += [img_dir / f"{image_id}{ext}" for ext in _IMAGE_EXTS]
+    candidates = [img_dir / Path(fname).name] if fname else []  # never follow a path out of img_dir
+    candidates += [img_dir / f"{image_id}{ext}" for ext in exts]
     for c in candidates:
         if c.is_file():
             return c
@@ -179,16 +249,20 @@ def _find_image(folder: Path, image_id: str, root: ET.Element) -> Path | None:
 
 def infer_voc_classes(folders: Sequence[Path]) -> list[str]:
     """Sorted class names over every annotation file in ``folders`` (unparsable files ignored)."""
+    xmls = [xml for folder in folders for xml in sorted((folder / "Annotations").glob("*.xml"))]
+    return _classes_in(xmls, f"{folders[0]}: no object names in Annotations/")
+
+
+def _classes_in(xmls: Sequence[Path], none_found: str) -> list[str]:
     names: set[str] = set()
-    for folder in folders:
-        for xml in sorted((folder / "Annotations").glob("*.xml")):
-            try:
-                _, objs = parse_voc_xml(xml)
-            except DatasetError:
-                continue
-            names.update(o.name for o in objs if isinstance(o, _RawObject))
+    for xml in xmls:
+        try:
+            _, objs = parse_voc_xml(xml)
+        except DatasetError:
+            continue
+        names.update(o.name for o in objs if isinstance(o, _RawObject))
     if not names:
-        raise DatasetError(f"{folders[0]}: no object names in Annotations/ to infer the class list from")
+        raise DatasetError(f"{none_found} to infer the class list from")
     return sorted(names)
 
 
@@ -208,6 +282,10 @@ class VOCDetection(DetectionDataset):
     ``years`` picks VOCdevkit years (``("2007", "2012")`` = the 07+12 union).
     ``keep_difficult=False`` drops difficult objects (the usual choice for training); kept ones
     carry ``difficult=True`` so evaluation ignores them as VOC does.
+    ``train_fraction`` and ``split_seed`` only matter for a folder with neither ``ImageSets/`` nor
+    split sub-folders: they define the split it gets (``generated_split``; ``None`` otherwise).
+    Such a folder has ``train``, ``val`` and ``trainval`` (= ``all``) but no ``test``: calling the
+    validation images a test set would make a reported score look independent when it is not.
     """
 
     def __init__(
@@ -219,21 +297,38 @@ class VOCDetection(DetectionDataset):
         skip_bad: bool = False,
         keep_difficult: bool = True,
         years: Sequence[str] | None = None,
+        train_fraction: float = 0.8,
+        split_seed: int = 0,
     ):
         root = Path(root)
-        folders, bare_split = resolve_voc_folders(root, split, years)
-        devkit = not is_voc_folder(root)
-        class_list = list(classes) if classes is not None else default_voc_classes(folders, devkit)
+        self.generated_split: SeededSplit | None = None
+        flat = {} if is_voc_folder(root) or _is_devkit(root) else find_flat_voc(root)
+        if flat:
+            items = self._flat_items(root, flat, split, train_fraction, split_seed)
+            if classes is None and (root / "classes.txt").is_file():
+                classes = read_class_file(root / "classes.txt")
+            elif classes is None:
+                xmls = [x for layout in flat.values() for x in layout.xml_files()]
+                classes = _classes_in(xmls, f"{root}: no object names in its xml files")
+        else:
+            folders, bare_split = resolve_voc_folders(root, split, years)
+            if classes is None:
+                classes = default_voc_classes(folders, devkit=not is_voc_folder(root))
+            items = [
+                (folder / "Annotations" / f"{image_id}.xml", image_id, folder / "JPEGImages", _IMAGE_EXTS)
+                for folder in folders
+                for image_id in read_split_ids(folder, bare_split)
+            ]
+        class_list = list(classes)
         if len(set(class_list)) != len(class_list):
             raise DatasetError(f"{root}: duplicate class names in {class_list}")
         index = {name: i + 1 for i, name in enumerate(class_list)}
         bad = BadInputs(skip_bad, root)
         records: list[DetectionRecord] = []
-        for folder in folders:
-            for image_id in read_split_ids(folder, bare_split):
-                rec = self._read_one(folder, image_id, len(records), index, keep_difficult, bad)
-                if rec is not None:
-                    records.append(rec)
+        for xml, image_id, img_dir, exts in items:
+            rec = self._read_one(xml, image_id, img_dir, exts, len(records), index, keep_difficult, bad)
+            if rec is not None:
+                records.append(rec)
         bad.finish()
         if not records:
             raise DatasetError(f"{root}: split {split!r} has no usable images")
@@ -241,16 +336,51 @@ class VOCDetection(DetectionDataset):
         self.split = split
         self.skipped = bad.problems
 
+    def _flat_items(
+        self, root: Path, flat: dict[str, FlatVOC], split: str, train_fraction: float, seed: int
+    ) -> list[tuple[Path, str, Path, Sequence[str]]]:
+        """(xml, id, image folder, extensions) to read for ``split``; sets ``generated_split``."""
+        if "" in flat:
+            layout = flat[""]
+            xmls = {x.stem: x for x in layout.xml_files()}
+            self.generated_split = seeded_split(xmls, train_fraction, seed)
+            gen = self.generated_split
+            log.info(
+                "%s: no ImageSets/; seeded split of %d annotations (seed %d, train fraction %g): "
+                "%d train, %d val",
+                root,
+                len(xmls),
+                gen.seed,
+                gen.train_fraction,
+                len(gen.train),
+                len(gen.val),
+            )
+            _log_unannotated(layout, xmls)
+            try:
+                stems = gen.stems(split)
+            except KeyError:
+                raise DatasetError(
+                    f"{root}: no split {split!r}; a folder without ImageSets/ is split by seed into "
+                    "train and val (also: trainval, all)"
+                ) from None
+            return [(xmls[s], s, layout.images, _ANY_CASE_EXTS) for s in stems]
+        wanted = {"trainval": ["train", "val"], "all": list(flat)}.get(split, [split])
+        missing = [w for w in wanted if w not in flat]
+        if missing:
+            raise DatasetError(f"{root}: no {missing[0]!r} split folder (has {', '.join(flat)})")
+        return [(x, x.stem, flat[w].images, _ANY_CASE_EXTS) for w in wanted for x in flat[w].xml_files()]
+
     @staticmethod
     def _read_one(
-        folder: Path,
+        xml: Path,
         image_id: str,
+        img_dir: Path,
+        exts: Sequence[str],
         new_id: int,
         index: dict[str, int],
         keep_difficult: bool,
         bad: BadInputs,
     ) -> DetectionRecord | None:
-        xml = folder / "Annotations" / f"{image_id}.xml"
         if not xml.is_file():
             bad.report(f"{xml}: annotation file not found (listed in ImageSets/Main)")
             return None
@@ -259,9 +389,9 @@ class VOCDetection(DetectionDataset):
         except DatasetError as e:
             bad.report(str(e))
             return None
-        img = _find_image(folder, image_id, root)
+        img = _find_image(img_dir, image_id, root, exts)
         if img is None:
-            bad.report(f"{xml}: image file not found (looked for {folder / 'JPEGImages' / image_id}.*)")
+            bad.report(f"{xml}: image file not found (looked for {img_dir / image_id}.*)")
             return None
         size = _xml_size(root)
         if size is None:
@@ -286,6 +416,17 @@ class VOCDetection(DetectionDataset):
             labels.append(index[obj.name])
             difficult.append(obj.difficult)
         return make_record(new_id, img, w, h, boxes, labels, difficult, name=image_id)
+
+
+def _is_devkit(root: Path) -> bool:
+    return (root / "VOCdevkit").is_dir() or bool(_year_folders(root))
+
+
+def _log_unannotated(layout: FlatVOC, xmls: dict[str, Path]) -> None:
+    # Tools such as labelImg write no xml for an image nobody saved; those are not known background.
+    n = sum(1 for p in layout.images.iterdir() if p.suffix.lower() in _IMAGE_EXTS and p.stem not in xmls)
+    if n:
+        log.info("%s: %d image(s) without an annotation file are not used", layout.images, n)
 
 
 def voc_annotation_xml(

@@ -92,11 +92,18 @@ def trt_provider_options(
     batch: tuple[int, int, int] | None = None,
     calibration_table: str | None = None,
     device_id: int = 0,
+    explicit_int8: bool = False,
 ) -> dict[str, Any]:
-    """TensorRT EP options: precision, engine + timing caches on disk, and the batch profile."""
+    """TensorRT EP options: precision, engine + timing caches on disk, and the batch profile.
+
+    ``explicit_int8``: the model carries its own Q/DQ nodes (``prunekit quantize``), so INT8
+    needs no calibration table: TensorRT takes the scales from the graph.
+    """
     opts: dict[str, Any] = {"device_id": device_id}
     if precision == "fp16":
         opts["trt_fp16_enable"] = True
+    elif precision == "int8" and explicit_int8:
+        opts["trt_int8_enable"] = True
     elif precision == "int8":
         if not calibration_table:
             raise ValueError(
@@ -122,6 +129,16 @@ def trt_provider_options(
         opts["trt_profile_opt_shapes"] = fmt(batch[1])
         opts["trt_profile_max_shapes"] = fmt(batch[2])
     return opts
+
+
+def _model_precision(path: Path) -> str:
+    """``"int8"`` for a Q/DQ model written by ``prunekit quantize``, else ``"fp32"``."""
+    from prunekit.deploy.runtime import read_metadata
+
+    try:
+        return str(read_metadata(path).get("prunekit_precision") or "fp32")
+    except ValueError:  # not a prunekit model: the caller's precision stands
+        return "fp32"
 
 
 class OrtRunner(Runner):
@@ -151,13 +168,20 @@ class OrtRunner(Runner):
             raise ValueError(
                 f"unknown ONNX Runtime backend {backend!r}; expected one of {sorted(BACKEND_PROVIDERS)}"
             )
-        if precision != "fp32" and backend != "ort-trt":
-            raise ValueError(
-                f"{backend} runs the ONNX model as exported (fp32); {precision} needs --backend ort-trt or trt"
-            )
         self.model_path = Path(model_path)
         if not self.model_path.is_file():
             raise FileNotFoundError(f"{self.model_path}: ONNX model not found")
+        explicit = _model_precision(self.model_path) == "int8"
+        if precision == "int8" and not explicit and backend != "ort-trt":
+            raise ValueError(
+                f"{self.model_path}: an FP32 model; INT8 on {backend} needs a Q/DQ model from `prunekit quantize`"
+            )
+        if explicit and precision != "int8":
+            precision = "int8"  # the Q/DQ graph is INT8 whatever is asked: report what runs
+        if precision == "fp16" and backend != "ort-trt":
+            raise ValueError(
+                f"{backend} runs the ONNX model as exported; fp16 needs --backend ort-trt or trt"
+            )
         self.backend = backend
         self.provider = BACKEND_PROVIDERS[backend]
         self.device_id = _device_id(device)
@@ -169,7 +193,9 @@ class OrtRunner(Runner):
         self.provider_options = dict(provider_options or {})
         if backend == "ort-trt":
             self.provider_options = {
-                **trt_provider_options(precision, cache_dir, device_id=self.device_id, **trt_kw),
+                **trt_provider_options(
+                    precision, cache_dir, device_id=self.device_id, explicit_int8=explicit, **trt_kw
+                ),
                 **self.provider_options,
             }
         elif backend == "ort-cuda":

@@ -1,7 +1,9 @@
-"""TensorRT through its Python API (written against TensorRT 10): build plans, run them.
+"""TensorRT through its Python API (TensorRT 10.x and 11, 8.6 where it still works): build plans, run them.
 
 Loaders and runner in Polygraphy's split: :func:`build_engine` turns an ONNX file into a
-serialized plan (FP32 / FP16 / INT8 with an entropy calibrator fed by real images), with one
+serialized plan (FP32, FP16, INT8 from a Q/DQ model of ``prunekit quantize`` built strongly typed,
+or INT8 with the legacy entropy calibrator where the installed TensorRT still has it; chosen by
+:func:`trt_capabilities`, i.e. by what the API offers, not by version strings), with one
 optimisation profile for the dynamic batch, a persistent timing cache and a workspace limit, and
 writes ``<plan>.json`` beside it. :class:`TrtRunner` runs a plan with cuda-python device buffers
 (see :class:`prunekit.deploy.runtime.TrtPlan`) after refusing a plan built by another TensorRT
@@ -113,6 +115,66 @@ def _make_calibrator(trt: Any, cudart: Any, batches: Sequence[np.ndarray], cache
     return EntropyCalibrator()
 
 
+def trt_capabilities(trt: Any) -> dict[str, bool]:
+    """What the installed TensorRT offers, read from its API rather than its version string.
+
+    - ``strongly_typed``: ``NetworkDefinitionCreationFlag.STRONGLY_TYPED`` (10.x and 11): layer
+      types come from the network (Q/DQ nodes, FP16 tensors in the ONNX), no precision flags;
+    - ``precision_flags``: ``BuilderFlag.FP16`` / ``BuilderFlag.INT8`` (8.x-10.x; gone in 11);
+    - ``implicit_int8``: the calibrator API (``IInt8EntropyCalibrator2``; deprecated in 10.1,
+      removed in 11).
+    """
+    creation = getattr(trt, "NetworkDefinitionCreationFlag", None)
+    flags = getattr(trt, "BuilderFlag", None)
+    return {
+        "strongly_typed": creation is not None and hasattr(creation, "STRONGLY_TYPED"),
+        "precision_flags": flags is not None and hasattr(flags, "FP16") and hasattr(flags, "INT8"),
+        "implicit_int8": hasattr(trt, "IInt8EntropyCalibrator2")
+        and flags is not None
+        and hasattr(flags, "INT8"),
+    }
+
+
+def onnx_has_qdq(onnx_path: str | os.PathLike) -> bool:
+    """Whether the ONNX graph carries its own quantization (``prunekit quantize``'s Q/DQ nodes)."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+
+
+def build_plan_mode(caps: dict[str, bool], precision: str, explicit_int8: bool) -> dict[str, Any]:
+    """How to build: ``{"strongly_typed": bool, "flags": [BuilderFlag names], "calibrate": bool}``.
+
+    A Q/DQ model builds strongly typed where that exists (the one path TensorRT 11 has), else
+    with the INT8 flag and no calibrator. FP16 of an FP32 ONNX needs the FP16 builder flag; on a
+    TensorRT without it the model must be converted to FP16 in the ONNX (ModelOpt AutoCast).
+    Implicit INT8 (a calibrator over an FP32 ONNX) only where the installed TensorRT still has it.
+    """
+    if explicit_int8:
+        if caps["strongly_typed"]:
+            return {"strongly_typed": True, "flags": [], "calibrate": False}
+        if caps["precision_flags"]:
+            return {"strongly_typed": False, "flags": ["FP16", "INT8"], "calibrate": False}
+        raise ValueError("this TensorRT has neither strongly typed networks nor the INT8 builder flag")
+    if precision == "fp32":
+        return {"strongly_typed": False, "flags": [], "calibrate": False}
+    if not caps["precision_flags"]:
+        raise ValueError(
+            f"this TensorRT has no {precision.upper()} builder flag (TensorRT 11 builds strongly typed "
+            f"networks only): give a Q/DQ model from `prunekit quantize` for INT8, or an FP16 ONNX "
+            "(python -m modelopt.onnx.autocast) for FP16"
+        )
+    if precision == "fp16":
+        return {"strongly_typed": False, "flags": ["FP16"], "calibrate": False}
+    if not caps["implicit_int8"]:
+        raise ValueError(
+            "this TensorRT has no implicit INT8 calibration; quantize the model with `prunekit quantize` "
+            "(Q/DQ, explicit quantization) and build that"
+        )
+    return {"strongly_typed": False, "flags": ["FP16", "INT8"], "calibrate": True}
+
+
 def build_engine(
     onnx_path: str | os.PathLike,
     plan_path: str | os.PathLike,
@@ -143,20 +205,33 @@ def build_engine(
         raise FileNotFoundError(f"{onnx_path}: ONNX model not found")
     calib_path = Path(calib_cache) if calib_cache else None
     batches = list(calib_batches or [])
-    if precision == "int8" and not batches and not (calib_path and calib_path.is_file()):
-        raise ValueError("INT8 needs calibration images (--calib-data) or an existing calibration cache")
+    explicit = onnx_has_qdq(onnx_path)
+    if explicit:
+        precision = "int8"  # a Q/DQ graph is INT8 whatever is asked
+    if precision == "int8" and not explicit and not batches and not (calib_path and calib_path.is_file()):
+        raise ValueError(
+            "INT8 needs a Q/DQ model (`prunekit quantize`), calibration images (--calib-data) or an "
+            "existing calibration cache"
+        )
     reason = trt_unavailable()
     if reason:
         raise BackendUnavailable("trt", reason)
     trt = _trt()
     cudart = import_cudart("trt")
+    mode = build_plan_mode(trt_capabilities(trt), precision, explicit)
     t0 = time.perf_counter()
     logger = trt.Logger(trt.Logger.WARNING)
     trt.init_libnvinfer_plugins(logger, "")  # EfficientNMS_TRT for the "trt" export form
     builder = trt.Builder(logger)
-    major = int(trt.__version__.split(".")[0])
-    # TensorRT 10 networks are always explicit-batch; the flag only exists (deprecated) for 8.x.
-    flags = 0 if major >= 10 else 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    flags = 0
+    if mode["strongly_typed"]:
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    elif (
+        hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH")
+        and int(trt.__version__.split(".")[0]) < 10
+    ):
+        # TensorRT 10 networks are always explicit-batch; the flag is needed (and exists) on 8.x only
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
@@ -165,11 +240,10 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    if precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)  # INT8 layers without scales fall back to FP16, not FP32
+    for name in mode["flags"]:  # INT8 layers without scales fall back to FP16, not FP32
+        config.set_flag(getattr(trt.BuilderFlag, name))
     calibrator = None
-    if precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
+    if mode["calibrate"]:
         calibrator = _make_calibrator(trt, cudart, batches, calib_path)
         config.int8_calibrator = calibrator
 
@@ -215,6 +289,8 @@ def build_engine(
         "tensorrt_version": trt.__version__,
         **cuda_device_info(device),
         "precision": precision,
+        "quantization": "explicit (Q/DQ)" if explicit else ("implicit (calibrator)" if calibrator else None),
+        "strongly_typed": mode["strongly_typed"],
         "profile": profile_desc,
         "inputs": [
             {"name": t.name, "shape": [int(d) for d in t.shape], "dtype": str(trt.nptype(t.dtype).__name__)}

@@ -48,6 +48,7 @@ class PruneConfig:
     align: int = 8  # round kept counts to multiples of this (1 = the paper exactly)
     epochs_sparsity: int = 10
     epochs_retrain: int = 10
+    rounds: int = 1  # passes over the phase list; each pass may cut every layer again
     layer_weights: dict[str, float] | None = None  # per-layer L1 multipliers (cost-aware)
     cost_aware: str | None = None  # None | "macs" | "latency": layer_weights from prunekit.prune.cost
     cost_alpha: float = 1.0  # 0 = uniform L1 (the paper) .. 1 = fully cost-proportional weights
@@ -72,6 +73,8 @@ class PruneConfig:
         check_taus(self.tau1, self.tau2, self.tau3)
         if self.eps1 < 0 or self.eps2 < 0:
             raise ValueError(f"eps1/eps2 must be >= 0 points, got {self.eps1}, {self.eps2}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
         if (self.lam_grid is not None and not self.lam_grid) or not self.shrink_grid or not self.k_range:
             raise ValueError("lam_grid / shrink_grid and k_range must not be empty")
         if self.sparsity_target not in ("bn", "weights"):
@@ -158,6 +161,7 @@ FIELD_HELP: dict[str, str] = {
     "align": "Round kept filters to multiples of N (1 = the paper exactly).",
     "epochs_sparsity": "Epochs of each sparsity-induction run.",
     "epochs_retrain": "Epochs of retraining after each phase's surgery.",
+    "rounds": "Passes over the phase list (the paper: 1); a later pass prunes the retrained model again.",
     "layer_weights": "Per-layer L1 multipliers, name=w,... (cost-aware by hand).",
     "cost_aware": "Weight the L1 term by layer cost: macs or latency.",
     "cost_alpha": "0 = uniform L1 (paper) .. 1 = fully cost-proportional.",

@@ -36,6 +36,7 @@ built by the caller, so the runner knows no data; its ``evaluate`` returns the v
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -79,10 +80,12 @@ log = logging.getLogger(__name__)
 STEPS = ("sparse", "thresholded", "pruned", "retrained")
 
 
-
-
 class PhaseToleranceError(RuntimeError):
     """Raised under ``strict`` when a phase's pruned model loses more than ``eps_pruned``."""
+
+
+class ToleranceFloorError(ValueError):
+    """The model scores so low that a tolerance reaches below zero (every check would pass)."""
 
 
 class _Runner:
@@ -536,8 +539,14 @@ def run_phase(
             )  # fmt: skip
             pruned = prune_channels(sparse, result.keep, graph, fold_bias=hp.fold_bias)
             pruned_metric = runner.recalibrated_metric(pruned) if scored is None else float(scored)
-            cut = {n: f"{st['filters']}->{st['kept']}" for n, st in result.stats.items() if st["kept"] < st["filters"]}
-            attempts.append({"k": k, "metric": pruned_metric, "params": model_stats(pruned)["params"], "cut": cut})
+            cut = {
+                n: f"{st['filters']}->{st['kept']}"
+                for n, st in result.stats.items()
+                if st["kept"] < st["filters"]
+            }
+            attempts.append(
+                {"k": k, "metric": pruned_metric, "params": model_stats(pruned)["params"], "cut": cut}
+            )
             if pruned_metric >= floor:
                 break
             log.warning(
@@ -565,7 +574,9 @@ def run_phase(
         if runner.main:
             from prunekit.prune.diagnostics import phase_diagnostics, write_diagnostics
 
-            write_diagnostics(pdir, phase_diagnostics(sparse, th_model, graph, rp, sel, hp.tau1, fold), phase.name)
+            write_diagnostics(
+                pdir, phase_diagnostics(sparse, th_model, graph, rp, sel, hp.tau1, fold), phase.name
+            )
     record["selection"] = {n: {k: v for k, v in st.items() if k not in ("filter_sparsity", "outgoing_sparsity")}
                            for n, st in sel.items()}  # fmt: skip
     record["pruned_metric"] = pruned_metric
@@ -597,6 +608,7 @@ def run_phases(
     hp: PruneConfig | None = None,
     out_dir: str | os.PathLike = "phases",
     resume: bool = False,
+    allow_vacuous: bool = False,
 ) -> nn.Module:
     """Run every phase on ``model`` (not modified) and return the final pruned, retrained model.
 
@@ -607,6 +619,8 @@ def run_phases(
     ``out_dir`` (``pN/`` per phase, ``summary.{json,md}``). With ``resume`` a phase whose
     ``retrained.pt`` exists is loaded instead of recomputed, and an unfinished phase restarts after
     its last saved step; the hyper-parameters must be the same as the first run (checked).
+    A model scoring below the largest tolerance is refused (:class:`ToleranceFloorError`) unless
+    ``allow_vacuous`` (``--force-compress``), which only warns.
     """
     hp = hp or PruneConfig()
     out = Path(out_dir)
@@ -619,6 +633,10 @@ def run_phases(
 
         model = fold_batchnorm(model)
     phases = resolve_phases(phases, model) if isinstance(phases, str | os.PathLike) else list(phases)
+    if hp.rounds > 1:
+        # each pass is the same phase list again on the retrained model; names say which pass
+        phases = [dataclasses.replace(p, name=f"{p.name}.r{r + 1}") for r in range(hp.rounds) for p in phases]
+    per_round = len(phases) // hp.rounds
     runner = _Runner(trainer, hp, out)
     _check_resume(out, hp, phases, resume, runner)
     runner.original_channels = {r["layer"]: r["filters_before"] for r in layer_table(original)}
@@ -633,8 +651,11 @@ def run_phases(
         "original": {**model_stats(original), "metric": metric, "metrics": metrics},
         "records": [],
     }
+    _check_floors(hp, metric, allow_vacuous)
     already: set[str] = set()
     for i, phase in enumerate(phases):
+        if i % per_round == 0:
+            already = set()  # a new pass: every layer may be cut again
         current, record, metric = run_phase(current, phase, i, runner, original, already, metric, resume)
         already |= set(record.get("prune_layers", []))
         summary["records"].append(record)
@@ -648,6 +669,24 @@ def run_phases(
         atomic_write_json(out / "summary.json", _json_safe({**summary, "layers": rows}))
         atomic_write_text(out / "summary.md", render_summary(summary, rows))
     return current
+
+
+def _check_floors(hp: PruneConfig, metric: float, allow: bool = False) -> None:
+    """Refuse tolerances that reach below zero: a check against a negative floor always passes.
+
+    The model before pruning scores ``metric``; ε1, ε2 and ``eps_pruned`` are subtracted from
+    (roughly) it. A model near zero (an untrained detector's AP50) would pass every check.
+    """
+    worst = max(hp.eps1, hp.eps2, hp.eps_pruned)
+    if metric - worst * POINT < 0:
+        msg = (
+            f"the model scores {metric:.4f} before pruning, so a tolerance of {worst:g} points "
+            f"(max of eps1 {hp.eps1:g}, eps2 {hp.eps2:g}, eps_pruned {hp.eps_pruned:g}) reaches below zero "
+            "and every check would pass"
+        )
+        if not allow:
+            raise ToleranceFloorError(f"{msg}; train the model further or give smaller tolerances")
+        log.warning("%s: the tolerance checks of this run are VACUOUS (forced)", msg)
 
 
 def _final_budget(plan: _BudgetPlan, model: nn.Module) -> dict[str, Any]:

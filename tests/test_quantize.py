@@ -9,6 +9,7 @@ constant vector, which INT8 would reproduce however broken the rest was.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,39 @@ def test_qdq_detection(vgg_onnx: Path, tmp_path: Path) -> None:
     out = tmp_path / "q.onnx"
     quantize_model(vgg_onnx, out, _batches(rt.read_metadata(vgg_onnx), 8, 0))
     assert onnx_has_qdq(out) and not onnx_has_qdq(vgg_onnx)
+
+
+def test_pipeline_quantize_stage_writes_int8_models_and_their_verification(tmp_path: Path) -> None:
+    """The ``quantize`` stage on a classifier run folder: both models quantized alike, INT8 verified."""
+    import torch
+    from PIL import Image
+
+    import prunekit
+    from prunekit.pipeline import Pipeline, PipelineConfig
+
+    data = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i, im in enumerate(_images(12, 7 if c == "a" else 8, 40)):
+            Image.fromarray((im.transpose(1, 2, 0) * 255).astype(np.uint8)).save(data / c / f"{i}.png")
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        vgg16_config(2, variant="cifar", width=0.125, batch_norm=True, class_names=["a", "b"]),
+        input_size=(32, 32),
+    )
+    out = tmp_path / "run"
+    out.mkdir()
+    model = build_model(cfg).eval()
+    for name in ("original", "model"):
+        prunekit.save(model, out / f"{name}.pt")
+        export_onnx(model, out / f"{name}.onnx", check=False)
+    pipe = Pipeline(PipelineConfig(model="vgg16", data=f"folder:{data}", precision=["fp32", "int8"],
+                                   verify_images=16), out)  # fmt: skip
+    files, info = pipe.stage_quantize()
+    assert set(files) == {"original_int8", "model_int8", "verify_int8"}
+    assert rt.read_metadata(files["model_int8"])["prunekit_precision"] == "int8"
+    assert info["model"]["quantized_nodes"] == 15 and info["verify_passed"]
+    report = json.loads(files["verify_int8"].read_text())
+    assert report["precision"] == "int8" and report["backends"]["ort-cpu"]["passed"]
+    skipped = Pipeline(PipelineConfig(model="vgg16", data=f"folder:{data}"), out).stage_quantize()
+    assert skipped == ({}, {"skipped": "int8 not in --precision"})

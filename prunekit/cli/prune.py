@@ -80,6 +80,10 @@ def _totals_line(stats: dict[str, Any]) -> str:
 @click.option("--max-val-images", type=int, default=None, help="Validate on the first N images only.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue a run in OUT after its last completed step.")
+@click.option(
+    "--force-compress", is_flag=True,
+    help="Go on when the model scores below the largest tolerance (every check would pass; warned).",
+)  # fmt: skip
 @friendly_errors
 def prune(
     model_path: Path, data: str, split: str, val_split: str, phases_spec: str | None, out_dir: Path, **kw: Any
@@ -101,7 +105,9 @@ def prune(
         kw["device"], kw["batch_size"], kw["lr"], kw["weight_decay"], kw["warmup_iters"], kw["seed"]
     )
     trainer = DataTrainer(train_set, val_set, tcfg, eval_batch_size=16, max_val_images=kw["max_val_images"])
-    pruned = run_phases(model, phases, trainer, hp, out_dir / "phases", resume=kw["resume"])
+    pruned = run_phases(
+        model, phases, trainer, hp, out_dir / "phases", resume=kw["resume"], allow_vacuous=kw["force_compress"]
+    )
     summary = json.loads((out_dir / "phases" / "summary.json").read_text(encoding="utf-8"))
     original_channels = {r["layer"]: r["filters_before"] for r in summary["layers"]}
     prunekit.save(

@@ -1,0 +1,174 @@
+"""Pruning and INT8 together: the pruning benchmarks' originals and pruned models, FP32 and Q/DQ INT8.
+
+    python benchmarks/int8.py      # after benchmarks/cifar10_vgg16.py and benchmarks/bccd_ssd300.py
+    python benchmarks/int8.py --cifar-run runs/cifar10_vgg16 --bccd-run runs/bccd_ssd300
+
+For CIFAR-10 VGG16 (``baseline.pt``, ``paper.pt``) and BCCD SSD300 (``original.pt``, ``paper.pt``):
+exports both, quantizes both with ``prunekit quantize``'s defaults (per-channel symmetric
+weights, symmetric activations, the last layers and the SSD decode float), calibrating on the
+validation split (images held out of training, inside the training data: CIFAR's 5,000, BCCD's
+87 trainval images; no augmentation); then, in one run on ONNX Runtime CPU:
+
+* accuracy of every model through the ORT runner on the test split (top-1 on CIFAR's 10,000
+  images, pycocotools AP50 on BCCD's 72), with the standard error;
+* throughput at batch 1, the models of one task interleaved;
+* file sizes; the CPU's instruction set (INT8 speed depends on VNNI / AMX).
+
+Writes ``benchmarks/results/int8.{json,md}``: per task ``original_fp32``, ``compressed_fp32``,
+``compressed_int8`` (and ``original_int8``), each with ``size_mb``, ``fps_b1`` and ``top1`` /
+``ap50`` in percent, plus ``cpu_isa`` and the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import prunekit
+from prunekit.bench.accuracy import load_samples, runner_accuracy
+from prunekit.bench.machine import cpu_isa
+from prunekit.deploy import get_runner
+from prunekit.deploy.quantize import QuantizeConfig, dataset_batches, quantize_model
+from prunekit.deploy.runtime import read_metadata
+from prunekit.export import export_onnx
+from prunekit.fileio import atomic_write_json, atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_DATA, RESULTS, load_bccd, load_cifar, machine_info, standard_error  # noqa: E402
+from speed_aware import time_ort_interleaved  # noqa: E402
+
+log = logging.getLogger("int8")
+ROWS = ("original_fp32", "original_int8", "compressed_fp32", "compressed_int8")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--cifar-run", type=Path, default=Path("runs/cifar10_vgg16"))
+    ap.add_argument("--bccd-run", type=Path, default=Path("runs/bccd_ssd300"))
+    ap.add_argument("--tasks", default="cifar10_vgg16,bccd_ssd300")
+    ap.add_argument("--result", type=Path, default=RESULTS / "int8.json")
+    ap.add_argument("--calib-images", type=int, default=256)
+    ap.add_argument("--method", default="minmax", choices=("minmax", "entropy", "percentile"))
+    ap.add_argument("--test-images", type=int, default=None, help="CIFAR only; default: all 10,000")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def measure(task: str, ckpts: dict[str, Path], calib: Any, test: Any, metric: str, a: argparse.Namespace,
+            rounds: int) -> dict[str, Any]:  # fmt: skip
+    out: dict[str, Any] = {"calibration_images": min(a.calib_images, len(calib)), "test_images": len(test)}
+    samples = load_samples(test)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths: dict[str, Path] = {}
+        for role, ckpt in ckpts.items():
+            if not ckpt.is_file():
+                raise SystemExit(f"{ckpt}: not found; run the {task} benchmark first")
+            fp32 = Path(tmp) / f"{role}_fp32.onnx"
+            export_onnx(prunekit.load(ckpt).eval(), fp32, check=False)
+            int8 = Path(tmp) / f"{role}_int8.onnx"
+            batches = dataset_batches(calib, read_metadata(fp32), a.calib_images, 8, a.seed)
+            rep = quantize_model(fp32, int8, batches, QuantizeConfig(method=a.method, calib_images=a.calib_images))
+            paths[f"{role}_fp32"], paths[f"{role}_int8"] = fp32, int8
+            params = prunekit.count_params(prunekit.load(ckpt))
+            out[f"{role}_fp32"] = {"params": params}
+            out[f"{role}_int8"] = {"params": params, "kept_float": len(rep["kept_float"])}
+        for row in ROWS:
+            meta = read_metadata(paths[row])
+            with get_runner("ort-cpu", paths[row], intra_op_threads=a.threads) as r:
+                acc = runner_accuracy(r, samples, meta, batch_size=8)
+            key = "top1" if metric == "top1" else "map50"
+            value = 100.0 * float(acc[key])
+            out[row].update({metric: value, f"{metric}_se": standard_error(value, len(samples)),
+                             "size_mb": paths[row].stat().st_size / 2**20})  # fmt: skip
+            if metric == "ap50":
+                out[row]["map"] = 100.0 * float(acc["map"])
+            log.info("%s %s: %s %.2f", task, row, metric, value)
+        timing = time_ort_interleaved(paths, rounds=rounds, warmup=10, batch=1, threads=a.threads)
+    for row in ROWS:
+        out[row]["fps_b1"] = timing[row]["fps"]
+        out[row]["latency_ms_b1"] = timing[row]["latency_ms_median"]
+    o, c32, c8 = out["original_fp32"], out["compressed_fp32"], out["compressed_int8"]
+    out["targets"] = {
+        "int8_within_1_of_fp32": abs(c8[metric] - c32[metric]) <= 1.0,
+        "fps_x": c8["fps_b1"] / o["fps_b1"],
+        "fps_ge_3x": c8["fps_b1"] >= 3 * o["fps_b1"],
+        "size_x": o["size_mb"] / c8["size_mb"],
+        "size_ge_10x": o["size_mb"] / c8["size_mb"] >= 10,
+    }
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(a.threads)
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    res: dict[str, Any] = {
+        "benchmark": "int8",
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info("cpu", a.threads),
+        "cpu_isa": cpu_isa(),
+        "loadavg_start": list(os.getloadavg()),
+        "quantization": {"method": a.method, "calibration": "validation split (held out of training), no augmentation"},
+    }
+    tasks = [t for t in a.tasks.split(",") if t]
+    if "cifar10_vgg16" in tasks:
+        _, val, test = load_cifar(a.data_dir, 45000, 5000, a.test_images, a.seed)
+        ckpts = {"original": a.cifar_run / "baseline.pt", "compressed": a.cifar_run / "paper.pt"}
+        res["cifar10_vgg16"] = measure("cifar10_vgg16", ckpts, val, test, "top1", a, rounds=300)
+    if "bccd_ssd300" in tasks:
+        _, val, test = load_bccd(a.data_dir / "BCCD", "none", train_split="trainval")
+        ckpts = {"original": a.bccd_run / "original.pt", "compressed": a.bccd_run / "paper.pt"}
+        res["bccd_ssd300"] = measure("bccd_ssd300", ckpts, val, test, "ap50", a, rounds=60)
+    res["wall_s"] = round(time.perf_counter() - wall0, 1)
+    res["cpu_s"] = round(time.process_time() - cpu0, 1)
+    atomic_write_json(a.result, res)
+    atomic_write_text(a.result.with_suffix(".md"), render(res))
+    print(render(res))
+
+
+def render(r: dict[str, Any]) -> str:
+    m = r["machine"]
+    isa = ", ".join(k for k, v in r["cpu_isa"].items() if v) or "unknown"
+    lines = [
+        "# Pruning and INT8 (Q/DQ) together, ONNX Runtime CPU",
+        "",
+        f"`{r['command']}`",
+        "",
+        f"Machine: {m['cpu']} ({m['cpu_count']} cores), ISA: {isa}; onnxruntime {m['versions'].get('onnxruntime')}. "
+        f"INT8: {r['quantization']['method']} calibration on the {r['quantization']['calibration']}, per-channel "
+        "symmetric weights, the last layers float. Accuracy through the ORT runner on the test split; batch-1 "
+        f"throughput with the models of a task interleaved in one run. Wall {r['wall_s']} s, CPU {r['cpu_s']} s.",
+    ]
+    for task, metric in (("cifar10_vgg16", "top1"), ("bccd_ssd300", "ap50")):
+        if task not in r:
+            continue
+        t = r[task]
+        lines += ["", f"## {task} (test: {t['test_images']:,} images, calibration: {t['calibration_images']})", "",
+                  f"| model | params | file MB | {metric} (%) | ± SE | img/s b1 | x original FP32 |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        base = t["original_fp32"]["fps_b1"]
+        for row in ROWS:
+            x = t[row]
+            lines.append(
+                f"| {row} | {x['params']:,} | {x['size_mb']:.2f} | {x[metric]:.2f} | {x[metric + '_se']:.2f} | "
+                f"{x['fps_b1']:.1f} | {x['fps_b1'] / base:.2f} |"
+            )
+        shown = [f"{k} = {v:.2f}" if isinstance(v, float) else f"{k}: {'met' if v else 'NOT met'}"
+                 for k, v in t["targets"].items()]  # fmt: skip
+        lines += ["", "Targets: " + ", ".join(shown)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

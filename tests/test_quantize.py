@@ -227,3 +227,20 @@ def test_pipeline_quantize_stage_writes_int8_models_and_their_verification(tmp_p
     assert report["precision"] == "int8" and report["backends"]["ort-cpu"]["passed"]
     skipped = Pipeline(PipelineConfig(model="vgg16", data=f"folder:{data}"), out).stage_quantize()
     assert skipped == ({}, {"skipped": "int8 not in --precision"})
+
+
+def test_tensorrt_builds_the_qdq_model_strongly_typed(vgg_onnx: Path, tmp_path: Path) -> None:
+    """Where TensorRT and a GPU exist: the Q/DQ model builds, INT8, and its plan says how."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (its libraries are not on PyPI here)")
+    from prunekit.deploy.trt import build_engine, trt_unavailable
+
+    reason = trt_unavailable()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "q.onnx"
+    quantize_model(vgg_onnx, out, _batches(rt.read_metadata(vgg_onnx), 16, 0))
+    meta = build_engine(out, tmp_path / "q.plan", precision="fp32", max_batch=8)
+    assert meta["precision"] == "int8" and meta["quantization"] == "explicit (Q/DQ)"
+    x = np.concatenate(_batches(rt.read_metadata(vgg_onnx), 8, 1))
+    with get_runner("trt", tmp_path / "q.plan") as r8, get_runner("ort-cpu", vgg_onnx) as r32:
+        assert _centered_cosine(r32.infer({"images": x})["logits"], r8.infer({"images": x})["logits"]) > 0.95

@@ -73,13 +73,16 @@ def measure(task: str, ckpts: dict[str, Path], calib: Any, test: Any, metric: st
         for role, ckpt in ckpts.items():
             if not ckpt.is_file():
                 raise SystemExit(f"{ckpt}: not found; run the {task} benchmark first")
+            model = prunekit.load(ckpt).eval()
             fp32 = Path(tmp) / f"{role}_fp32.onnx"
-            export_onnx(prunekit.load(ckpt).eval(), fp32, check=False)
+            export_onnx(model, fp32, check=False)
             int8 = Path(tmp) / f"{role}_int8.onnx"
             batches = dataset_batches(calib, read_metadata(fp32), a.calib_images, 8, a.seed)
-            rep = quantize_model(fp32, int8, batches, QuantizeConfig(method=a.method, calib_images=a.calib_images))
+            rep = quantize_model(
+                fp32, int8, batches, QuantizeConfig(method=a.method, calib_images=a.calib_images)
+            )
             paths[f"{role}_fp32"], paths[f"{role}_int8"] = fp32, int8
-            params = prunekit.count_params(prunekit.load(ckpt))
+            params = prunekit.count_params(model)
             out[f"{role}_fp32"] = {"params": params}
             out[f"{role}_int8"] = {"params": params, "kept_float": len(rep["kept_float"])}
         for row in ROWS:
@@ -119,7 +122,10 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine_info("cpu", a.threads),
         "cpu_isa": cpu_isa(),
         "loadavg_start": list(os.getloadavg()),
-        "quantization": {"method": a.method, "calibration": "validation split (held out of training), no augmentation"},
+        "quantization": {
+            "method": a.method,
+            "calibration": "validation split (held out of training), no augmentation",
+        },
     }
     tasks = [t for t in a.tasks.split(",") if t]
     if "cifar10_vgg16" in tasks:

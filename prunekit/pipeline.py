@@ -416,11 +416,14 @@ class Pipeline:
         qcfg = QuantizeConfig()
         outs: dict[str, Path] = {}
         info: dict[str, Any] = {}
+        # pruning never changes the input contract: one set of calibration batches serves both models
+        meta = read_metadata(self.out / "model.onnx")
+        batches = calibration_batches(
+            c.data, meta, qcfg.calib_images, qcfg.calib_batch, c.train_split, c.seed
+        )
         for label in ("original", "model"):
             src = self.out / f"{label}.onnx"
             dst = self.out / f"{label}_int8.onnx"
-            batches = calibration_batches(c.data, read_metadata(src), qcfg.calib_images, qcfg.calib_batch,
-                                          c.train_split, c.seed)  # fmt: skip
             rep = quantize_model(src, dst, batches, qcfg)
             outs[f"{label}_int8"] = dst
             info[label] = {

@@ -133,10 +133,11 @@ def trt_provider_options(
 
 def _model_precision(path: Path) -> str:
     """``"int8"`` for a Q/DQ model written by ``prunekit quantize``, else ``"fp32"``."""
+    from prunekit.deploy.quantize import model_precision
     from prunekit.deploy.runtime import read_metadata
 
     try:
-        return str(read_metadata(path).get("prunekit_precision") or "fp32")
+        return model_precision(read_metadata(path))
     except ValueError:  # not a prunekit model: the caller's precision stands
         return "fp32"
 

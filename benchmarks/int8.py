@@ -1,7 +1,7 @@
 """Pruning and INT8 together: the pruning benchmarks' originals and pruned models, FP32 and Q/DQ INT8.
 
     python benchmarks/int8.py      # after benchmarks/cifar10_vgg16.py and benchmarks/bccd_ssd300.py
-    python benchmarks/int8.py --cifar-run runs/cifar10_vgg16 --bccd-run runs/bccd_ssd300
+    python benchmarks/int8.py --cifar-run runs/cifar10_v3 --bccd-run runs/bccd_v3
 
 For CIFAR-10 VGG16 (``baseline.pt``, ``paper.pt``) and BCCD SSD300 (``original.pt``, ``paper.pt``):
 exports both, quantizes both with ``prunekit quantize``'s defaults (per-channel symmetric
@@ -52,8 +52,8 @@ ROWS = ("original_fp32", "original_int8", "compressed_fp32", "compressed_int8")
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--cifar-run", type=Path, default=Path("runs/cifar10_vgg16"))
-    ap.add_argument("--bccd-run", type=Path, default=Path("runs/bccd_ssd300"))
+    ap.add_argument("--cifar-run", type=Path, default=Path("runs/cifar10_v3"))
+    ap.add_argument("--bccd-run", type=Path, default=Path("runs/bccd_v3"))
     ap.add_argument("--tasks", default="cifar10_vgg16,bccd_ssd300")
     ap.add_argument("--result", type=Path, default=RESULTS / "int8.json")
     ap.add_argument("--calib-images", type=int, default=256)

@@ -140,7 +140,10 @@ def train(
     ``regularizer(model)`` (called on the plain, unwrapped module) is added to the loss every step
     and logged as ``reg``; a :class:`prunekit.prune.sparsity.Sparsity` with ``proximal=True`` is
     applied as a proximal step after each optimizer step instead, and the parameters it
-    regularises get no weight decay. Under torchrun the model is wrapped in DistributedDataParallel for the
+    regularises get no weight decay. A regularizer with an ``after_backward(model)`` method acts on
+    the gradients instead, between the backward pass and the optimizer step (unscaled, before
+    clipping): how gradient-editing sparsity schemes such as Torch-Pruning's ``regularize`` plug in,
+    so a peer method trains with this very loop. Under torchrun the model is wrapped in DistributedDataParallel for the
     duration of the call only: the caller keeps and gets back its plain module, so surgery never
     sees a wrapper. Returns ``{"epochs": [per-epoch records], "steps", "time_s", "cpu_time_s", "val"}``
     (times summed over epochs, across resumes; ``val``: the last validation metrics).
@@ -347,8 +350,12 @@ def _step(
         total = loss + reg
     opt.zero_grad(set_to_none=True)
     scaler.scale(total).backward()
-    if cfg.grad_clip is not None:
+    after_backward = getattr(regularizer, "after_backward", None)
+    if cfg.grad_clip is not None or after_backward is not None:
         scaler.unscale_(opt)
+    if after_backward is not None:
+        after_backward(net)
+    if cfg.grad_clip is not None:
         nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
     scaler.step(opt)
     scaler.update()

@@ -276,3 +276,37 @@ def test_cli_train_then_eval_on_a_tiny_synthetic_set(tmp_path):
     assert res.exit_code == 2 and "detection dataset but --model vgg16 needs classification" in res.output
     res = CliRunner().invoke(main, ["eval", str(tmp_path / "missing.pt"), *common])
     assert res.exit_code == 2 and "missing.pt" in res.output
+
+
+def test_a_regularizer_can_edit_gradients_between_backward_and_step():
+    """``after_backward`` (how Torch-Pruning's ``regularize`` plugs in) runs once per step on
+    real gradients, and what it writes is what the optimizer applies."""
+    from prunekit.data import TensorImageDataset
+
+    torch.manual_seed(0)
+    model = prunekit.vgg16(4, variant="cifar", width=0.0625)
+    before = {
+        k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k
+    }
+    ds = TensorImageDataset(
+        torch.randint(0, 255, (16, 3, 32, 32), dtype=torch.uint8), torch.arange(16) % 4, list("abcd")
+    )
+
+    class ZeroGrad:
+        proximal = False
+        calls = 0
+
+        def __call__(self, m):
+            return torch.zeros(())
+
+        def after_backward(self, m):
+            ZeroGrad.calls += 1
+            assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
+            for p in m.parameters():
+                p.grad.zero_()
+
+    cfg = TrainConfig(epochs=2, lr=0.1, batch_size=8, weight_decay=0.0, momentum=0.0, seed=0, grad_clip=1.0)
+    train(model, ds, cfg, regularizer=ZeroGrad(), progress=False)
+    assert ZeroGrad.calls == 4  # 2 epochs x 2 steps
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # zeroed gradients: nothing moved

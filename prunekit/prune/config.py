@@ -37,7 +37,7 @@ class PruneConfig:
     threshold_search: str = "bisect"  # "scan" | "bisect"
     threshold_scale: str = "layer"  # "layer": k in each layer's std | "global": pooled std | "raw": the paper
     fold_stats: bool = True  # zero-row statistics and thresholds on BN-folded weights
-    recalibrate_bn: bool = True  # BN statistics re-estimated before a cut model is scored
+    recalibrate_bn: bool = True  # BN statistics re-estimated before a sparse or cut model is scored
     tau1: float = TAU1
     tau2: float = TAU2
     tau3: float = TAU3
@@ -150,7 +150,7 @@ FIELD_HELP: dict[str, str] = {
     "threshold_search": "scan (exact) or bisect (assumes the metric falls with k).",
     "threshold_scale": "layer: k in each layer's std of folded weights; global: pooled; raw: the paper.",
     "fold_stats": "Zero-row statistics and thresholds on BN-folded weights.",
-    "recalibrate_bn": "Re-estimate BN statistics on training images before a cut model is scored.",
+    "recalibrate_bn": "Re-estimate BN statistics on training images before a sparse or cut model is scored.",
     "tau1": "Remove filter i if s(W_l[i]) > τ1.",
     "tau2": "... or if s(W_l[i]) > τ2 and s(W_l+1[:, i]) > τ3.",
     "tau3": "See --tau2.",

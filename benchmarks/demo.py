@@ -1,0 +1,205 @@
+"""The README's main command, run as a user would, measured: time, compression, speed, accuracy.
+
+    python benchmarks/demo.py                      # a fresh runs/demo_bench, then results/demo.json
+    python benchmarks/demo.py --out /tmp/d --force
+
+Runs the first ``bash`` block of the README's quick start exactly, with only its ``--out`` folder
+replaced by a fresh one, and times it (wall, CPU seconds of the child processes, load average at
+the start). Then reads the run's ``bench.json`` (ONNX Runtime CPU, original and compressed in
+the same run) and ``verify.json``, and measures the **control**: the run's own ``original.pt``
+given as many extra epochs as the compressed model's lineage trained (phases x rounds x
+(sparsity + retraining epochs)), with the pipeline's training settings. The three models are
+then scored by one evaluator (PyTorch, pycocotools) on every validation image of the set, not
+the pipeline's quick subset, with the SE of AP50 beside each.
+
+Writes ``benchmarks/results/demo.{json,md}`` with the keys the showcase issue names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, machine_info  # noqa: E402
+
+
+def readme_command(readme: Path = REPO / "README.md") -> str:
+    """The first ```bash block of the README: the quick start's main command."""
+    m = re.search(r"```bash\n(.+?)\n```", readme.read_text(), re.S)
+    if m is None:
+        raise SystemExit(f"{readme}: no ```bash block found")
+    return m.group(1).strip()
+
+
+def with_out(cmd: str, out: Path) -> str:
+    """``cmd`` with its ``--out X`` replaced by ``--out <out>`` (exactly one must be there)."""
+    new, n = re.subn(r"--out\s+\S+", f"--out {shlex.quote(str(out))}", cmd)
+    if n != 1:
+        raise SystemExit(f"the README command must have exactly one --out, found {n}: {cmd}")
+    return new
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_readme(out: Path) -> dict[str, Any]:
+    cmd = with_out(readme_command(), out)
+    load = list(os.getloadavg())
+    cpu0, wall0 = _children_cpu(), time.perf_counter()
+    proc = subprocess.run(["bash", "-c", cmd], cwd=REPO, capture_output=True, text=True)
+    wall, cpu = time.perf_counter() - wall0, _children_cpu() - cpu0
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
+        raise SystemExit(f"the README command failed with exit {proc.returncode}: {cmd}")
+    start = proc.stdout.find("| metric |")
+    return {"command": cmd, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_avg_start": load,
+            "summary": proc.stdout[start:].strip() if start >= 0 else proc.stdout[-3000:]}  # fmt: skip
+
+
+def _ratio(bench: dict[str, Any], batch: int) -> float | None:
+    for r in bench["comparisons"]["compressed"]["runs"]:
+        if r["backend"] == "ort-cpu" and r["batch_size"] == batch:
+            return float(r["speedup"])
+    return None
+
+
+def _ap50(bench: dict[str, Any], model: str) -> float | None:
+    for a in bench["accuracy"]:
+        if a["backend"] == "ort-cpu" and a["model"] == model and a.get("precision", "fp32") == "fp32":
+            return 100.0 * float(a["metrics"]["map50"])
+    return None
+
+
+def control_and_scores(out: Path, threads: int) -> dict[str, Any]:
+    """The control trained here, and original / control / compressed scored on all val images."""
+    import torch
+
+    import prunekit
+    from prunekit.evaluate import evaluate
+    from prunekit.pipeline import Pipeline, PipelineConfig
+    from prunekit.train import train
+
+    torch.set_num_threads(threads)
+    import yaml
+
+    cfg = PipelineConfig(**yaml.safe_load((out / "config.yaml").read_text()))
+    pipe = Pipeline(cfg, out)
+    train_set, val_set = pipe._datasets()
+    summary = json.loads((out / "phases" / "prune_config.json").read_text())
+    hp = summary["config"]
+    epochs = (
+        len(summary["phases"]) * int(hp["rounds"]) * (int(hp["epochs_sparsity"]) + int(hp["epochs_retrain"]))
+    )
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    control = prunekit.load(out / "original.pt")
+    train(control, train_set, pipe._train_cfg(epochs), progress=False)
+    control_s = {
+        "wall_s": round(time.perf_counter() - wall0, 1),
+        "cpu_s": round(time.process_time() - cpu0, 1),
+    }
+    scores = {}
+    for name, model in (("original", prunekit.load(out / "original.pt")), ("control", control),
+                        ("compressed", prunekit.load(out / "model.pt"))):  # fmt: skip
+        m = evaluate(model, val_set, batch_size=16, progress=False)
+        ap = 100.0 * float(m["map50"])
+        n = int(m["num_images"])
+        scores[name] = {
+            "ap50": ap,
+            "ap50_se": 100.0 * math.sqrt(max(ap / 100 * (1 - ap / 100), 0) / n),
+            "images": n,
+        }
+    return {"control_epochs": epochs, "control_training": control_s, "scores": scores}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=REPO / "runs" / "demo_bench")
+    ap.add_argument("--result", type=Path, default=RESULTS / "demo.json")
+    ap.add_argument("--force", action="store_true", help="delete --out first")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    if args.out.exists():
+        if not args.force:
+            raise SystemExit(f"{args.out} exists: the demo must run in a fresh folder (--force deletes it)")
+        shutil.rmtree(args.out)
+    run = run_readme(args.out)
+    bench = json.loads((args.out / "bench.json").read_text())
+    verify = json.loads((args.out / "verify.json").read_text())
+    models = bench["models"]
+    extra = control_and_scores(args.out, args.threads)
+    s = extra["scores"]
+    res: dict[str, Any] = {
+        "wall_s": run["wall_s"],
+        "cpu_s": run["cpu_s"],
+        "load_avg_start": run["load_avg_start"],
+        "params_ratio": models["original"]["params"] / models["compressed"]["params"],
+        "macs_ratio": models["original"]["macs"] / models["compressed"]["macs"],
+        "fps_ratio_ort_cpu_b1": _ratio(bench, 1),
+        "fps_ratio_ort_cpu_b8": _ratio(bench, 8),
+        "ap50_original": s["original"]["ap50"],
+        "ap50_control": s["control"]["ap50"],
+        "ap50_compressed": s["compressed"]["ap50"],
+        "ap50_se": {k: v["ap50_se"] for k, v in s.items()},
+        "ap50_images": s["compressed"]["images"],
+        "ap50_ort_pipeline_subset": {
+            "original": _ap50(bench, "original"),
+            "compressed": _ap50(bench, "compressed"),
+        },
+        "verify_passed": all(b.get("passed") for b in verify["backends"].values()),
+        **{k: extra[k] for k in ("control_epochs", "control_training")},
+        "command": run["command"],
+        "summary": run["summary"],
+        "machine": machine_info("cpu", args.threads),
+    }
+    res["targets"] = {
+        "params_ratio_ge_3": res["params_ratio"] >= 3,
+        "fps_ratio_ort_cpu_b1_ge_1.5": (res["fps_ratio_ort_cpu_b1"] or 0) >= 1.5,
+        "ap50_compressed_within_1_of_control": res["ap50_compressed"] >= res["ap50_control"] - 1.0,
+        "wall_s_le_600": res["wall_s"] <= 600,
+        "verify_passed": res["verify_passed"],
+    }
+    from prunekit.fileio import atomic_write_json, atomic_write_text
+
+    atomic_write_json(args.result, res)
+    atomic_write_text(args.result.with_suffix(".md"), render(res))
+    print(render(res))
+    return res
+
+
+def render(r: dict[str, Any]) -> str:
+    se = r["ap50_se"]
+    return "\n".join([
+        "# The README's main command, measured", "", f"`{r['command']}`", "",
+        f"Load average at start {r['load_avg_start'][0]:.2f}; wall {r['wall_s']:.0f} s, CPU {r['cpu_s']:.0f} s "
+        f"(children); {r['machine']['cpu']}.", "",
+        "| | value |", "|---|---:|",
+        f"| params ratio | {r['params_ratio']:.2f}x |", f"| MACs ratio | {r['macs_ratio']:.2f}x |",
+        f"| ORT CPU fps ratio, batch 1 | {r['fps_ratio_ort_cpu_b1']:.2f}x |",
+        f"| ORT CPU fps ratio, batch 8 | {r['fps_ratio_ort_cpu_b8']:.2f}x |",
+        f"| AP50 original | {r['ap50_original']:.2f} ± {se['original']:.2f} |",
+        f"| AP50 control (+{r['control_epochs']} epochs) | {r['ap50_control']:.2f} ± {se['control']:.2f} |",
+        f"| AP50 compressed | {r['ap50_compressed']:.2f} ± {se['compressed']:.2f} |",
+        f"| verify passed | {r['verify_passed']} |", "",
+        f"AP50 on all {r['ap50_images']} validation images, one evaluator (PyTorch + pycocotools). Targets: "
+        + ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in r["targets"].items()), "",
+        "What the command printed:", "", r["summary"], "",
+    ])  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

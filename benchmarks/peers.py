@@ -1,0 +1,453 @@
+"""prunekit side by side with Torch-Pruning: same checkpoint, parameter budget, trainer and epochs.
+
+    pip install -e ".[peers]"                                # torch-pruning, benchmark-only
+    python benchmarks/peers.py --task cifar10_vgg16          # from runs/cifar10_v3 (its baseline + paper)
+    python benchmarks/peers.py --task bccd_ssd300            # from runs/bccd_v3 (its original + paper)
+    python benchmarks/peers.py --smoke --out /tmp/peers      # plumbing: a tiny VGG, a few images
+
+Every method starts from the source run's unpruned checkpoint (``baseline`` / ``original``) and
+ends at prunekit's parameter count (``--match macs``: its MACs) within ``--tolerance``:
+
+* ``prunekit``: the source run's ``paper`` model, as it came out of its lineage (sparsity stages
+  and retraining, ``E`` epochs along the kept path);
+* ``tp_magnitude``: Torch-Pruning's ``MagnitudePruner`` with ``GroupMagnitudeImportance(p=1)``
+  (L1 group importance), then ``E`` epochs of fine-tuning;
+* ``tp_bnscale``: ``BNScalePruner`` + ``BNScaleImportance`` (network slimming): ``S`` epochs of
+  its sparse training (``pruner.regularize`` on the gradients), pruning, ``E - S`` epochs of
+  fine-tuning;
+* ``tp_groupnorm``: ``GroupNormPruner`` + ``GroupMagnitudeImportance(p=2)`` (DepGraph's group
+  sparsity), the same schedule as ``tp_bnscale``.
+
+``S`` is the source run's sparsity epochs (phases x rounds x sparsity epochs), so every lineage
+has the same number of epochs and the same share of them under a sparsity term. Torch-Pruning
+runs as its README shows it: global pruning (its group importances are mean-normalised, so
+they compare across layers), the classifier's last layer / the SSD heads in
+``ignored_layers``, SSD's L2Norm scale as an ``unwrapped_parameters`` entry, channels rounded to
+8 like prunekit's ``align``, at most 7/8 of a layer removed (prunekit's ``min_keep_fraction``). The pruning ratio is bisected until the pruned model matches the
+budget. Every model is fine-tuned by prunekit's own training loop (the Torch-Pruning regulariser
+plugs in through ``after_backward``), rebuilt as a prunekit model (its architecture config from
+the pruned shapes, the state dict loaded strictly), scored on the test split in this run, exported
+through prunekit's ONNX path, and timed on ONNX Runtime CPU at batch 1 in one interleaved run.
+
+Writes ``benchmarks/results/peers.{json,md}``: per task, ``unpruned``, ``prunekit``,
+``tp_magnitude``, ``tp_bnscale``, ``tp_groupnorm`` with ``params``, ``macs``, ``fps_b1`` and
+``top1`` / ``ap50`` (percent). A task's result is merged into the file, so the two tasks can run
+one after the other. Each method is a checkpoint in ``--out``: a killed run resumes where it was.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import prunekit
+from prunekit.fileio import atomic_write_json, atomic_write_text
+from prunekit.models import build_model
+from prunekit.models.io import layer_names
+from prunekit.prune.report import model_stats
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS, Stages, machine_info  # noqa: E402
+
+METHODS = ("tp_magnitude", "tp_bnscale", "tp_groupnorm")
+# prunekit keeps at least 1/8 of every layer (min_keep_fraction): the same cap for Torch-Pruning. Without
+# it a global threshold above every channel of a layer makes Torch-Pruning skip that layer whole, and
+# no ratio reaches the budget (measured on the smoke model: BN-scale stuck at +81% parameters).
+MAX_RATIO = 0.875
+TASKS = {"cifar10_vgg16": ("runs/cifar10_v3", "baseline"), "bccd_ssd300": ("runs/bccd_v3", "original")}
+log = logging.getLogger("peers")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", choices=sorted(TASKS), default="cifar10_vgg16")
+    ap.add_argument("--source", type=Path, default=None, help="the task's benchmark run folder")
+    ap.add_argument("--out", type=Path, default=None, help="default runs/peers/<task>")
+    ap.add_argument("--result", type=Path, default=RESULTS / "peers.json")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--match", choices=("params", "macs"), default="params")
+    ap.add_argument("--tolerance", type=float, default=0.03, help="relative budget match")
+    ap.add_argument("--reg", type=float, default=5e-4, help="Torch-Pruning sparse-training coefficient")
+    ap.add_argument("--round-to", type=int, default=8)
+    ap.add_argument("--ort-rounds", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="a tiny VGG on a few generated images")
+    return ap.parse_args(argv)
+
+
+# --- Torch-Pruning, driven through its public API ----------------------------------------------
+
+
+def _tp() -> Any:
+    try:
+        import torch_pruning
+    except ImportError as e:  # pragma: no cover - the benchmark's only extra
+        raise SystemExit(f'torch-pruning is not installed ({e}); pip install -e ".[peers]"') from None
+    return torch_pruning
+
+
+def traced_view(
+    model: nn.Module,
+) -> tuple[nn.Module, torch.Tensor, list[nn.Module], list[tuple[nn.Parameter, int]]]:
+    """(module Torch-Pruning traces, example input, ignored layers, unwrapped parameters).
+
+    A detector is traced through :class:`prunekit.models.ssd.SSDRaw` (backbone + heads, which
+    share their modules with ``model``, so pruning the view prunes the model): torchvision's
+    pre/post-processing (resize, anchor decoding, NMS) is not a tensor graph.
+    """
+    cfg = model.prunekit_config
+    h, w = cfg.input_size
+    example = torch.randn(1, 3, h, w)
+    if cfg.is_detector:
+        from prunekit.models.ssd import SSDRaw
+
+        view = SSDRaw(model)
+        ignored = [m for m in model.head.modules() if isinstance(m, nn.Conv2d)]
+        return view, example, ignored, [(model.backbone.scale_weight, 0)]
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    return model, example, [last], []
+
+
+def make_pruner(method: str, model: nn.Module, ratio: float, reg: float, round_to: int) -> Any:
+    tp = _tp()
+    view, example, ignored, unwrapped = traced_view(model)
+    common = dict(
+        example_inputs=example, pruning_ratio=ratio, global_pruning=True, ignored_layers=ignored,
+        round_to=round_to, max_pruning_ratio=MAX_RATIO, unwrapped_parameters=unwrapped or None,
+    )  # fmt: skip
+    if method == "tp_magnitude":
+        return tp.pruner.MagnitudePruner(
+            view, importance=tp.importance.GroupMagnitudeImportance(p=1), **common
+        )
+    if method == "tp_bnscale":
+        return tp.pruner.BNScalePruner(view, importance=tp.importance.BNScaleImportance(), reg=reg, **common)
+    if method == "tp_groupnorm":
+        return tp.pruner.GroupNormPruner(
+            view, importance=tp.importance.GroupMagnitudeImportance(p=2), reg=reg, **common
+        )
+    raise ValueError(f"unknown method {method!r}")
+
+
+def as_prunekit(model: nn.Module) -> nn.Module:
+    """A prunekit model rebuilt from the pruned module shapes, its weights loaded strictly.
+
+    The strict load is the check that Torch-Pruning left a consistent network: every layer's
+    shape must be what prunekit's own builder makes from the new channel counts.
+    """
+    cfg = model.prunekit_config
+    mods = dict(model.named_modules())
+    channels = dict(cfg.channels)
+    for name, path in layer_names(model).items():
+        if name in channels or (cfg.is_detector and "mbox" not in name):
+            m = mods[path]
+            channels[name] = int(m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+    new = build_model(dataclasses.replace(cfg, channels=channels))
+    new.load_state_dict(model.state_dict(), strict=True)
+    return new
+
+
+def budget_of(model: nn.Module, match: str) -> int:
+    return int(model_stats(model)[match])
+
+
+def prune_to(
+    method: str, model: nn.Module, target: int, args: argparse.Namespace
+) -> tuple[nn.Module, dict[str, Any]]:
+    """``model`` pruned by ``method`` at the global ratio that comes closest to ``target``.
+
+    A scan first, then bisection inside the first step that crosses the budget: the size is not
+    monotonic in Torch-Pruning's ratio (a group whose every channel falls under the global
+    threshold is skipped whole, so past some ratio a layer springs back to full width; measured
+    on the smoke VGG with BN-scale importance: 178,696 parameters at 0.70, 493,792 at 0.75).
+    """
+    trials: list[dict[str, Any]] = []
+    best: tuple[float, int, nn.Module] | None = None
+
+    def at(ratio: float) -> int:
+        nonlocal best
+        m = copy.deepcopy(model).cpu().to(memory_format=torch.contiguous_format)
+        make_pruner(method, m, ratio, args.reg, args.round_to).step()
+        got = budget_of(m, args.match)
+        trials.append({"ratio": round(ratio, 5), args.match: got})
+        if best is None or abs(got - target) < abs(best[1] - target):
+            best = (ratio, got, m)
+        return got
+
+    lo, hi = 0.0, None
+    for ratio in [i / 20 for i in range(1, 20)]:
+        if at(ratio) <= target:
+            hi = ratio
+            break
+        lo = ratio
+    if hi is not None:
+        for _ in range(10):
+            if abs(best[1] - target) <= args.tolerance * target:  # type: ignore[index]
+                break
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if at(mid) > target else (lo, mid)
+    assert best is not None
+    ratio, got, m = best
+    off = got / target - 1
+    if abs(off) > args.tolerance:
+        smallest = min(t[args.match] for t in trials)
+        log.warning("%s: NO ratio meets %s %d within %.0f%%: closest %d (%+.1f%%) at ratio %.4f; the smallest "
+                    "model any ratio gave has %d", method, args.match, target, 100 * args.tolerance, got,
+                    100 * off, ratio, smallest)  # fmt: skip
+    return as_prunekit(m), {"ratio": ratio, "budget_off_pct": 100 * off, "ratio_search": trials}
+
+
+class TPRegularizer:
+    """Torch-Pruning's sparse training in prunekit's loop: ``pruner.regularize`` on the gradients."""
+
+    proximal = False
+
+    def __init__(self, pruner: Any, model: nn.Module):
+        self.pruner, self.model = pruner, model
+
+    def __call__(self, m: nn.Module) -> torch.Tensor:
+        return torch.zeros(())
+
+    def after_backward(self, m: nn.Module) -> None:
+        view = traced_view(self.model)[0]
+        self.pruner.regularize(view)
+
+
+# --- the benchmark ------------------------------------------------------------------------------
+
+
+def source_stages(args: argparse.Namespace) -> tuple[Stages, dict[str, Any], str, int, int]:
+    """(the peers' stages, the source run's records, its unpruned stage, epochs E, sparse epochs S)."""
+    if args.smoke:
+        return smoke_stages(args)
+    source = args.source or Path(TASKS[args.task][0])
+    unpruned = TASKS[args.task][1]
+    done = json.loads((source / "stages.json").read_text()) if (source / "stages.json").is_file() else {}
+    for stage in (unpruned, "paper"):
+        if stage not in done or not (source / f"{stage}.pt").is_file():
+            raise SystemExit(f"{source}: stage {stage!r} has not run (run benchmarks/{args.task}.py first)")
+    if args.task == "cifar10_vgg16":
+        import cifar10_vgg16 as task
+    else:
+        import bccd_ssd300 as task
+    targs = task.parse(["--out", str(args.out), "--threads", str(args.threads)])
+    b = task.make_stages(targs)
+    cfg = done["paper"].get("prune_config", {})
+    sparse = len(done["paper"].get("phases", [])) * int(cfg.get("epochs_sparsity", 1))
+    for stage, name in ((unpruned, "unpruned"), ("paper", "prunekit")):
+        dst = args.out / f"{name}.source.pt"
+        if not dst.is_file():
+            shutil.copyfile(source / f"{stage}.pt", dst)
+    return b, done, unpruned, int(done["paper"]["epochs"]), sparse
+
+
+def smoke_stages(args: argparse.Namespace) -> tuple[Stages, dict[str, Any], str, int, int]:
+    """A tiny VGG trained and pruned by prunekit here, on generated, learnable images."""
+    from common import make_vgg
+
+    from prunekit.data import TensorImageDataset
+    from prunekit.evaluate import evaluate
+    from prunekit.prune.method import PruneConfig, run_phases
+    from prunekit.prune.trainer import DataTrainer
+    from prunekit.train import train
+
+    g = torch.Generator().manual_seed(0)
+    classes = ["a", "b", "c", "d"]
+
+    def images(n: int) -> TensorImageDataset:
+        y = torch.randint(0, len(classes), (n,), generator=g)
+        x = torch.randint(0, 80, (n, 3, 32, 32), generator=g) + (y * 40).view(-1, 1, 1, 1)
+        return TensorImageDataset(x.to(torch.uint8), y, classes)
+
+    data = (images(256), images(128), images(128))
+
+    def score(model: nn.Module, ds: Any) -> dict[str, float]:
+        return {"top1": 100.0 * float(evaluate(model, ds, batch_size=64, progress=False)["top1"])}
+
+    targs = argparse.Namespace(out=args.out, batch_size=32, device="cpu", seed=0)
+    b = Stages(targs, data, score, "top1")
+    if not (args.out / "unpruned.source.pt").is_file():
+        model = make_vgg("imagenet", 0.0625, classes)
+        train(model, data[0], b.tcfg(2, 0.05), progress=False)
+        prunekit.save(model, args.out / "unpruned.source.pt")
+        trainer = DataTrainer(data[0], data[1], b.tcfg(1, 0.02), eval_batch_size=64, recalibration_images=64)
+        hp = PruneConfig(shrink_grid=[1.0], eps1=50.0, eps2=50.0, eps_pruned=50.0, epochs_sparsity=1,
+                         epochs_retrain=1, k_range=[0.5, 1.0, 2.0])  # fmt: skip
+        pruned = run_phases(model, "vgg16", trainer, hp, args.out / "prunekit_run", allow_vacuous=True)
+        prunekit.save(pruned, args.out / "prunekit.source.pt")
+    return b, {}, "unpruned", 2, 1
+
+
+def run_method(
+    b: Stages,
+    method: str,
+    original: nn.Module,
+    target: int,
+    epochs: int,
+    sparse: int,
+    args: argparse.Namespace,
+) -> None:
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    lr = getattr(b.args, "retrain_lr", 0.02)
+    start = copy.deepcopy(original)
+    info: dict[str, Any] = {"sparse_epochs": 0}
+    if method != "tp_magnitude" and sparse > 0:
+        # sparse training on the full model, with the pruner that owns the regulariser
+        pruner = make_pruner(method, start, 0.5, args.reg, args.round_to)
+        b.stamp(f"{method}: {sparse} epochs of Torch-Pruning sparse training (reg {args.reg:g})")
+        _train(b, start, sparse, lr, TPRegularizer(pruner, start))
+        info["sparse_epochs"] = sparse
+    pruned, found = prune_to(method, start, target, args)
+    info.update(found)
+    before = b.score(pruned, b.val_set)[b.primary]
+    rest = epochs - info["sparse_epochs"]
+    b.stamp(f"{method}: {model_stats(pruned)['params']:,} params at ratio {found['ratio']:.3f} "
+            f"(budget {found['budget_off_pct']:+.1f}%), val {b.primary} {before:.2f} before {rest} epochs of fine-tuning")  # fmt: skip
+    _train(b, pruned, rest, lr, None)
+    b.record(method, pruned, cpu0, wall0, epochs=epochs, val_before_finetune=before, **info)
+
+
+def _train(b: Stages, model: nn.Module, epochs: int, lr: float, regularizer: Any) -> None:
+    from prunekit.train import train
+
+    if epochs <= 0:
+        return
+    kw = {"grad_clip": 10.0} if model.prunekit_config.is_detector else {}
+    train(model, b.train_set, b.tcfg(epochs, lr, **kw), regularizer=regularizer, progress=False)
+    model.to(memory_format=torch.contiguous_format)
+
+
+def time_all(b: Stages, names: list[str], rounds: int) -> dict[str, Any]:
+    from speed_aware import time_ort_interleaved
+
+    from prunekit.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for n in names:
+            paths[n] = Path(tmp) / f"{n}.onnx"
+            export_onnx(b.model(n).cpu(), paths[n], check=False)
+        return time_ort_interleaved(paths, rounds=rounds, warmup=5)
+
+
+def write_result(
+    b: Stages, args: argparse.Namespace, timing: dict[str, Any], epochs: int, sparse: int
+) -> dict[str, Any]:
+    primary = b.primary
+    rows = {}
+    for n in ("unpruned", "prunekit", *METHODS):
+        if n not in b.done:
+            continue
+        r = b.done[n]
+        rows[n] = {k: r[k] for k in ("params", "macs", primary, f"{primary}_se", f"val_{primary}", "wall_s", "cpu_s")
+                   if k in r}  # fmt: skip
+        rows[n].update({k: r[k] for k in ("ratio", "budget_off_pct", "sparse_epochs", "val_before_finetune",
+                                          "epochs", "filters") if k in r})  # fmt: skip
+        if n in timing:
+            rows[n]["fps_b1"] = timing[n]["fps"]
+            rows[n]["latency_ms_median"] = timing[n]["latency_ms_median"]
+    peers = [n for n in METHODS if n in rows]
+    res: dict[str, Any] = {
+        **rows,
+        "match": args.match,
+        "epochs": epochs,
+        "sparse_epochs": sparse,
+        "tp_settings": {
+            "global_pruning": True,
+            "round_to": args.round_to,
+            "max_pruning_ratio": MAX_RATIO,
+            "reg": args.reg,
+            "torch_pruning": getattr(_tp(), "__version__", "?"),
+        },  # fmt: skip
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": machine_info("cpu", args.threads),
+    }
+    if "prunekit" in rows and peers:
+        best = max(peers, key=lambda n: rows[n][primary])
+        margin = rows["prunekit"][primary] - rows[best][primary]
+        equal = all(abs(rows[n]["params"] / rows["prunekit"]["params"] - 1) <= 0.05 for n in peers)
+        res["best_peer"] = best
+        res["margin_points"] = margin
+        res["targets"] = {"prunekit_ge_best_peer_plus_1": margin >= 1.0, "equal_params_within_5pct": equal}
+    key = "smoke" if args.smoke else args.task
+    path = args.result if not args.smoke else args.out / "peers.json"
+    whole = json.loads(path.read_text()) if path.is_file() else {}
+    whole[key] = res
+    atomic_write_json(path, whole)
+    atomic_write_text(path.with_suffix(".md"), render(whole))
+    return res
+
+
+def render(whole: dict[str, Any]) -> str:
+    lines = ["# prunekit against Torch-Pruning: same checkpoint, budget, trainer and epochs", ""]
+    for task, r in whole.items():
+        primary = "ap50" if "ap50" in r.get("unpruned", {}) else "top1"
+        lines += [f"## {task}", "", f"`{r['command']}`", "",
+                  f"{r['epochs']} epochs per lineage ({r['sparse_epochs']} of them under a sparsity term for "
+                  f"prunekit, tp_bnscale and tp_groupnorm); Torch-Pruning {r['tp_settings']}. Test split; "
+                  "ORT CPU batch 1, all models in one interleaved run.", "",
+                  f"| method | params | MACs | {primary} | ± SE | val before fine-tune | img/s b1 | ratio | CPU s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for n in ("unpruned", "prunekit", *METHODS):
+            if n not in r:
+                continue
+            x = r[n]
+            vb = x.get("val_before_finetune")
+            lines.append(
+                f"| {n} | {x['params']:,} | {x['macs'] / 1e6:,.1f}M | {x[primary]:.2f} | {x.get(primary + '_se', math.nan):.2f} | "
+                f"{'-' if vb is None else f'{vb:.2f}'} | {x.get('fps_b1', math.nan):.1f} | "
+                f"{x.get('ratio', '-') if isinstance(x.get('ratio'), str) else format(x.get('ratio', math.nan), '.3f')} | "
+                f"{x.get('cpu_s', math.nan):.0f} |"
+            )
+        if "margin_points" in r:
+            lines += ["", f"prunekit minus the best peer ({r['best_peer']}): **{r['margin_points']:+.2f} points**; "
+                      f"targets: {r['targets']}"]  # fmt: skip
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    args = parse(argv)
+    _tp()
+    torch.set_num_threads(args.threads)
+    args.out = args.out or Path("runs/peers") / args.task
+    args.out.mkdir(parents=True, exist_ok=True)
+    b, _, _, epochs, sparse = source_stages(args)
+    b.stamp(f"peers: {args.task if not args.smoke else 'smoke'}, load average {os.getloadavg()}, "
+            f"E = {epochs} epochs, S = {sparse}")  # fmt: skip
+    for name in ("unpruned", "prunekit"):
+        if name not in b.done:
+            cpu0, wall0 = time.process_time(), time.perf_counter()
+            b.record(name, prunekit.load(args.out / f"{name}.source.pt"), cpu0, wall0)
+    original = b.model("unpruned").cpu()
+    target = int(b.done["prunekit"][args.match])
+    for method in [m for m in args.methods.split(",") if m]:
+        if method not in METHODS:
+            raise SystemExit(f"unknown method {method!r}; choose from {METHODS}")
+        if method in b.done:
+            b.stamp(f"{method}: reused")
+            continue
+        run_method(b, method, original, target, epochs, sparse, args)
+    names = [n for n in ("unpruned", "prunekit", *METHODS) if n in b.done]
+    timing = time_all(b, names, args.ort_rounds if not args.smoke else 5)
+    res = write_result(b, args, timing, epochs, sparse)
+    b.stamp("done: " + ", ".join(f"{n} {res[n][b.primary]:.2f} ({res[n]['params']:,})" for n in names))
+    return res
+
+
+if __name__ == "__main__":
+    main()

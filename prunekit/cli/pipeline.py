@@ -49,6 +49,8 @@ def _strs(s: str | None) -> list[str] | None:
 @click.option("--epochs-train", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float)
+@click.option("--prune-lr", type=float, help="Sparsity stages' peak lr (default: --lr).")
+@click.option("--retrain-lr", type=float, help="Retraining stages' peak lr (default: --lr).")
 @click.option(
     "--backends", help="Comma-separated: ort-cpu,ort-cuda,ort-trt,trt,torch (default: all available)."
 )

@@ -13,7 +13,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,8 +196,8 @@ class Stages:
             raise SystemExit(f"{path}: stage {stage!r} has not run yet (add it to --stages)")
         return prunekit.load(path).to(self.args.device)
 
-    def ort_ratio(self, names: tuple[str, str], rounds: int) -> dict[str, Any]:
-        """ONNX Runtime CPU at batch 1: ``names[1]``'s throughput over ``names[0]``'s, interleaved."""
+    def ort_timing(self, names: Sequence[str], rounds: int) -> dict[str, dict[str, float]]:
+        """ONNX Runtime CPU at batch 1 of the stages ``names``, exported and timed interleaved."""
         import tempfile
 
         from speed_aware import time_ort_interleaved
@@ -209,7 +209,11 @@ class Stages:
             for stage in names:
                 paths[stage] = Path(tmp) / f"{stage}.onnx"
                 export_onnx(self.model(stage).cpu(), paths[stage], check=False)
-            timing = time_ort_interleaved(paths, rounds=rounds, warmup=5)
+            return time_ort_interleaved(paths, rounds=rounds, warmup=5)
+
+    def ort_ratio(self, names: tuple[str, str], rounds: int) -> dict[str, Any]:
+        """ONNX Runtime CPU at batch 1: ``names[1]``'s throughput over ``names[0]``'s, interleaved."""
+        timing = self.ort_timing(names, rounds)
         row = {
             "timing": timing,
             "fps_ratio_b1": timing[names[1]]["fps"] / timing[names[0]]["fps"],

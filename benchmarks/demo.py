@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import resource
@@ -33,7 +32,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, machine_info  # noqa: E402
+from common import RESULTS, machine_info, standard_error  # noqa: E402
 
 
 def readme_command(readme: Path = REPO / "README.md") -> str:
@@ -118,11 +117,7 @@ def control_and_scores(out: Path, threads: int) -> dict[str, Any]:
         m = evaluate(model, val_set, batch_size=16, progress=False)
         ap = 100.0 * float(m["map50"])
         n = int(m["num_images"])
-        scores[name] = {
-            "ap50": ap,
-            "ap50_se": 100.0 * math.sqrt(max(ap / 100 * (1 - ap / 100), 0) / n),
-            "images": n,
-        }
+        scores[name] = {"ap50": ap, "ap50_se": standard_error(ap, n), "images": n}
     return {"control_epochs": epochs, "control_training": control_s, "scores": scores}
 
 

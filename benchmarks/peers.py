@@ -49,7 +49,6 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -60,7 +59,7 @@ from torch import nn
 import prunekit
 from prunekit.fileio import atomic_write_json, atomic_write_text
 from prunekit.models import build_model
-from prunekit.models.io import layer_names
+from prunekit.models.io import count_params, layer_names
 from prunekit.prune.report import model_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -171,7 +170,7 @@ def budget_of(model: nn.Module, match: str) -> int:
     """Parameters, or MACs of the rebuilt model: prunekit counts MACs from the architecture config,
     which Torch-Pruning's in-place surgery leaves stale (every ratio read 27.4M on CIFAR-10)."""
     if match == "params":
-        return int(sum(p.numel() for p in model.parameters()))
+        return count_params(model)
     return int(model_stats(as_prunekit(model))[match])
 
 
@@ -245,21 +244,20 @@ class TPRegularizer:
     proximal = False
 
     def __init__(self, pruner: Any, model: nn.Module):
-        self.pruner, self.model = pruner, model
+        self.pruner, self.view = pruner, traced_view(model)[0]  # the view shares model's modules
 
     def __call__(self, m: nn.Module) -> torch.Tensor:
         return torch.zeros(())
 
     def after_backward(self, m: nn.Module) -> None:
-        view = traced_view(self.model)[0]
-        self.pruner.regularize(view)
+        self.pruner.regularize(self.view)
 
 
 # --- the benchmark ------------------------------------------------------------------------------
 
 
-def source_stages(args: argparse.Namespace) -> tuple[Stages, dict[str, Any], str, int, int]:
-    """(the peers' stages, the source run's records, its unpruned stage, epochs E, sparse epochs S)."""
+def source_stages(args: argparse.Namespace) -> tuple[Stages, int, int]:
+    """(the peers' stages, epochs E, sparse epochs S)."""
     if args.smoke:
         return smoke_stages(args)
     source = args.source or Path(TASKS[args.task][0])
@@ -280,10 +278,10 @@ def source_stages(args: argparse.Namespace) -> tuple[Stages, dict[str, Any], str
         dst = args.out / f"{name}.source.pt"
         if not dst.is_file():
             shutil.copyfile(source / f"{stage}.pt", dst)
-    return b, done, unpruned, int(done["paper"]["epochs"]), sparse
+    return b, int(done["paper"]["epochs"]), sparse
 
 
-def smoke_stages(args: argparse.Namespace) -> tuple[Stages, dict[str, Any], str, int, int]:
+def smoke_stages(args: argparse.Namespace) -> tuple[Stages, int, int]:
     """A tiny VGG trained and pruned by prunekit here, on generated, learnable images."""
     from common import make_vgg
 
@@ -317,7 +315,7 @@ def smoke_stages(args: argparse.Namespace) -> tuple[Stages, dict[str, Any], str,
                          epochs_retrain=1, k_range=[0.5, 1.0, 2.0])  # fmt: skip
         pruned = run_phases(model, "vgg16", trainer, hp, args.out / "prunekit_run", allow_vacuous=True)
         prunekit.save(pruned, args.out / "prunekit.source.pt")
-    return b, {}, "unpruned", 2, 1
+    return b, 2, 1
 
 
 def run_method(
@@ -357,19 +355,6 @@ def _train(b: Stages, model: nn.Module, epochs: int, lr: float, regularizer: Any
     kw = {"grad_clip": 10.0} if model.prunekit_config.is_detector else {}
     train(model, b.train_set, b.tcfg(epochs, lr, **kw), regularizer=regularizer, progress=False)
     model.to(memory_format=torch.contiguous_format)
-
-
-def time_all(b: Stages, names: list[str], rounds: int) -> dict[str, Any]:
-    from speed_aware import time_ort_interleaved
-
-    from prunekit.export import export_onnx
-
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = {}
-        for n in names:
-            paths[n] = Path(tmp) / f"{n}.onnx"
-            export_onnx(b.model(n).cpu(), paths[n], check=False)
-        return time_ort_interleaved(paths, rounds=rounds, warmup=5)
 
 
 def write_result(
@@ -475,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     args.out = args.out or Path("runs/peers") / args.task
     args.out.mkdir(parents=True, exist_ok=True)
-    b, _, _, epochs, sparse = source_stages(args)
+    b, epochs, sparse = source_stages(args)
     b.stamp(f"peers: {args.task if not args.smoke else 'smoke'}, load average {os.getloadavg()}, "
             f"E = {epochs} epochs, S = {sparse}")  # fmt: skip
     for name in ("unpruned", "prunekit"):
@@ -492,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         run_method(b, method, original, target, epochs, sparse, args)
     names = [n for n in ("unpruned", "prunekit", *METHODS) if n in b.done]
-    timing = time_all(b, names, args.ort_rounds if not args.smoke else 5)
+    timing = b.ort_timing(names, args.ort_rounds if not args.smoke else 5)
     res = write_result(b, args, timing, epochs, sparse)
     b.stamp("done: " + ", ".join(f"{n} {res[n][b.primary]:.2f} ({res[n]['params']:,})" for n in names))
     return res

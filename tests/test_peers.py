@@ -15,13 +15,7 @@ tp = pytest.importorskip("torch_pruning", reason="torch-pruning is not installed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import peers  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_peers_script_runs_end_to_end_at_prunekits_budget(tmp_path):

@@ -16,14 +16,7 @@ from prunekit.prune.report import model_stats
 from prunekit.prune.selection import select_filters
 from prunekit.prune.trainer import FnTrainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: a second intra-op thread only adds contention on the shared 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class _Toy:

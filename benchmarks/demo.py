@@ -8,7 +8,9 @@ replaced by a fresh one, and times it (wall, CPU seconds of the child processes,
 the start). Then reads the run's ``bench.json`` (ONNX Runtime CPU, original and compressed in
 the same run) and ``verify.json``, and measures the **control**: the run's own ``original.pt``
 given as many extra epochs as the compressed model's lineage trained (phases x rounds x
-(sparsity + retraining epochs)), with the pipeline's training settings. The three models are
+(sparsity + retraining epochs)), with the pipeline's training settings; when the run pruned while
+training (the joint schedule, from the original's own initialisation for the same epochs) the
+original itself is the control. The three models are
 then scored by one evaluator (PyTorch, pycocotools) on every validation image of the set, not
 the pipeline's quick subset, with the SE of AP50 beside each.
 
@@ -99,14 +101,17 @@ def control_and_scores(out: Path, threads: int) -> dict[str, Any]:
     cfg = PipelineConfig(**yaml.safe_load((out / "config.yaml").read_text()))
     pipe = Pipeline(cfg, out)
     train_set, val_set = pipe._datasets()
-    summary = json.loads((out / "phases" / "prune_config.json").read_text())
-    hp = summary["config"]
-    epochs = (
-        len(summary["phases"]) * int(hp["rounds"]) * (int(hp["epochs_sparsity"]) + int(hp["epochs_retrain"]))
-    )
     cpu0, wall0 = time.process_time(), time.perf_counter()
     control = prunekit.load(out / "original.pt")
-    train(control, train_set, pipe._train_cfg(epochs), progress=False)
+    if (out / "joint").is_dir():
+        # pruned while training from the original's own initialisation for the same epochs: the
+        # original IS the control, no extra epochs on either side
+        epochs = 0
+    else:
+        summary = json.loads((out / "phases" / "prune_config.json").read_text())
+        hp = summary["config"]
+        epochs = len(summary["phases"]) * int(hp["rounds"]) * (int(hp["epochs_sparsity"]) + int(hp["epochs_retrain"]))
+        train(control, train_set, pipe._train_cfg(epochs), progress=False)
     control_s = {
         "wall_s": round(time.perf_counter() - wall0, 1),
         "cpu_s": round(time.process_time() - cpu0, 1),

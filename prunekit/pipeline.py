@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # The pipeline's own defaults for the method (the rest are PruneConfig's): short stages for the demo.
 PIPELINE_PRUNE: dict[str, Any] = {"epochs_sparsity": 1, "epochs_retrain": 1}
+PIPELINE_JOINT: dict[str, Any] = {}
+SCHEDULES = ("auto", "post", "joint")
 
 STAGES = [
     "data",
@@ -82,6 +84,11 @@ class PipelineConfig:
     # the pruning method: a ``prune:`` section in YAML, ``--eps1`` etc. on the CLI; every field of
     # PruneConfig, its defaults except where the demo's short schedule needs its own (PIPELINE_PRUNE)
     prune: Any = None
+    # "post": train (or take) the original, then the phases; "joint": prune while training
+    # (:mod:`prunekit.prune.joint`), from the original's own initialisation when it is trained here,
+    # so the original is the control of the same epochs; "auto": joint when trained here, else post
+    schedule: str = "auto"
+    joint: Any = None  # JointConfig fields (a ``joint:`` section in YAML, ``--joint-*`` on the CLI)
     # training budget
     epochs_train: int = 8
     batch_size: int = 16
@@ -108,10 +115,26 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         from prunekit.prune.config import PruneConfig
+        from prunekit.prune.joint import JointConfig
 
         if not isinstance(self.prune, PruneConfig):
             given = dict(self.prune or {})
             self.prune = PruneConfig.from_dict({**PIPELINE_PRUNE, "seed": self.seed, **given})
+        if not isinstance(self.joint, JointConfig):
+            self.joint = JointConfig.from_dict({**PIPELINE_JOINT, **dict(self.joint or {})})
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+
+    @property
+    def trains_here(self) -> bool:
+        """The original is built and trained by the pipeline (no checkpoint, no --weights)."""
+        return not (Path(self.model).suffix in (".pt", ".pth") or Path(self.model).is_file() or self.weights)
+
+    @property
+    def resolved_schedule(self) -> str:
+        if self.schedule == "auto":
+            return "joint" if self.trains_here else "post"
+        return self.schedule
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> dict[str, Any]:
@@ -128,8 +151,9 @@ class PipelineConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown option(s) {unknown}")
-        if "prune" in data and not isinstance(data["prune"], dict):
-            raise ValueError(f"{path}: 'prune' must be a mapping of pruning settings")
+        for section in ("prune", "joint"):
+            if section in data and not isinstance(data[section], dict):
+                raise ValueError(f"{path}: '{section}' must be a mapping of settings")
         return data
 
     def to_yaml(self) -> str:
@@ -266,6 +290,19 @@ class Pipeline:
             eval_max_images=c.max_val_images,
         )
 
+    def _new_model(self) -> nn.Module:
+        """The model built here, at the run's seeded initialisation (the joint schedule starts from
+        the very same one, so the original trained here is its control)."""
+        c = self.cfg
+        train_set, _ = self._datasets()
+        classes = list(getattr(train_set, "classes", []))
+        n_cls = len(classes) + 1 if _is_detector_name(c.model) else len(classes)
+        kw: dict[str, Any] = {"class_names": classes}
+        if _is_detector_name(c.model):
+            kw["batch_norm"] = c.batch_norm and not c.weights
+        torch.manual_seed(c.seed)
+        return create_model(c.model, n_cls, c.width, **kw)
+
     def _evaluate(self, model: nn.Module) -> dict[str, Any]:
         from prunekit.evaluate import evaluate
 
@@ -305,13 +342,7 @@ class Pipeline:
             if D.is_main_process():
                 prunekit.save(model, dst, extra={"source": str(c.model)})
             return {"original": dst}, {"trained_here": False}
-        classes = list(getattr(train_set, "classes", []))
-        n_cls = len(classes) + 1 if _is_detector_name(c.model) else len(classes)
-        kw: dict[str, Any] = {"class_names": classes}
-        if _is_detector_name(c.model):
-            kw["batch_norm"] = c.batch_norm and not c.weights
-        torch.manual_seed(c.seed)  # the initialisation of a model trained here is part of the run's seed
-        model = create_model(c.model, n_cls, c.width, **kw)
+        model = self._new_model()
         if c.weights:
             load_weights(model, c.weights)
             if D.is_main_process():
@@ -346,6 +377,8 @@ class Pipeline:
         train_set, val_set = self._datasets()
         model = prunekit.load(self.out / "original.pt")
         phases = resolve_phases(c.phases or get_config(model).arch, model)
+        if c.resolved_schedule == "joint":
+            return self._prune_joint(model, phases)
         trainer = DataTrainer(
             train_set, val_set, self._train_cfg(1), sparsity_lr=c.prune_lr or c.lr,
             retrain_lr=c.retrain_lr or c.lr, eval_batch_size=16, max_val_images=c.max_val_images,
@@ -358,6 +391,27 @@ class Pipeline:
         if D.is_main_process():
             prunekit.save(pruned, dst, extra={"metrics": _headline(metrics)})
         return {"model": dst}, _headline(metrics) | {"params": prunekit.count_params(pruned)}
+
+    def _prune_joint(self, original: nn.Module, phases: Any) -> tuple[dict[str, Path], dict[str, Any]]:
+        """Prune while training: from the original's initialisation when it was trained here (same
+        epochs, so the original is the control), else from the given checkpoint (fine-tuning)."""
+        from prunekit.prune.joint import train_joint
+
+        c = self.cfg
+        train_set, val_set = self._datasets()
+        start = self._new_model() if c.trains_here else original
+        res = train_joint(start, train_set, self._train_cfg(c.epochs_train), c.joint, c.prune, phases,
+                          self.out / "joint", val_set=val_set, resume=True, progress=False)  # fmt: skip
+        dst = self.out / "model.pt"
+        metrics = self._evaluate(res.model)
+        if D.is_main_process():
+            prunekit.save(res.model, dst, extra={"metrics": _headline(metrics), "schedule": "joint"})
+        f = res.trace["final"]
+        return {"model": dst, "trace": self.out / "joint" / "joint_trace.json"}, _headline(metrics) | {
+            "params": prunekit.count_params(res.model), "schedule": "joint", "stopped": res.trace["stopped"],
+            "params_ratio": f["params_ratio"], "macs_ratio": f["macs_ratio"],
+            "from": "the original's initialisation" if c.trains_here else "the original checkpoint",
+        }  # fmt: skip
 
     def stage_export(self) -> tuple[dict[str, Path], dict[str, Any]]:
         from prunekit.export import export_onnx

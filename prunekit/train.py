@@ -200,7 +200,7 @@ def train(
     state = _load_state(out) if (resume and out is not None) else None
     if state is not None:
         load_weights(net, out / LAST_FILE)  # type: ignore[operator]
-        opt.load_state_dict(state["optimizer"])
+        _load_optimizer(opt, net, state, out / STATE_FILE)  # type: ignore[operator]
         scaler.load_state_dict(state["scaler"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
         before, now = state.get("train_config", {}), cfg.to_dict()
@@ -439,6 +439,7 @@ def _save_epoch(
             "epoch": epoch,
             "step": step,
             "optimizer": opt.state_dict(),
+            "param_names": optimizer_param_names(opt, net),
             "scaler": scaler.state_dict(),
             "rng": rngs,
             "history": history,
@@ -447,6 +448,55 @@ def _save_epoch(
         }
         atomic_write(out / STATE_FILE, lambda p: torch.save(state, p))
     D.barrier()
+
+
+def optimizer_param_names(opt: torch.optim.Optimizer, net: nn.Module) -> list[list[str]]:
+    """The parameter name behind every slot of ``opt``'s groups: what the saved state is keyed by
+    on resume, since the groups change when a regularizer starts or stops between two calls."""
+    names = {id(p): n for n, p in net.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, net: nn.Module, state: dict[str, Any], path: Path) -> None:
+    """Load the saved optimizer state by parameter name into ``opt``'s current groups.
+
+    A run pruned while training resumes with other groups (the sparsity term's parameters are
+    exempt from weight decay only while it is on) and sliced buffers; the buffers must already
+    have the parameters' shapes (the joint schedule slices them with the weights).
+    """
+    saved, saved_names = state["optimizer"], state.get("param_names")
+    if saved_names is None:  # a state from before names were saved: same groups by construction
+        opt.load_state_dict(saved)
+        return
+    by_name: dict[str, Any] = {}
+    for group, names in zip(saved["param_groups"], saved_names):
+        for idx, name in zip(group["params"], names):
+            if idx in saved["state"]:
+                by_name[name] = saved["state"][idx]
+    params = dict(net.named_parameters())
+    now = optimizer_param_names(opt, net)
+    missing = sorted({n for g in now for n in g} - set(n for g in saved_names for n in g))
+    if missing:
+        raise ValueError(f"{path}: the saved optimizer state has no entry for {missing[:3]} (another model?)")
+    new_state: dict[int, Any] = {}
+    groups = []
+    i = 0
+    for g, names in zip(opt.state_dict()["param_groups"], now):
+        ids = []
+        for name in names:
+            entry = by_name.get(name)
+            if entry is not None:
+                for key, buf in entry.items():
+                    if torch.is_tensor(buf) and buf.dim() and tuple(buf.shape) != tuple(params[name].shape):
+                        raise ValueError(
+                            f"{path}: optimizer {key} of {name} has shape {tuple(buf.shape)} but the "
+                            f"parameter has {tuple(params[name].shape)}"
+                        )
+                new_state[i] = entry
+            ids.append(i)
+            i += 1
+        groups.append({**g, "params": ids})
+    opt.load_state_dict({"state": new_state, "param_groups": groups})
 
 
 def _load_state(out: Path) -> dict[str, Any] | None:

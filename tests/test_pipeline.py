@@ -20,6 +20,7 @@ from prunekit.models import get_config
 from prunekit.pipeline import STAGES
 
 TINY = {
+    "schedule": "post",  # the post-training phases; the joint schedule has its own test below
     "width": 0.0625,
     "epochs_train": 2,
     "prune": {"epochs_sparsity": 1, "epochs_retrain": 1, "shrink_grid": [0.5], "k_range": [0.5, 1.0, 1.5]},
@@ -174,6 +175,24 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(
     ours, ref = _onnx_outputs(out / "model.onnx"), _onnx_outputs(finished_run / "model.onnx")
     for name in ref:
         np.testing.assert_allclose(ours[name], ref[name], atol=1e-4, rtol=1e-3)
+
+
+def test_joint_schedule_end_to_end(tmp_path: Path, tiny_data: str) -> None:
+    out = tmp_path / "joint"
+    cfg = _config(tmp_path, tiny_data, schedule="joint", epochs_train=4,
+                  joint={"lam": 3.0, "tolerance": 100.0, "prune_until": 0.6})  # fmt: skip
+    _cli("compress-and-export", "--config", str(cfg), "--out", str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert all(r["status"] == DONE for r in manifest["stages"].values())
+    prune = manifest["stages"]["prune"]["metrics"]
+    assert prune["schedule"] == "joint" and prune["from"] == "the original's initialisation"
+    trace = json.loads((out / "joint" / "joint_trace.json").read_text())
+    assert [p["epoch"] for p in trace["points"]] == [2]
+    assert len(trace["epochs"]) == 4
+    assert not (out / "phases").exists()
+    model, original = prunekit.load(out / "model.pt"), prunekit.load(out / "original.pt")
+    assert prunekit.count_params(model) == trace["final"]["params"] <= prunekit.count_params(original)
+    assert json.loads((out / "verify.json").read_text())["passed"]
 
 
 def test_near_chance_thresholds() -> None:

@@ -58,8 +58,13 @@ def dataclass_options(
     help: Mapping[str, str] | None = None,
     choices: Mapping[str, Iterable[str]] | None = None,
     exclude: Iterable[str] = (),
+    prefix: str = "",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A decorator adding one click option per field of ``cls`` (see the module docstring)."""
+    """A decorator adding one click option per field of ``cls`` (see the module docstring).
+
+    ``prefix`` (e.g. ``"joint_"``) goes before every option and parameter name, for a second
+    dataclass whose short field names would collide with the first's; give it to :func:`collect`.
+    """
     hints = typing.get_type_hints(cls)
     skip = set(exclude)
     fields = [f for f in dataclasses.fields(cls) if f.name not in skip]
@@ -71,15 +76,16 @@ def dataclass_options(
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             text = (help or {}).get(f.name, "")
             shown = f" [default: {_show(default)}]"
+            name = prefix + f.name
             if base is bool:
-                opt = click.option(f"{option_name(f.name)}/--no-{f.name.replace('_', '-')}", f.name,
+                opt = click.option(f"{option_name(name)}/--no-{name.replace('_', '-')}", name,
                                    default=None, help=text + shown)  # fmt: skip
             elif choices and f.name in choices:
                 vals = list(choices[f.name])
-                opt = click.option(option_name(f.name), f.name, type=click.Choice(vals), default=None,
+                opt = click.option(option_name(name), name, type=click.Choice(vals), default=None,
                                    help=text + shown)  # fmt: skip
             else:
-                opt = click.option(option_name(f.name), f.name, type=str, default=None, help=text + shown)
+                opt = click.option(option_name(name), name, type=str, default=None, help=text + shown)
             fn = opt(fn)
         return fn
 
@@ -92,13 +98,20 @@ def _show(v: Any) -> str:
     return str(v)
 
 
-def collect(cls: type, opts: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def collect(
+    cls: type, opts: Mapping[str, Any], base: Mapping[str, Any] | None = None, prefix: str = ""
+) -> dict[str, Any]:
     """``base`` (e.g. a YAML section) updated with the options of ``cls`` that were given."""
     hints = typing.get_type_hints(cls)
     out = dict(base or {})
     for f in dataclasses.fields(cls):
-        val = opts.get(f.name)
+        val = opts.get(prefix + f.name)
         if val is None:
             continue
-        out[f.name] = _parse(hints[f.name], val, option_name(f.name)) if isinstance(val, str) else val
+        out[f.name] = _parse(hints[f.name], val, option_name(prefix + f.name)) if isinstance(val, str) else val
     return out
+
+
+def given_names(cls: type, prefix: str = "") -> set[str]:
+    """The click parameter names :func:`dataclass_options` made for ``cls``."""
+    return {prefix + f.name for f in dataclasses.fields(cls)}

@@ -11,6 +11,7 @@ import click
 
 from prunekit.cli.common import UserError, friendly_errors
 from prunekit.cli.prune import prune_config_options
+from prunekit.cli.train import joint_options
 
 
 def _ints(s: str | None) -> list[int] | None:
@@ -46,6 +47,12 @@ def _strs(s: str | None) -> list[str] | None:
 )
 @click.option("--phases", help="Phase preset (ssd300, ssd512, vgg16) or a YAML/JSON file of layer names.")
 @prune_config_options
+@click.option(
+    "--schedule", type=click.Choice(["auto", "post", "joint"]),
+    help="post: train (or take) the original, then prune it; joint: prune while training; "
+    "auto (default): joint when the original is trained here, else post.",
+)  # fmt: skip
+@joint_options
 @click.option("--epochs-train", type=int)
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float)
@@ -75,15 +82,17 @@ def compress_and_export(out: Path, config_file: Path | None, resume: bool, force
 
     if resume and force:
         raise UserError("--resume and --force contradict each other; pick one")
-    from prunekit.cli.options import collect
+    from prunekit.cli.options import collect, given_names
     from prunekit.prune.config import PruneConfig
+    from prunekit.prune.joint import JointConfig
 
     values: dict[str, Any] = PipelineConfig.from_yaml(config_file) if config_file else {}
     values["prune"] = collect(PruneConfig, opts, values.get("prune"))
-    prune_fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    values["joint"] = collect(JointConfig, opts, values.get("joint"), prefix="joint_")
+    method_fields = {f.name for f in dataclasses.fields(PruneConfig)} | given_names(JointConfig, "joint_")
     convert = {"backends": _strs, "precision": _strs, "bench_batch": _ints}
     for key, val in opts.items():
-        if val is not None and key not in prune_fields:
+        if val is not None and key not in method_fields:
             values[key] = convert.get(key, lambda v: v)(val)
     cfg = PipelineConfig(**values)
     try:

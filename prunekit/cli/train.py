@@ -8,7 +8,12 @@ from typing import Any
 
 import click
 
-from prunekit.cli.common import friendly_errors
+from prunekit.cli.common import UserError, friendly_errors
+from prunekit.cli.options import collect, dataclass_options, given_names
+from prunekit.cli.prune import prune_config_options
+from prunekit.prune.joint import JOINT_HELP, JointConfig
+
+joint_options = dataclass_options(JointConfig, JOINT_HELP, prefix="joint_")
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +152,13 @@ def _make_model(
     default=None,
     help="Initial weights: a prunekit checkpoint (its architecture is used) or a plain state dict.",
 )
+@click.option(
+    "--prune-while-training", is_flag=True,
+    help="Prune during this run (the joint schedule): OUT/model.pt is the pruned model, OUT/joint_trace.* its trace.",
+)  # fmt: skip
+@click.option("--phases", default=None, help="With --prune-while-training: phase preset or YAML/JSON file.")
+@joint_options
+@prune_config_options
 @friendly_errors
 def train(
     model_name: str,
@@ -175,19 +187,33 @@ def train(
     max_steps: int | None,
     eval_max_images: int | None,
     weights: Path | None,
+    prune_while_training: bool,
+    phases: str | None,
+    **method: Any,
 ) -> None:
     """Train an SSD or VGG16 (runs unchanged under torchrun for several GPUs/hosts).
 
     Writes OUT/last.pt (+ best.pt with validation), OUT/train_state.pt, OUT/train_log.jsonl and
-    OUT/history.json.
+    OUT/history.json. With --prune-while-training the run prunes itself at scheduled epochs
+    (--joint-* options; the method's own options such as --min-keep-fraction, --align,
+    --target-flops apply): the checkpoints go to OUT/train/, the pruned model to OUT/model.pt.
     """
     import torch
 
     from prunekit import distributed as D
     from prunekit.fileio import atomic_write_json
+    from prunekit.prune.config import PruneConfig
     from prunekit.train import TrainConfig
     from prunekit.train import train as run_train
 
+    given = sorted(k for k, v in method.items() if v is not None)
+    if given and not prune_while_training:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise UserError(f"{flags}: pruning options need --prune-while-training")
+    joint_cfg = JointConfig.from_dict(collect(JointConfig, method, prefix="joint_"))
+    prune_cfg = PruneConfig.from_dict({**collect(PruneConfig, {k: v for k, v in method.items()
+                                                               if k not in given_names(JointConfig, "joint_")}),
+                                       "seed": seed})  # fmt: skip
     D.init_distributed()
     torch.manual_seed(seed)
     detector = model_name.startswith("ssd")
@@ -223,6 +249,9 @@ def train(
         max_steps=max_steps,
         eval_max_images=eval_max_images,
     )
+    if prune_while_training:
+        _train_joint(model, train_set, val_set, cfg, joint_cfg, prune_cfg, phases, out_dir, resume, data)
+        return
     hist = run_train(model, train_set, cfg, out_dir=out_dir, val_set=val_set, resume=resume)
     if D.is_main_process():
         atomic_write_json(out_dir / "history.json", {"data": data, "train_config": cfg.to_dict(), **hist})
@@ -230,6 +259,27 @@ def train(
         shown = ", ".join(f"{k}={val[k]:.4f}" for k in ("map50", "map", "voc07_ap", "top1") if k in val)
         click.echo(
             f"trained {hist['steps']} steps in {hist['time_s']:.0f} s -> {out_dir / 'last.pt'} {shown}"
+        )
+
+
+def _train_joint(
+    model: Any, train_set: Any, val_set: Any, cfg: Any, joint: Any, prune: Any, phases: str | None,
+    out_dir: Path, resume: bool, data: str,
+) -> None:  # fmt: skip
+    from prunekit import distributed as D
+    from prunekit.fileio import atomic_write_json
+    from prunekit.prune.joint import train_joint
+
+    if val_set is None:
+        log.warning("no validation split: pruning points cannot check their cost (only budgets stop them)")
+    res = train_joint(model, train_set, cfg, joint, prune, phases, out_dir, val_set=val_set, resume=resume)
+    if D.is_main_process():
+        atomic_write_json(out_dir / "history.json", {"data": data, "train_config": cfg.to_dict(), **res.history})
+        f = res.trace["final"]
+        click.echo(
+            f"trained {res.history.get('steps')} steps, pruned while training: {f['params']:,} parameters "
+            f"({f['params_ratio']:.2f}x fewer), {f['macs_ratio']:.2f}x fewer MACs -> {out_dir / 'model.pt'}"
+            f"{'' if res.trace['stopped'] is None else '; pruning stopped: ' + res.trace['stopped']}"
         )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,16 +138,18 @@ def select_filters(
     align: int = 1,
     min_keep_fraction: float = 0.0,
     fold_bn: bool = True,
+    floors: Mapping[str, int] | None = None,
 ) -> SelectionResult:
     """Select the filters to keep in each prunable layer of ``layers`` from ``model`` (Θ_L1^th).
 
     Conv producers use the τ rule, linear producers the all-zero rule. Non-prunable layers in
     ``layers`` (heads, the final classifier) are skipped. At least :func:`keep_floor` filters
-    survive per layer (the least sparse ones). ``align > 1`` rounds each kept count with
+    survive per layer (the least sparse ones), and at least ``floors[layer]`` where given (a floor
+    relative to the original width, for a model pruned several times). ``align > 1`` rounds each kept count with
     :func:`prunekit.prune.align.align_keep`. Returns kept indices (sorted, int64) by layer name.
     """
     return select_filters_grid(
-        model, layers, graph, [(tau1, tau2, tau3)], min_keep, align, min_keep_fraction, fold_bn
+        model, layers, graph, [(tau1, tau2, tau3)], min_keep, align, min_keep_fraction, fold_bn, floors
     )[0]
 
 
@@ -160,6 +162,7 @@ def select_filters_grid(
     align: int = 1,
     min_keep_fraction: float = 0.0,
     fold_bn: bool = True,
+    floors: Mapping[str, int] | None = None,
 ) -> list[SelectionResult]:
     """:func:`select_filters` for every (τ1, τ2, τ3) in ``taus`` (results in the same order).
 
@@ -192,6 +195,7 @@ def select_filters_grid(
             keep_mask = ~remove
             by_tau = int(keep_mask.sum())
             floor = keep_floor(group.channels, min_keep, min_keep_fraction)
+            floor = min(group.channels, max(floor, int((floors or {}).get(group.name, 0))))
             if by_tau < floor:
                 # keep the least sparse filters (own sparsity, outgoing, then the largest folded L1 norm)
                 order = sorted(

@@ -41,7 +41,7 @@ from prunekit.evaluate import evaluate
 from prunekit.fileio import atomic_write_json, atomic_write_text
 from prunekit.models import ssd300_vgg16
 from prunekit.prune.config import PruneConfig
-from prunekit.prune.joint import JointConfig, train_joint
+from prunekit.prune.joint import JointConfig, trace_markdown, train_joint
 from prunekit.prune.method import phase_rows, run_phases
 from prunekit.prune.trainer import DataTrainer
 from prunekit.train import train
@@ -194,7 +194,8 @@ def stage_joint(b: Stages) -> None:
     res = train_joint(_fresh_model(b), b.train_set, _tcfg(b), jc, hp, "ssd300", b.out / "joint",
                       val_set=b.val_set, resume=True, progress=False)  # fmt: skip
     b.record("joint", res.model, cpu0, wall0, epochs=a.epochs, points=res.trace["points"],
-             stopped=res.trace["stopped"], joint_config=jc.to_dict(),
+             stopped=res.trace["stopped"], joint_config=jc.to_dict(), trace_final=res.trace["final"],
+             trace_original=res.trace["original"],
              val_curve=[e["val_metric"] for e in res.trace["epochs"]])  # fmt: skip
 
 
@@ -202,7 +203,7 @@ def write_result(b: Stages) -> None:
     path = b.args.result
     res: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     keys = ("params", "macs", "ap50", "map", "ap50_se", "cpu_s", "wall_s", "epochs", "source", "stopped",
-            "joint_config", "points", "original", "filters", "val_curve")  # fmt: skip
+            "joint_config", "points", "original", "filters", "val_curve", "trace_final", "trace_original")  # fmt: skip
     entry: dict[str, Any] = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "smoke": b.args.smoke,
@@ -251,15 +252,10 @@ def render(res: dict[str, Any]) -> str:
                       f">= -1: {'met' if t['ap50_within_1'] else 'NOT met'}), CPU {t['cpu_ratio']:.2f}x (target <= 0.6: "
                       f"{'met' if t['cpu_le_0.6x'] else 'NOT met'})."]  # fmt: skip
         j = e.get("joint")
-        if j and j.get("points"):
-            lines += ["", "Pruning points of the joint run (validation metric after BN re-estimation):", "",
-                      "| epoch | params before | params after | val before | val after | decision |",
-                      "|---:|---:|---:|---:|---:|---|"]  # fmt: skip
-            for pt in j["points"]:
-                mb, ma = pt.get("metric_before"), pt.get("metric_after")
-                lines.append(f"| {pt['epoch']} | {pt.get('params_before', 0):,} | {pt.get('params_after', 0):,} | "
-                             f"{'-' if mb is None else f'{100 * mb:.1f}'} | {'-' if ma is None else f'{100 * ma:.1f}'} | "
-                             f"{pt['decision']} |")  # fmt: skip
+        if j and j.get("points") and "trace_final" in j:
+            trace = {"final": j["trace_final"], "original": j["trace_original"], "stopped": j.get("stopped"),
+                     "points": j["points"]}  # fmt: skip
+            lines += ["", trace_markdown(trace).replace("## Pruned while training", "### The joint run's pruning points")]
         lines.append("")
     return "\n".join(lines)
 

@@ -149,25 +149,30 @@ def test_min_keep_fraction_is_of_the_original_width():
 def test_a_point_that_costs_more_than_the_tolerance_is_undone_and_pruning_stops(tmp_path, monkeypatch):
     import prunekit.prune.joint as J
 
-    def score(scorer, model, hp):  # the smaller model scores 10 points lower: over any tolerance below
-        return 0.9 if sum(p.numel() for p in model.parameters()) >= 240_000 else 0.8
+    full = sum(p.numel() for p in vgg16(4, "cifar", 0.125, batch_norm=True).parameters())
+
+    def score(scorer, model, hp):  # any cut model scores 10 points lower: over the tolerance of 5
+        return 0.9 if sum(p.numel() for p in model.parameters()) == full else 0.8
 
     monkeypatch.setattr(J, "_score", score)
-    res = _run(tmp_path, JointConfig(warmup_epochs=1, prune_every=1, prune_until=0.5, lam=1.0, tolerance=5.0))
-    first = res.trace["points"][0]
+    res = _run(tmp_path, JointConfig(warmup_epochs=1, prune_every=1, prune_until=0.75, lam=1.0, tolerance=5.0), 8)
+    points = [p for p in res.trace["points"] if p["decision"] != "nothing to remove"]
+    first = points[0]
     assert first["decision"].startswith("undone") and first["params_after"] == first["params_before"]
-    assert res.trace["stopped"].startswith("tolerance at epoch 2")
-    assert all(p["decision"].startswith("skipped") for p in res.trace["points"][1:])
-    assert res.trace["final"]["params"] == first["params_before"]
-    assert all("reg" not in e for e in res.history["epochs"][2:])  # the term stopped with pruning
+    assert res.trace["stopped"] == f"tolerance at epoch {first['epoch']}"
+    assert points[1:] and all(p["decision"].startswith("skipped") for p in points[1:])
+    assert res.trace["final"]["params"] == first["params_before"] == res.trace["original"]["params"]
+    assert all("reg" not in e for e in res.history["epochs"][first["epoch"] :])  # the term stopped with pruning
 
 
 def test_a_params_budget_stops_pruning_once_met(tmp_path):
-    res = _run(tmp_path, JointConfig(warmup_epochs=1, prune_every=1, prune_until=0.5, lam=1.0, tolerance=50.0,
-                                     target_params=0.99))  # fmt: skip
+    res = _run(tmp_path, JointConfig(warmup_epochs=1, prune_every=1, prune_until=0.75, lam=1.0, tolerance=50.0,
+                                     target_params=0.999), 8)  # fmt: skip
     assert res.trace["stopped"] and res.trace["stopped"].startswith("budget met at epoch")
     done = [p for p in res.trace["points"] if p["decision"] == "pruned"]
-    assert len(done) == 1 and done[0]["params_after"] <= 0.99 * res.trace["original"]["params"]
+    assert len(done) == 1 and done[0]["params_after"] <= 0.999 * res.trace["original"]["params"]
+    after = [p for p in res.trace["points"] if p["epoch"] > done[0]["epoch"]]
+    assert after and all(p["decision"].startswith("skipped") for p in after)
 
 
 KILL = DATA + textwrap.dedent(
@@ -207,7 +212,7 @@ KILL = DATA + textwrap.dedent(
     torch.manual_seed(0)
     model = vgg16(4, "cifar", 0.125, batch_norm=True)
     cfg = TrainConfig(epochs=6, lr=0.05, batch_size=32, warmup_iters=5, log_every=4, seed=3)
-    J.train_joint(model, colours(256, 1), cfg, J.JointConfig(prune_until=0.5, lam=1.0, tolerance=50.0),
+    J.train_joint(model, colours(256, 1), cfg, J.JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=50.0),
                   PruneConfig(align=1), out_dir=out, val_set=colours(64, 2), progress=False)
     """
 )
@@ -215,7 +220,7 @@ KILL = DATA + textwrap.dedent(
 
 @pytest.mark.parametrize("when", ["after_point", "between_writes"])
 def test_resume_after_a_kill_reaches_the_same_architecture_and_weights(tmp_path, when):
-    ref = _run(tmp_path / "ref", JointConfig(prune_until=0.5, lam=1.0, tolerance=50.0))
+    ref = _run(tmp_path / "ref", JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=50.0))
     assert any(p["decision"] == "pruned" for p in ref.trace["points"])
     script = tmp_path / "kill.py"
     script.write_text(KILL)
@@ -231,8 +236,8 @@ def test_resume_after_a_kill_reaches_the_same_architecture_and_weights(tmp_path,
             != torch.load(run / "train" / LAST_FILE, weights_only=True)["config"]
         )
     with pytest.raises(FileExistsError):
-        _run(run, JointConfig(prune_until=0.5, lam=1.0, tolerance=50.0))
-    res = _run(run, JointConfig(prune_until=0.5, lam=1.0, tolerance=50.0), resume=True)
+        _run(run, JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=50.0))
+    res = _run(run, JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=50.0), resume=True)
     assert _widths(res.model) == _widths(ref.model)
     assert [p["params_after"] for p in res.trace["points"]] == [
         p["params_after"] for p in ref.trace["points"]
@@ -257,7 +262,7 @@ RANKS = DATA + textwrap.dedent(
     torch.manual_seed(0)
     model = vgg16(4, "cifar", 0.125, batch_norm=True)
     cfg = TrainConfig(epochs=5, lr=0.05, batch_size=32, warmup_iters=5, log_every=4, seed=3)
-    res = train_joint(model, colours(256, 1), cfg, JointConfig(prune_until=0.6, lam=1.0, tolerance=50.0),
+    res = train_joint(model, colours(256, 1), cfg, JointConfig(warmup_epochs=1, prune_until=0.6, lam=1.0, tolerance=50.0),
                       PruneConfig(align=1), out_dir=out, val_set=colours(64, 2), progress=False)
     h = hashlib.sha256()
     for k, v in res.model.state_dict().items():
@@ -310,7 +315,7 @@ def test_cli_train_prune_while_training(tmp_path):
     assert res.exit_code != 0 and "--joint-lam: pruning options need --prune-while-training" in res.output
     out = tmp_path / "run"
     args = ["train", "--out", str(out), *common, "--epochs", "4", "--prune-while-training", "--joint-lam", "3",
-            "--joint-tolerance", "100", "--align", "1"]  # fmt: skip
+            "--joint-warmup-epochs", "1", "--joint-tolerance", "100", "--align", "1"]  # fmt: skip
     res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
     trace = json.loads((out / "joint_trace.json").read_text())

@@ -180,7 +180,7 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(
 def test_joint_schedule_end_to_end(tmp_path: Path, tiny_data: str) -> None:
     out = tmp_path / "joint"
     cfg = _config(tmp_path, tiny_data, schedule="joint", epochs_train=4,
-                  joint={"lam": 3.0, "tolerance": 100.0, "prune_until": 0.6})  # fmt: skip
+                  joint={"lam": 3.0, "tolerance": 100.0, "prune_until": 0.6, "warmup_epochs": 1})  # fmt: skip
     _cli("compress-and-export", "--config", str(cfg), "--out", str(out))
     manifest = json.loads((out / "manifest.json").read_text())
     assert all(r["status"] == DONE for r in manifest["stages"].values())

@@ -1,7 +1,7 @@
 """Prune while training against train-then-prune, from scratch, on the embedded set and on BCCD.
 
     python benchmarks/joint_training.py --data synth                     # both schedules (~20 min)
-    python benchmarks/joint_training.py --data bccd --reuse-train-then-prune benchmarks/results/bccd_ssd300.json
+    python benchmarks/joint_training.py --data bccd --reuse-train-then-prune benchmarks/results/bccd_ssd300.json  # ~15 min
     python benchmarks/joint_training.py --data synth --smoke             # plumbing only
 
 Stages (each a checkpoint in ``--out``, reused by a later invocation):
@@ -57,11 +57,11 @@ log = logging.getLogger("joint_training")
 PRESETS: dict[str, dict[str, Any]] = {
     "synth": {"width": 0.125, "epochs": 16, "lr": 0.05, "batch_size": 16, "warmup": 50,
               "prune": {"epochs_sparsity": 1, "epochs_retrain": 1}, "prune_lr": 0.05, "retrain_lr": 0.05,
-              "recalibration_images": 1024},
+              "recalibration_images": 1024, "joint": {"lam": 0.2, "warmup_epochs": 2, "tolerance": 2.0}},
     "bccd": {"width": 0.25, "epochs": 40, "lr": 0.05, "batch_size": 8, "warmup": 100,
              "prune": {"epochs_sparsity": 2, "epochs_retrain": 2, "eps1": 5.0, "eps2": 15.0,
                        "shrink_grid": [0.5, 1.0, 1.5, 2.0, 3.0]}, "prune_lr": 0.05, "retrain_lr": 0.02,
-             "recalibration_images": 256},
+             "recalibration_images": 256, "joint": {"lam": 0.1, "warmup_epochs": 8, "prune_every": 2, "tolerance": 5.0}},
 }  # fmt: skip
 
 
@@ -82,7 +82,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     for f in JointConfig.__dataclass_fields__.values():
         if f.name != "target_params":
             typ = float if f.default is None else type(f.default)
-            ap.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=f.default)
+            ap.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=None,
+                            help=f"default: the preset's, else {f.default}")  # fmt: skip
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -180,7 +181,9 @@ def stage_train_then_prune(b: Stages) -> None:
 
 
 def joint_config(a: argparse.Namespace) -> JointConfig:
-    return JointConfig(**{f: getattr(a, f) for f in JointConfig.__dataclass_fields__ if f != "target_params"})
+    """The preset's schedule (the settings each recorded run used), then the command line's."""
+    given = {f: getattr(a, f) for f in JointConfig.__dataclass_fields__ if getattr(a, f, None) is not None}
+    return JointConfig(**{**PRESETS[a.data]["joint"], **given})
 
 
 def stage_joint(b: Stages) -> None:
@@ -243,6 +246,8 @@ def render(res: dict[str, Any]) -> str:
                 r = e[s]
                 lines.append(f"| {s} | {r['params']:,} | {r['macs'] / 1e6:.1f} | {r['ap50']:.2f} ± {r.get('ap50_se', 0):.2f} "
                              f"| {r['cpu_s']:.0f} | {r['wall_s']:.0f} | {r.get('epochs')} |")  # fmt: skip
+        if e.get("note"):
+            lines += ["", f"Note: {e['note']}"]
         if "source" in e.get("train_then_prune", {}):
             lines += ["", f"train_then_prune: {e['train_then_prune']['source']}."]
         if "targets" in e:

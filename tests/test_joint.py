@@ -340,3 +340,15 @@ def test_pipeline_schedule_is_joint_when_the_original_is_trained_here(tmp_path):
         PipelineConfig(schedule="both")
     with pytest.raises(ValueError, match="unknown prune-while-training"):
         PipelineConfig(joint={"lambda": 1})
+
+
+def test_shrink_sets_lambda_from_the_runs_own_lr_schedule():
+    from prunekit.train import lr_factor
+
+    cfg = TrainConfig(epochs=10, lr=0.05, batch_size=8, warmup_iters=20)
+    j = JointConfig(warmup_epochs=2, prune_every=2, prune_until=0.6, shrink=2.0)
+    lam = j.resolve_lam(cfg, 80)  # 10 steps per epoch, the term on over epochs 2..6
+    lr_sum = sum(0.05 * lr_factor(i, 100, cfg) for i in range(20, 60))
+    assert lam == pytest.approx(2.0 / lr_sum)
+    assert JointConfig(warmup_epochs=2, shrink=2.0).resolve_lam(cfg, 160) == pytest.approx(lam / 2, rel=0.05)
+    assert JointConfig(lam=0.3, shrink=2.0).resolve_lam(cfg, 80) == 0.3

@@ -77,13 +77,14 @@ class JointConfig:
     warmup_epochs: int = 2  # plain training before the sparsity term: BN scales must mean something first
     prune_every: int = 1  # epochs between pruning points
     prune_until: float = 0.6  # no pruning point (and no sparsity term) after this fraction of the run
-    # λ of the proximal L1 on the BN scales, in units of each scale's mean |value| at the end of the
-    # warm-up: a step at lr η shrinks a scale by η λ mean|γ|. The post-training stages (1-2 epochs
-    # on a converged model) take 0.5-1.6; from scratch the term runs for half the run, and on the
-    # embedded set λ 1 cut every layer to its floor by epoch 3 (val AP50 0.01: nothing to check
-    # against), λ 0.2 gave 2.1x at test AP50 80.8 against train-then-prune's 1.25x at 70.9; on BCCD
-    # (40 epochs) λ 0.3 cut 28x by epoch 8 and ended at AP50 2.6, λ 0.1 gave 22.4x at 88.3
-    lam: float = 0.1
+    # The strength of the proximal L1 on the BN scales, as the total shrink over the sparse part of
+    # the run in units of each scale's mean |value| at the warm-up's end: λ = shrink / Σ lr over
+    # those steps (a step at lr η shrinks a scale by η λ mean|γ|), so one value means the same on any
+    # data size and schedule. Measured (λ given directly; its shrink in brackets): BCCD, 40 epochs,
+    # λ 0.1 (1.86): 22.4x at test AP50 88.3; λ 0.3 (7.6): 28x by epoch 8, AP50 2.6. Embedded set,
+    # 16 epochs: λ 0.2 (1.26): 2.1x at 80.8; λ 1 (7.2): every layer at its floor by epoch 3.
+    shrink: float = 2.0
+    lam: float | None = None  # an absolute λ instead (overrides shrink)
     k: float = 0.5  # global threshold, in the units of PruneConfig.threshold_scale (std of folded weights)
     # points: a pruning point that costs more is undone and pruning stops; the post-training
     # method's eps_pruned, since a validation set of ~100 images has an SE of ~4 points (synth,
@@ -104,8 +105,9 @@ class JointConfig:
             raise ValueError(f"prune_until must be a fraction of the run in (0, 1], got {self.prune_until}")
         if self.drift_tolerance is not None and self.drift_tolerance < 0:
             raise ValueError(f"drift_tolerance must be >= 0 points or None, got {self.drift_tolerance}")
-        if self.lam < 0 or self.k < 0 or self.tolerance < 0:
-            raise ValueError(f"lam, k and tolerance must be >= 0, got {self.lam}, {self.k}, {self.tolerance}")
+        if self.shrink < 0 or (self.lam is not None and self.lam < 0) or self.k < 0 or self.tolerance < 0:
+            raise ValueError(f"shrink, lam, k and tolerance must be >= 0, got {self.shrink}, {self.lam}, {self.k}, "
+                             f"{self.tolerance}")  # fmt: skip
         if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
             raise ValueError(f"target_params must be a fraction in (0, 1], got {self.target_params}")
 
@@ -113,6 +115,21 @@ class JointConfig:
         """Epochs (1-based, counted as epochs completed) after which the selection rule runs."""
         last = math.floor(self.prune_until * epochs + 1e-9)
         return list(range(self.warmup_epochs + self.prune_every, last + 1, self.prune_every))
+
+    def resolve_lam(self, cfg: Any, train_items: int) -> float:
+        """λ for a run of ``cfg`` (a TrainConfig) on ``train_items``: ``lam``, else ``shrink / Σ lr``
+        over the steps the sparsity term is on (the schedule :func:`prunekit.train.lr_factor` gives)."""
+        if self.lam is not None:
+            return float(self.lam)
+        from prunekit.train import lr_factor
+
+        spe = max(1, train_items // cfg.batch_size)
+        total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe, cfg.max_steps)
+        sparse = [(a, b) for a, b, on in self.segments(cfg.epochs) if on]
+        lr_sum = sum(cfg.lr * lr_factor(i, total, cfg) for a, b in sparse for i in range(a * spe, min(b * spe, total)))
+        if lr_sum <= 0:
+            return 0.0
+        return float(self.shrink / lr_sum)
 
     def segments(self, epochs: int) -> list[tuple[int, int, bool]]:
         """``(start, end, sparse)`` epoch ranges between which ``train`` is called once each."""
@@ -142,7 +159,8 @@ JOINT_HELP: dict[str, str] = {
     "warmup_epochs": "Epochs of plain training before the sparsity term starts.",
     "prune_every": "Epochs between pruning points.",
     "prune_until": "Fraction of the run after which no pruning point (and no sparsity term) comes.",
-    "lam": "λ of the proximal L1 on BN scales, in units of their mean (a step at lr η shrinks by η λ mean|γ|).",
+    "shrink": "Total L1 shrink of the BN scales over the sparse epochs, in units of their mean (λ = shrink / Σ lr).",
+    "lam": "An absolute λ instead of --joint-shrink (a step at lr η shrinks a scale by η λ mean|γ|).",
     "k": "Global threshold at each point, in units of PruneConfig.threshold_scale.",
     "tolerance": "Points of the validation metric a pruning point may cost; more is undone and pruning stops.",
     "drift_tolerance": "Points below its best at an earlier point at which pruning and the sparsity term stop.",
@@ -399,7 +417,11 @@ def train_joint(
             if sparse and book.d["stopped"] is None:
                 if book.d["multipliers"] is None:
                     book.d["multipliers"] = _multipliers(model, phase_list, hp)
-                reg = Sparsity(joint.lam, book.d["multipliers"], hp.proximal)
+                if book.d.get("lam") is None:
+                    book.d["lam"] = joint.resolve_lam(cfg, len(train_set))  # type: ignore[arg-type]
+                    log.info("sparsity term: λ = %.4g (shrink %s over the sparse epochs)", book.d["lam"],
+                             "given as lam" if joint.lam is not None else f"{joint.shrink:g}")  # fmt: skip
+                reg = Sparsity(book.d["lam"], book.d["multipliers"], hp.proximal)
                 _commit_book(tdir, book)  # so the segment's epochs carry it
             seg_cfg = dataclasses.replace(cfg, stop_after_epoch=b)
             train(model, train_set, seg_cfg, out_dir=tdir, val_set=val_set, regularizer=reg,
@@ -618,6 +640,7 @@ def _trace(book: _Book, history: dict[str, Any], model: nn.Module) -> dict[str, 
             "macs_ratio": orig["macs"] / max(final["macs"], 1),
         },  # fmt: skip
         "stopped": book.d["stopped"],
+        "lam": book.d.get("lam"),
         "points": book.d["points"],
         "epochs": epochs,
         "cpu_s": sum(float(e.get("cpu_time_s") or 0.0) for e in history.get("epochs", [])),

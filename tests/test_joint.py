@@ -100,7 +100,7 @@ def test_optimizer_state_is_sliced_exactly_like_the_weights():
 
 def test_surgery_mid_training_keeps_training(tmp_path):
     res = _run(
-        tmp_path, JointConfig(warmup_epochs=1, prune_every=1, prune_until=0.5, lam=1.0, tolerance=50.0)
+        tmp_path, JointConfig(warmup_epochs=1, prune_every=1, prune_until=0.5, lam=1.0, tolerance=20.0)
     )
     pruned = [p for p in res.trace["points"] if p["decision"] == "pruned"]
     assert pruned, f"no pruning point removed anything: {res.trace['points']}"
@@ -166,7 +166,7 @@ def test_a_point_that_costs_more_than_the_tolerance_is_undone_and_pruning_stops(
 
 
 def test_a_params_budget_stops_pruning_once_met(tmp_path):
-    res = _run(tmp_path, JointConfig(warmup_epochs=1, prune_every=1, prune_until=0.75, lam=1.0, tolerance=50.0,
+    res = _run(tmp_path, JointConfig(warmup_epochs=1, prune_every=1, prune_until=0.75, lam=1.0, tolerance=20.0,
                                      target_params=0.999), 8)  # fmt: skip
     assert res.trace["stopped"] and res.trace["stopped"].startswith("budget met at epoch")
     done = [p for p in res.trace["points"] if p["decision"] == "pruned"]
@@ -212,7 +212,7 @@ KILL = DATA + textwrap.dedent(
     torch.manual_seed(0)
     model = vgg16(4, "cifar", 0.125, batch_norm=True)
     cfg = TrainConfig(epochs=6, lr=0.05, batch_size=32, warmup_iters=5, log_every=4, seed=3)
-    J.train_joint(model, colours(256, 1), cfg, J.JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=50.0),
+    J.train_joint(model, colours(256, 1), cfg, J.JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=20.0),
                   PruneConfig(align=1), out_dir=out, val_set=colours(64, 2), progress=False)
     """
 )
@@ -220,7 +220,7 @@ KILL = DATA + textwrap.dedent(
 
 @pytest.mark.parametrize("when", ["after_point", "between_writes"])
 def test_resume_after_a_kill_reaches_the_same_architecture_and_weights(tmp_path, when):
-    ref = _run(tmp_path / "ref", JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=50.0))
+    ref = _run(tmp_path / "ref", JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=20.0))
     assert any(p["decision"] == "pruned" for p in ref.trace["points"])
     script = tmp_path / "kill.py"
     script.write_text(KILL)
@@ -236,8 +236,8 @@ def test_resume_after_a_kill_reaches_the_same_architecture_and_weights(tmp_path,
             != torch.load(run / "train" / LAST_FILE, weights_only=True)["config"]
         )
     with pytest.raises(FileExistsError):
-        _run(run, JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=50.0))
-    res = _run(run, JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=50.0), resume=True)
+        _run(run, JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=20.0))
+    res = _run(run, JointConfig(warmup_epochs=1, prune_until=0.5, lam=1.0, tolerance=20.0), resume=True)
     assert _widths(res.model) == _widths(ref.model)
     assert [p["params_after"] for p in res.trace["points"]] == [
         p["params_after"] for p in ref.trace["points"]
@@ -262,7 +262,7 @@ RANKS = DATA + textwrap.dedent(
     torch.manual_seed(0)
     model = vgg16(4, "cifar", 0.125, batch_norm=True)
     cfg = TrainConfig(epochs=5, lr=0.05, batch_size=32, warmup_iters=5, log_every=4, seed=3)
-    res = train_joint(model, colours(256, 1), cfg, JointConfig(warmup_epochs=1, prune_until=0.6, lam=1.0, tolerance=50.0),
+    res = train_joint(model, colours(256, 1), cfg, JointConfig(warmup_epochs=1, prune_until=0.6, lam=1.0, tolerance=20.0),
                       PruneConfig(align=1), out_dir=out, val_set=colours(64, 2), progress=False)
     h = hashlib.sha256()
     for k, v in res.model.state_dict().items():

@@ -183,6 +183,8 @@ def stage_train_then_prune(b: Stages) -> None:
 def joint_config(a: argparse.Namespace) -> JointConfig:
     """The preset's schedule (the settings each recorded run used), then the command line's."""
     given = {f: getattr(a, f) for f in JointConfig.__dataclass_fields__ if getattr(a, f, None) is not None}
+    if "shrink" in given and "lam" not in given:
+        given["lam"] = None  # the strength given as a shrink replaces the preset's λ
     return JointConfig(**{**PRESETS[a.data]["joint"], **given})
 
 

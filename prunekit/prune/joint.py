@@ -80,14 +80,15 @@ class JointConfig:
     warmup_epochs: int = 2  # plain training before the sparsity term: BN scales must mean something first
     prune_every: int = 1  # epochs between pruning points
     prune_until: float = 0.6  # no pruning point (and no sparsity term) after this fraction of the run
-    # The strength of the proximal L1 on the BN scales, as the total shrink over the sparse part of
-    # the run in units of each scale's mean |value| at the warm-up's end: λ = shrink / Σ lr over
-    # those steps (a step at lr η shrinks a scale by η λ mean|γ|), so one value means the same on any
-    # data size and schedule. Measured (λ given directly; its shrink in brackets): BCCD, 40 epochs,
-    # λ 0.1 (1.86): 22.4x at test AP50 88.3; λ 0.3 (7.6): 28x by epoch 8, AP50 2.6. Embedded set,
-    # 16 epochs: λ 0.2 (1.26): 2.1x at 80.8; λ 1 (7.2): every layer at its floor by epoch 3.
-    shrink: float = 2.0
-    lam: float | None = None  # an absolute λ instead (overrides shrink)
+    # λ of the proximal L1 on the BN scales, in units of each scale's mean |value| at the end of the
+    # warm-up: a step at lr η shrinks a scale by η λ mean|γ|, so a scale survives where its loss
+    # gradient exceeds λ mean|γ|: λ sets the equilibrium, the run's length how close it gets.
+    # Measured from scratch: BCCD (40 epochs) λ 0.1: 22.4x at test AP50 88.3, λ 0.3: 28x by epoch 8,
+    # AP50 2.6; the embedded set (16 epochs) λ 0.2: 2.1x at 80.8, λ 1: every layer at its floor by
+    # epoch 3; the 12-epoch demo: λ 0.1 1.02x, λ 0.47-0.64 (a total shrink of 2 over its 4-5 sparse
+    # epochs) held the model at val AP50 0-2%. So λ, not a total shrink, is the default knob.
+    lam: float | None = 0.1
+    shrink: float | None = None  # instead of lam: total shrink over the sparse epochs, λ = shrink / Σ lr
     k: float = 0.5  # global threshold, in the units of PruneConfig.threshold_scale (std of folded weights)
     # points: a pruning point that costs more is undone and pruning stops; the post-training
     # method's eps_pruned, since a validation set of ~100 images has an SE of ~4 points (synth,
@@ -108,7 +109,9 @@ class JointConfig:
             raise ValueError(f"prune_until must be a fraction of the run in (0, 1], got {self.prune_until}")
         if self.drift_tolerance is not None and self.drift_tolerance < 0:
             raise ValueError(f"drift_tolerance must be >= 0 points or None, got {self.drift_tolerance}")
-        if self.shrink < 0 or (self.lam is not None and self.lam < 0) or self.k < 0 or self.tolerance < 0:
+        if (self.lam is None) == (self.shrink is None):
+            raise ValueError(f"give exactly one of lam and shrink, got lam={self.lam}, shrink={self.shrink}")
+        if (self.shrink or 0) < 0 or (self.lam or 0) < 0 or self.k < 0 or self.tolerance < 0:
             raise ValueError(f"shrink, lam, k and tolerance must be >= 0, got {self.shrink}, {self.lam}, {self.k}, "
                              f"{self.tolerance}")  # fmt: skip
         if self.target_params is not None and not 0.0 < self.target_params <= 1.0:
@@ -125,6 +128,8 @@ class JointConfig:
         from epoch ``start`` on when the term starts later than the warm-up's end."""
         if self.lam is not None:
             return float(self.lam)
+        if self.shrink is None:
+            raise ValueError("give lam or shrink")
         from prunekit.train import lr_factor
 
         spe = max(1, train_items // cfg.batch_size)
@@ -164,8 +169,8 @@ JOINT_HELP: dict[str, str] = {
     "warmup_epochs": "Epochs of plain training before the sparsity term starts.",
     "prune_every": "Epochs between pruning points.",
     "prune_until": "Fraction of the run after which no pruning point (and no sparsity term) comes.",
-    "shrink": "Total L1 shrink of the BN scales over the sparse epochs, in units of their mean (λ = shrink / Σ lr).",
-    "lam": "An absolute λ instead of --joint-shrink (a step at lr η shrinks a scale by η λ mean|γ|).",
+    "lam": "λ of the proximal L1 on BN scales, in units of their mean (a step at lr η shrinks a scale by η λ mean|γ|).",
+    "shrink": "Instead of --joint-lam: total shrink over the sparse epochs in units of the scales' mean (λ = shrink / Σ lr).",
     "k": "Global threshold at each point, in units of PruneConfig.threshold_scale.",
     "tolerance": "Points of the validation metric a pruning point may cost; more is undone and pruning stops.",
     "drift_tolerance": "Points below its best at an earlier point at which pruning and the sparsity term stop.",
@@ -426,7 +431,7 @@ def train_joint(
                     book.d["lam"] = joint.resolve_lam(cfg, len(train_set), a)  # type: ignore[arg-type]
                     book.d["term_from"] = a
                     log.info("sparsity term from epoch %d: λ = %.4g (%s)", a, book.d["lam"],
-                             "given as lam" if joint.lam is not None else f"shrink {joint.shrink:g} over the sparse epochs left")  # fmt: skip
+                             "given" if joint.lam is not None else f"shrink {joint.shrink:g} over the sparse epochs left")  # fmt: skip
                 reg = Sparsity(book.d["lam"], book.d["multipliers"], hp.proximal)
             _commit_book(tdir, book)  # so the segment's epochs carry it
             seg_cfg = dataclasses.replace(cfg, stop_after_epoch=b)

@@ -13,6 +13,9 @@ Stages (each a checkpoint in ``--out``, reused by a later invocation):
   not spent twice); the figures say where they come from.
 * ``joint``: :func:`prunekit.prune.joint.train_joint`, the same ``--epochs`` and learning-rate
   schedule, pruned on the way.
+* ``original``: the dense model of the same epochs and settings (train-then-prune's first half; on
+  synth from the same initialisation too), scored by the same evaluator: the joint model's control.
+* ``ort``: ONNX Runtime CPU throughput at batch 1 of ``joint`` over ``original``, interleaved.
 
 ``cpu_s`` is the process CPU time of the whole stage (training, every evaluation and search);
 ``ap50`` is on the test split (synth: 100 generated images; BCCD: 72), which neither schedule sees.
@@ -49,7 +52,8 @@ from prunekit.train import train
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, RESULTS, Stages, load_bccd, machine_info  # noqa: E402
 
-STAGES = ("train_then_prune", "joint")
+STAGES = ("train_then_prune", "joint", "original", "ort")
+COMPARED = ("train_then_prune", "joint")
 log = logging.getLogger("joint_training")
 
 # Per data set: the settings of the post-training runs this is compared with (the embedded
@@ -57,11 +61,13 @@ log = logging.getLogger("joint_training")
 PRESETS: dict[str, dict[str, Any]] = {
     "synth": {"width": 0.125, "epochs": 16, "lr": 0.05, "batch_size": 16, "warmup": 50,
               "prune": {"epochs_sparsity": 1, "epochs_retrain": 1}, "prune_lr": 0.05, "retrain_lr": 0.05,
-              "recalibration_images": 1024, "joint": {"lam": 0.2, "warmup_epochs": 2, "tolerance": 2.0}},
+              "recalibration_images": 1024, "joint": {"lam": 0.2, "warmup_epochs": 2, "tolerance": 2.0},
+              "original": "ttp_train/last.pt"},
     "bccd": {"width": 0.25, "epochs": 40, "lr": 0.05, "batch_size": 8, "warmup": 100,
              "prune": {"epochs_sparsity": 2, "epochs_retrain": 2, "eps1": 5.0, "eps2": 15.0,
                        "shrink_grid": [0.5, 1.0, 1.5, 2.0, 3.0]}, "prune_lr": 0.05, "retrain_lr": 0.02,
-             "recalibration_images": 256, "joint": {"lam": 0.1, "warmup_epochs": 8, "prune_every": 2, "tolerance": 5.0}},
+             "recalibration_images": 256, "joint": {"lam": 0.1, "warmup_epochs": 8, "prune_every": 2, "tolerance": 5.0},
+             "original": "../bccd_v2/original.pt"},
 }  # fmt: skip
 
 
@@ -204,6 +210,20 @@ def stage_joint(b: Stages) -> None:
              val_curve=[e["val_metric"] for e in res.trace["epochs"]])  # fmt: skip
 
 
+def stage_original(b: Stages) -> None:
+    """The dense model of the same epochs and settings (train_then_prune's first half; on synth also
+    the same initialisation): the joint model's control, scored by the same evaluator, not re-timed."""
+    import prunekit
+
+    src = (b.out / PRESETS[b.args.data]["original"]).resolve()
+    b.record("original", prunekit.load(src), time.process_time(), time.perf_counter(), epochs=b.args.epochs,
+             source=str(src))  # fmt: skip
+
+
+def stage_ort(b: Stages) -> None:
+    b.ort_ratio(("original", "joint"), rounds=5 if b.args.smoke else 60)
+
+
 def write_result(b: Stages) -> None:
     path = b.args.result
     res: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
@@ -217,10 +237,13 @@ def write_result(b: Stages) -> None:
         "machine": machine_info(b.args.device, b.args.threads),
         "load_avg_start": b.load_avg_start,
     }  # fmt: skip
-    for stage in STAGES:
+    for stage in (*COMPARED, "original"):
         if stage in b.done:
             entry[stage] = {k: b.done[stage][k] for k in keys if k in b.done[stage]}
-    if all(s in entry for s in STAGES):
+    if "ort" in b.done:
+        entry["ort_cpu_fps_ratio_b1"] = b.done["ort"]["fps_ratio_b1"]  # joint over the dense original
+        entry["ort_timing"] = b.done["ort"]["timing"]
+    if all(s in entry for s in COMPARED):
         t, j = entry["train_then_prune"], entry["joint"]
         entry["targets"] = {
             "params_ratio": j["params"] / t["params"],
@@ -243,11 +266,18 @@ def render(res: dict[str, Any]) -> str:
                   f"test images, width {e['model']['width']}; {e['machine'].get('cpu')} ({e['machine'].get('cpu_count')} "
                   f"cores), load average at start {e.get('load_avg_start')}.", "",
                   "| schedule | params | MMACs | test AP50 ± SE | CPU s | wall s | epochs |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for s in STAGES:
+        for s in (*COMPARED, "original"):
             if s in e:
                 r = e[s]
-                lines.append(f"| {s} | {r['params']:,} | {r['macs'] / 1e6:.1f} | {r['ap50']:.2f} ± {r.get('ap50_se', 0):.2f} "
-                             f"| {r['cpu_s']:.0f} | {r['wall_s']:.0f} | {r.get('epochs')} |")  # fmt: skip
+                cpu = "-" if s == "original" else f"{r['cpu_s']:.0f}"
+                wall = "-" if s == "original" else f"{r['wall_s']:.0f}"
+                name = "original (dense, same epochs)" if s == "original" else s
+                lines.append(f"| {name} | {r['params']:,} | {r['macs'] / 1e6:.1f} | {r['ap50']:.2f} ± {r.get('ap50_se', 0):.2f} "
+                             f"| {cpu} | {wall} | {r.get('epochs')} |")  # fmt: skip
+        if "ort_cpu_fps_ratio_b1" in e:
+            t = e["ort_timing"]
+            lines += ["", f"ONNX Runtime CPU, batch 1, interleaved: joint {t['joint']['fps']:.1f} img/s, dense original "
+                      f"{t['original']['fps']:.1f} img/s: **{e['ort_cpu_fps_ratio_b1']:.2f}x**."]  # fmt: skip
         if e.get("note"):
             lines += ["", f"Note: {e['note']}"]
         if "source" in e.get("train_then_prune", {}):

@@ -118,15 +118,17 @@ def load_bccd(
     val_set = build_dataset(spec, "val", skip_bad=True)
     test_set = build_dataset(spec, "test", skip_bad=True)
     if limit:
-        from torch.utils.data import Subset
-
-        def cut(ds: Any) -> Any:
-            sub = Subset(ds, range(min(limit, len(ds))))
-            sub.classes = ds.classes  # type: ignore[attr-defined]
-            return sub
-
-        train_set, val_set, test_set = cut(train_set), cut(val_set), cut(test_set)
+        train_set, val_set, test_set = head(train_set, limit), head(val_set, limit), head(test_set, limit)
     return train_set, val_set, test_set
+
+
+def head(ds: Any, n: int) -> Any:
+    """The first ``n`` items of ``ds`` (smoke runs), keeping its class names."""
+    from torch.utils.data import Subset
+
+    sub = Subset(ds, range(min(n, len(ds))))
+    sub.classes = ds.classes  # type: ignore[attr-defined]
+    return sub
 
 
 class Stages:

@@ -50,7 +50,7 @@ from prunekit.prune.trainer import DataTrainer
 from prunekit.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, RESULTS, Stages, load_bccd, machine_info  # noqa: E402
+from common import DEFAULT_DATA, RESULTS, Stages, head, load_bccd, machine_info  # noqa: E402
 
 STAGES = ("train_then_prune", "joint", "original", "ort")
 COMPARED = ("train_then_prune", "joint")
@@ -111,14 +111,7 @@ def datasets(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     sets = (build_dataset("synth", "train", train=True, transforms=tf), build_dataset("synth", "val"),
             build_dataset("synth", "test"))  # fmt: skip
     if args.smoke:
-        from torch.utils.data import Subset
-
-        def cut(ds: Any, n: int) -> Any:
-            sub = Subset(ds, range(n))
-            sub.classes = ds.classes  # type: ignore[attr-defined]
-            return sub
-
-        sets = (cut(sets[0], 32), cut(sets[1], 8), cut(sets[2], 8))
+        sets = (head(sets[0], 32), head(sets[1], 8), head(sets[2], 8))
     return sets
 
 

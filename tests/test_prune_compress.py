@@ -12,7 +12,7 @@ from torch import nn
 import prunekit
 from prunekit.prune.fold import folded_weights
 from prunekit.prune.graph import build_dependency_graph
-from prunekit.prune.method import PruneConfig, _stat_layers, run_phases
+from prunekit.prune.method import PruneConfig, run_phases, statistic_layers
 from prunekit.prune.phases import resolve, resolve_phases
 from prunekit.prune.selection import filter_sparsity, keep_floor, select_filters
 from prunekit.prune.selectors import BNScale, L1Norm, Random, TauRule, match_budget
@@ -238,7 +238,7 @@ def test_conv5_3_outgoing_statistic_reads_fc6():
     model = prunekit.vgg16(10, variant="imagenet", width=0.0625)
     graph = build_dependency_graph(model)
     convs = resolve(resolve_phases("vgg16", model)[0], graph)
-    assert "fc6" not in convs.l1_layers and "fc6" in _stat_layers(convs, graph)
+    assert "fc6" not in convs.l1_layers and "fc6" in statistic_layers(convs, graph)
 
 
 def test_no_admissible_lambda_is_loud_and_strict_raises(caplog):

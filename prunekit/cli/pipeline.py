@@ -12,6 +12,7 @@ import click
 from prunekit.cli.common import UserError, friendly_errors
 from prunekit.cli.prune import prune_config_options
 from prunekit.cli.train import joint_options
+from prunekit.pipeline import JOINT_MIN_EPOCHS
 
 
 def _ints(s: str | None) -> list[int] | None:
@@ -50,7 +51,7 @@ def _strs(s: str | None) -> list[str] | None:
 @click.option(
     "--schedule", type=click.Choice(["auto", "post", "joint"]),
     help="post: train (or take) the original, then prune it; joint: prune while training; "
-    "auto (default): joint when the original is trained here, else post.",
+    f"auto (default): joint when the original is trained here for at least {JOINT_MIN_EPOCHS} epochs, else post.",
 )  # fmt: skip
 @joint_options
 @click.option("--epochs-train", type=int)

@@ -64,7 +64,6 @@ from prunekit.prune.report import model_stats
 from prunekit.prune.selection import select_filters
 from prunekit.prune.sparsity import POINT, Sparsity, sparsity_targets
 from prunekit.prune.surgery import prune_channels
-from prunekit.prune.threshold import apply_threshold, global_std, threshold_model
 
 log = logging.getLogger(__name__)
 
@@ -210,9 +209,10 @@ def select_keep(
     floors = {
         n: keep_floor(c, hp.min_keep, hp.min_keep_fraction) for n, c in (original_channels or {}).items()
     }
+    from prunekit.prune.method import statistic_layers, threshold_at, threshold_settings
+
     graph = graph or build_dependency_graph(model)
-    scale = None if hp.threshold_scale == "raw" else hp.threshold_scale
-    fold = hp.fold_stats and scale is not None
+    _, fold = threshold_settings(hp)
     keep: dict[str, torch.Tensor] = {}
     already: set[str] = set()
     for phase in phases:
@@ -220,16 +220,7 @@ def select_keep(
         already |= set(rp.prune_layers)
         if not rp.prune_layers:
             continue
-        stat_layers = list(rp.l1_layers)
-        for name in rp.prune_layers:  # the consumers outside the set carry the outgoing statistic
-            for c in graph.group(name).consumers:
-                cname = graph.name_of(c.target)
-                if cname not in stat_layers:
-                    stat_layers.append(cname)
-        if scale is None:
-            th = apply_threshold(model, stat_layers, k * global_std(model, stat_layers))
-        else:
-            th = threshold_model(model, stat_layers, k, graph, scale, fold)
+        th = threshold_at(model, statistic_layers(rp, graph), k, graph, hp)
         sel = select_filters(
             th, rp.prune_layers, graph, hp.tau1, hp.tau2, hp.tau3, min_keep=hp.min_keep, align=hp.align,
             min_keep_fraction=0.0 if original_channels else hp.min_keep_fraction, fold_bn=fold, floors=floors,
@@ -438,6 +429,7 @@ def train_joint(
             train(model, train_set, seg_cfg, out_dir=tdir, val_set=val_set, regularizer=reg,
                   resume=state is not None, progress=progress)  # fmt: skip
             state = _read_state(tdir)
+        model = _reload(tdir, LAST_FILE)
         size = model_stats(model)
         for e in range(a + 1, b + 1):
             book.d["sizes"].setdefault(str(e), {"params": size["params"], "macs": size["macs"]})
@@ -445,14 +437,12 @@ def train_joint(
             if book.d["stopped"] is None:
                 model = _prune_point(model, b, phase_list, hp, joint, scorer, budget, book, tdir)
             else:
-                n = model_stats(model)
                 book.d["points"].append({"epoch": b, "decision": f"skipped: pruning stopped ({book.d['stopped']})",
-                                         "params_before": n["params"], "params_after": n["params"],
-                                         "macs_before": n["macs"], "macs_after": n["macs"]})  # fmt: skip
+                                         "params_before": size["params"], "params_after": size["params"],
+                                         "macs_before": size["macs"], "macs_after": size["macs"]})  # fmt: skip
                 _commit_book(tdir, book)
         else:
             _commit_book(tdir, book)
-        model = _reload(tdir, LAST_FILE)
 
     state = _read_state(tdir)
     history = dict(state["history"]) if state is not None else {}
@@ -568,8 +558,7 @@ def _prune_point(
     from prunekit.prune.surgery import predict_params
     from prunekit.train import LAST_FILE
 
-    model = _reload(tdir, LAST_FILE)  # the weights rank 0 saved: every rank decides on the same ones
-    graph = build_dependency_graph(model)
+    graph = build_dependency_graph(model)  # ``model`` is the checkpoint rank 0 saved: every rank decides alike
     keep = D.broadcast_object(select_keep(model, phases, hp, joint.k, graph, book.d["channels"]))
     before = model_stats(model)
     rec: dict[str, Any] = {"epoch": epoch, "params_before": before["params"], "macs_before": before["macs"]}

@@ -394,7 +394,23 @@ def _device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _stat_layers(rp: ResolvedPhase, graph: DependencyGraph) -> list[str]:
+def threshold_settings(hp: PruneConfig) -> tuple[str | None, bool]:
+    """``(scale, fold)``: the unit k is read in (None: the paper's raw pooled std) and whether
+    thresholds and statistics are read on BN-folded weights."""
+    scale = None if hp.threshold_scale == "raw" else hp.threshold_scale
+    return scale, hp.fold_stats and scale is not None
+
+
+def threshold_at(model: nn.Module, layers: Sequence[str], k: float, graph: DependencyGraph, hp: PruneConfig) -> nn.Module:
+    """Θ^th: a copy of ``model`` with the weights of ``layers`` below ``k`` units zeroed, in the units
+    ``hp`` names (one global threshold over the set)."""
+    scale, fold = threshold_settings(hp)
+    if scale is None:
+        return apply_threshold(model, layers, k * global_std(model, layers))
+    return threshold_model(model, layers, k, graph, scale, fold)
+
+
+def statistic_layers(rp: ResolvedPhase, graph: DependencyGraph) -> list[str]:
     """The phase's L1 set plus every consumer of its pruned layers outside it (conv5_3's fc6):
     thresholded too, so that the outgoing statistic s(W_{l+1}[:, i]) of the last layer exists."""
     out = list(rp.l1_layers)
@@ -427,7 +443,7 @@ def run_phase(
         record["skipped"] = True
         return model, record, before_metric
     device = _device_of(model)
-    stat_layers = _stat_layers(rp, graph)
+    stat_layers = statistic_layers(rp, graph)
 
     def table(step: str, m: nn.Module, metric: float, extra: dict[str, Any] | None = None) -> None:
         if not runner.main:
@@ -482,14 +498,11 @@ def run_phase(
 
     # 2. global threshold (with a budget: threshold and selection searched together)
     path = pdir / "thresholded.pt"
-    scale = None if hp.threshold_scale == "raw" else hp.threshold_scale
-    fold = hp.fold_stats and scale is not None
+    scale, fold = threshold_settings(hp)
     recal = runner.trainer.recalibrate if hp.recalibrate_bn else None
 
     def make_threshold(k: float) -> nn.Module:
-        if scale is None:
-            return apply_threshold(sparse, stat_layers, k * global_std(sparse, stat_layers))
-        return threshold_model(sparse, stat_layers, k, graph, scale, fold)
+        return threshold_at(sparse, stat_layers, k, graph, hp)
 
     if resume and path.is_file():
         thresholded, extra = _load(path)

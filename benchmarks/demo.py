@@ -6,12 +6,10 @@
 Runs the first ``bash`` block of the README's quick start exactly, with only its ``--out`` folder
 replaced by a fresh one, and times it (wall, CPU seconds of the child processes, load average at
 the start). Then reads the run's ``bench.json`` (ONNX Runtime CPU, original and compressed in
-the same run) and ``verify.json``, and measures the **control**: the run's own ``original.pt``
-given as many extra epochs as the compressed model's lineage trained (phases x rounds x
-(sparsity + retraining epochs)), with the pipeline's training settings; when the run pruned while
-training (the joint schedule, from the original's own initialisation for the same epochs) the
-original itself is the control. The three models are
-then scored by one evaluator (PyTorch, pycocotools) on every validation image of the set, not
+the same run) and ``verify.json``, and the run's own **control** (the pipeline's control stage:
+the original given as many extra epochs as the compressed model's lineage trained, or the original
+itself when the run pruned while training from its initialisation for the same epochs). The three
+models are then scored by one evaluator (PyTorch, pycocotools) on every validation image of the set, not
 the pipeline's quick subset, with the SE of AP50 beside each.
 
 Writes ``benchmarks/results/demo.{json,md}`` with the keys the showcase issue names.
@@ -67,7 +65,7 @@ def run_readme(out: Path) -> dict[str, Any]:
     if proc.returncode != 0:
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
         raise SystemExit(f"the README command failed with exit {proc.returncode}: {cmd}")
-    start = proc.stdout.find("| metric |")
+    start = proc.stdout.find("# Summary")
     return {"command": cmd, "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "load_avg_start": load,
             "summary": proc.stdout[start:].strip() if start >= 0 else proc.stdout[-3000:]}  # fmt: skip
 
@@ -87,43 +85,34 @@ def _ap50(bench: dict[str, Any], model: str) -> float | None:
 
 
 def control_and_scores(out: Path, threads: int) -> dict[str, Any]:
-    """The control trained here, and original / control / compressed scored on all val images."""
+    """Original / control / compressed, scored by one evaluator on all val images.
+
+    The control is the run's own: ``control.pt`` from the pipeline's control stage (the original
+    given the compressed lineage's extra epochs), or the original itself when the run pruned
+    while training from its initialisation for the same epochs.
+    """
     import torch
 
     import prunekit
     from prunekit.evaluate import evaluate
-    from prunekit.pipeline import Pipeline, PipelineConfig
-    from prunekit.train import train
+    from prunekit.manifest import Manifest
+    from prunekit.pipeline import STAGES, Pipeline, PipelineConfig
 
     torch.set_num_threads(threads)
     import yaml
 
     cfg = PipelineConfig(**yaml.safe_load((out / "config.yaml").read_text()))
-    pipe = Pipeline(cfg, out)
-    train_set, val_set = pipe._datasets()
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    control = prunekit.load(out / "original.pt")
-    if (out / "joint").is_dir():
-        # pruned while training from the original's own initialisation for the same epochs: the
-        # original IS the control, no extra epochs on either side
-        epochs = 0
-    else:
-        summary = json.loads((out / "phases" / "prune_config.json").read_text())
-        hp = summary["config"]
-        epochs = len(summary["phases"]) * int(hp["rounds"]) * (int(hp["epochs_sparsity"]) + int(hp["epochs_retrain"]))
-        train(control, train_set, pipe._train_cfg(epochs), progress=False)
-    control_s = {
-        "wall_s": round(time.perf_counter() - wall0, 1),
-        "cpu_s": round(time.process_time() - cpu0, 1),
-    }
+    _, val_set = Pipeline(cfg, out)._datasets()
+    ctrl = Manifest.load(out, STAGES).stages["control"]
+    path = out / "control.pt" if (out / "control.pt").is_file() else out / "original.pt"
     scores = {}
-    for name, model in (("original", prunekit.load(out / "original.pt")), ("control", control),
-                        ("compressed", prunekit.load(out / "model.pt"))):  # fmt: skip
-        m = evaluate(model, val_set, batch_size=16, progress=False)
+    for name, ckpt in (("original", out / "original.pt"), ("control", path), ("compressed", out / "model.pt")):
+        m = evaluate(prunekit.load(ckpt), val_set, batch_size=16, progress=False)
         ap = 100.0 * float(m["map50"])
         n = int(m["num_images"])
         scores[name] = {"ap50": ap, "ap50_se": standard_error(ap, n), "images": n}
-    return {"control_epochs": epochs, "control_training": control_s, "scores": scores}
+    training = {"wall_s": ctrl.wall_s, "note": ctrl.metrics.get("note")}
+    return {"control_epochs": ctrl.metrics.get("epochs", 0), "control_training": training, "scores": scores}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -181,6 +170,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return res
 
 
+def _control_label(r: dict[str, Any]) -> str:
+    if r["control_epochs"]:
+        return f"original + {r['control_epochs']} epochs"
+    return "the original: pruned while training from its initialisation, same epochs"
+
+
 def render(r: dict[str, Any]) -> str:
     se = r["ap50_se"]
     return "\n".join([
@@ -192,7 +187,7 @@ def render(r: dict[str, Any]) -> str:
         f"| ORT CPU fps ratio, batch 1 | {r['fps_ratio_ort_cpu_b1']:.2f}x |",
         f"| ORT CPU fps ratio, batch 8 | {r['fps_ratio_ort_cpu_b8']:.2f}x |",
         f"| AP50 original | {r['ap50_original']:.2f} ± {se['original']:.2f} |",
-        f"| AP50 control (+{r['control_epochs']} epochs) | {r['ap50_control']:.2f} ± {se['control']:.2f} |",
+        f"| AP50 control ({_control_label(r)}) | {r['ap50_control']:.2f} ± {se['control']:.2f} |",
         f"| AP50 compressed | {r['ap50_compressed']:.2f} ± {se['compressed']:.2f} |",
         f"| verify passed | {r['verify_passed']} |", "",
         f"AP50 on all {r['ap50_images']} validation images, one evaluator (PyTorch + pycocotools). Targets: "

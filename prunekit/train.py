@@ -305,6 +305,63 @@ def train(
     return history
 
 
+def plateau_change(history: dict[str, Any]) -> float | None:
+    """Points the validation metric moved between the last two epochs (None: fewer than two scored)."""
+    vals = [e["val_metric"] for e in history.get("epochs", []) if e.get("val_metric") is not None]
+    return None if len(vals) < 2 else 100.0 * abs(vals[-1] - vals[-2])
+
+
+def train_to_plateau(
+    model: nn.Module,
+    train_set: Dataset,
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    val_set: Dataset | None,
+    plateau: float = 1.0,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """``train`` for ``cfg.epochs``, then cosine restarts until the validation metric settles.
+
+    An original that is still improving when its schedule ends is a poor reference: whatever is
+    trained after it (pruning, retraining) looks like a gain. While the metric moved by ``plateau``
+    points or more between the last two epochs, another cycle of half the epochs at half the
+    previous peak lr runs (``OUT/restart1``, ``restart2``...), as long as the steps in all stay
+    within ``max_steps`` (None: no restarts). Every cycle resumes from its own folder, so an
+    interrupted run picks up where it stopped. Returns the cycles' histories summed, with
+    ``cycles``, ``epochs_total``, ``plateau_change`` (points) and ``plateau`` (bool, None unscored).
+    """
+    out = Path(out_dir)
+    hist = train(model, train_set, cfg, out, val_set=val_set, progress=progress, resume=True)
+    records, steps, cycles = list(hist["epochs"]), int(hist["steps"]), [cfg.epochs]
+    wall, cpu = float(hist["time_s"]), float(hist["cpu_time_s"])
+    change = plateau_change(hist)
+    lr, epochs = cfg.lr, cfg.epochs
+    per_epoch = steps / max(1, len(records))
+    while change is not None and change >= plateau and max_steps is not None:
+        epochs, lr = max(2, math.ceil(epochs / 2)), lr / 2
+        if steps + epochs * per_epoch > max_steps:
+            log.warning(
+                "training: validation metric still moved %.2f points in the last epoch, but a restart of "
+                "%d epochs would pass the step cap (%d + %d > %d); stopping here", change, epochs, steps,
+                round(epochs * per_epoch), max_steps,
+            )  # fmt: skip
+            break
+        log.info("training: validation metric moved %.2f points (>= %.1f) in the last epoch; restart %d: "
+                 "%d epochs at peak lr %.3g", change, plateau, len(cycles), epochs, lr)  # fmt: skip
+        sub = dataclasses.replace(cfg, epochs=epochs, lr=lr)
+        h = train(model, train_set, sub, out / f"restart{len(cycles)}", val_set=val_set, progress=progress,
+                  resume=True)  # fmt: skip
+        records += h["epochs"]
+        hist["val"] = h["val"]
+        steps, wall, cpu = steps + int(h["steps"]), wall + float(h["time_s"]), cpu + float(h["cpu_time_s"])
+        cycles.append(epochs)
+        change = plateau_change({"epochs": records})
+    return {"epochs": records, "steps": steps, "time_s": wall, "cpu_time_s": cpu, "val": hist["val"],
+            "cycles": cycles, "epochs_total": sum(cycles), "plateau_change": change,
+            "plateau": None if change is None else change < plateau}  # fmt: skip
+
+
 def _step(
     ddp: nn.Module,
     net: nn.Module,

@@ -175,6 +175,32 @@ def test_a_params_budget_stops_pruning_once_met(tmp_path):
     assert after and all(p["decision"].startswith("skipped") for p in after)
 
 
+def test_a_point_past_the_budget_cuts_only_as_far_as_the_budget():
+    """The full selection would remove about half the parameters; with a budget of 0.9 the point
+    lands between 0.9 and the full cut, at a lower threshold; a budget the cut misses keeps it."""
+    from prunekit.prune.joint import land_on_budget
+    from prunekit.prune.report import model_stats
+
+    torch.manual_seed(0)
+    model = vgg16(4, "cifar", 0.125, batch_norm=True)
+    with torch.no_grad():  # graded BN scales: the higher the threshold, the more channels fall
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.linspace(0.0, 1.0, m.weight.numel()))
+    phases, hp, graph = resolve_phases("vgg16", model), PruneConfig(align=1), build_dependency_graph(model)
+    widths = {g.name: g.channels for g in graph.groups}
+    full = model_stats(model)["params"]
+    ratio = lambda keep: model_stats(prune_channels(model, keep, graph))["params"] / full  # noqa: E731
+    keep = select_keep(model, phases, hp, 1.0, graph, widths)
+    deep = ratio(keep)
+    assert deep < 0.8
+    budget = [("params", 0.9, lambda m: model_stats(m)["params"] / full)]
+    landed = land_on_budget(model, keep, phases, hp, 1.0, graph, widths, budget)
+    assert deep < ratio(landed) <= 0.9
+    missed = [("params", deep / 2, lambda m: model_stats(m)["params"] / full)]
+    assert land_on_budget(model, keep, phases, hp, 1.0, graph, widths, missed) is keep
+
+
 KILL = DATA + textwrap.dedent(
     """
     import os, signal, sys
@@ -329,13 +355,18 @@ def test_cli_train_prune_while_training(tmp_path):
 def test_pipeline_schedule_is_joint_when_the_original_is_trained_here_long_enough(tmp_path):
     from prunekit.pipeline import PipelineConfig
 
-    assert PipelineConfig().resolved_schedule == "post"  # the 8-epoch demo is too short for it
-    assert PipelineConfig(epochs_train=16).resolved_schedule == "joint"
+    # the embedded set: 400 images at batch 8 -> 700 steps = 14 epochs, long enough for it
+    assert PipelineConfig().planned_epochs(400) == 14
+    assert PipelineConfig().resolved_schedule(400) == "joint"
+    assert PipelineConfig(epochs_train=8).resolved_schedule(400) == "post"
+    assert PipelineConfig().planned_epochs(4000) == 8  # 500 steps/epoch: the 8-epoch floor -> post
+    assert PipelineConfig().resolved_schedule(4000) == "post"
     ckpt = tmp_path / "m.pt"
     ckpt.write_bytes(b"")
-    assert PipelineConfig(model=str(ckpt)).resolved_schedule == "post"
-    assert PipelineConfig(schedule="post").resolved_schedule == "post"
-    assert PipelineConfig(model=str(ckpt), schedule="joint").resolved_schedule == "joint"
+    assert PipelineConfig(model=str(ckpt)).resolved_schedule(400) == "post"  # given: fine-tune, not joint
+    assert PipelineConfig(schedule="post").resolved_schedule(400) == "post"
+    assert PipelineConfig(model=str(ckpt), schedule="joint").resolved_schedule(400) == "joint"
+    assert PipelineConfig(joint={"shrink": 1.5}).joint.lam is None  # a shrink alone replaces the default λ
     assert PipelineConfig(joint={"lam": 0.5}).joint.lam == 0.5
     with pytest.raises(ValueError, match="schedule must be one of"):
         PipelineConfig(schedule="both")

@@ -90,6 +90,23 @@ def test_end_to_end_artifacts_and_manifest(finished_run: Path) -> None:
     assert verify["passed"] is True
     bench = json.loads((out / "bench.json").read_text())
     assert {"original", "compressed"} <= set(bench["models"])
+    # trained here for exactly the 2 epochs asked (no restarts), the plateau judged and recorded
+    train = manifest["stages"]["train"]["metrics"]
+    assert train["epochs"] == 2 and train["cycles"] == [2] and len(train["val_curve"]) == 2
+    assert train["plateau"] == (abs(train["val_curve"][1] - train["val_curve"][0]) < 1.0)
+    # the control: the original + as many epochs as the compressed lineage (phases x (1 + 1))
+    phases = json.loads((out / "phases" / "prune_config.json").read_text())["phases"]
+    control = manifest["stages"]["control"]["metrics"]
+    assert control["epochs"] == 2 * len(phases) and "map50" in control and (out / "control.pt").is_file()
+    # the one-glance summary: at the top of REPORT.md, with this run's ratios
+    report = (out / "REPORT.md").read_text()
+    assert report.startswith("# Summary")
+    summary = manifest["stages"]["report"]["metrics"]["summary"]
+    o, c = bench["models"]["original"], bench["models"]["compressed"]
+    assert summary["params"] == [o["params"], c["params"]]
+    assert f"{o['params'] / c['params']:.2f}x fewer" in report
+    assert summary["acc"]["control"] == pytest.approx(100 * control["map50"])
+    assert "ort-cpu b1" in summary["fps"] and summary["verify"] is True
 
 
 def test_existing_output_is_refused_without_resume_or_force(finished_run: Path, tmp_path: Path) -> None:
@@ -193,6 +210,9 @@ def test_joint_schedule_end_to_end(tmp_path: Path, tiny_data: str) -> None:
     model, original = prunekit.load(out / "model.pt"), prunekit.load(out / "original.pt")
     assert prunekit.count_params(model) == trace["final"]["params"] <= prunekit.count_params(original)
     assert json.loads((out / "verify.json").read_text())["passed"]
+    control = manifest["stages"]["control"]["metrics"]  # same init, same epochs: the original itself
+    assert control["epochs"] == 0 and control["map50"] == manifest["stages"]["eval_original"]["metrics"]["map50"]
+    assert not (out / "control.pt").exists()
 
 
 def test_near_chance_thresholds() -> None:

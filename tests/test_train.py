@@ -310,3 +310,32 @@ def test_a_regularizer_can_edit_gradients_between_backward_and_step():
     assert ZeroGrad.calls == 4  # 2 epochs x 2 steps
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # zeroed gradients: nothing moved
+
+
+def test_train_to_plateau_restarts_at_half_lr_until_settled_or_capped(tmp_path, monkeypatch):
+    """Restart cycles: half the epochs at half the peak lr while the metric still moves >= 1 point;
+    none past the step cap; the plateau flag and the last change are reported."""
+    from prunekit.train import plateau_change, train_to_plateau
+
+    calls: list[tuple[int, float, str]] = []
+    curves = iter([[0.50, 0.70, 0.80], [0.86, 0.90], [0.905, 0.907]])
+
+    def fake_train(model, train_set, cfg, out_dir, val_set=None, progress=True, resume=False):
+        calls.append((cfg.epochs, cfg.lr, out_dir.name))
+        vals = next(curves)
+        return {"epochs": [{"val_metric": v} for v in vals], "steps": 10 * len(vals), "time_s": 1.0,
+                "cpu_time_s": 2.0, "val": {"map50": vals[-1]}}  # fmt: skip
+
+    monkeypatch.setattr(prunekit.train, "train", fake_train)
+    cfg = TrainConfig(epochs=3, lr=0.01)
+    h = train_to_plateau(nn.Linear(1, 1), [], cfg, tmp_path / "t", None, plateau=1.0, max_steps=1000)
+    assert calls == [(3, 0.01, "t"), (2, 0.005, "restart1"), (2, 0.0025, "restart2")]
+    assert h["cycles"] == [3, 2, 2] and h["epochs_total"] == 7 and h["steps"] == 70
+    assert h["plateau"] is True and h["plateau_change"] == pytest.approx(0.2)
+    assert h["time_s"] == 3.0 and h["cpu_time_s"] == 6.0 and h["val"] == {"map50": 0.907}
+
+    calls.clear()
+    curves = iter([[0.50, 0.70, 0.80]])
+    h = train_to_plateau(nn.Linear(1, 1), [], cfg, tmp_path / "u", None, plateau=1.0, max_steps=40)
+    assert len(calls) == 1 and h["plateau"] is False and h["plateau_change"] == pytest.approx(10.0)
+    assert plateau_change({"epochs": [{"val_metric": 0.5}]}) is None  # one scored epoch: unknown

@@ -54,7 +54,16 @@ def _strs(s: str | None) -> list[str] | None:
     f"auto (default): joint when the original is trained here for at least {JOINT_MIN_EPOCHS} epochs, else post.",
 )  # fmt: skip
 @joint_options
-@click.option("--epochs-train", type=int)
+@click.option(
+    "--epochs-train", type=int,
+    help="Epochs for an original trained here (default: sized by --train-steps, then restarts to a plateau).",
+)
+@click.option("--train-steps", type=int, help="Optimizer steps that size the default schedule (700).")
+@click.option(
+    "--max-train-steps", type=int,
+    help="Cap on all steps, restarts included, while the validation metric still moves (2400).",
+)
+@click.option("--plateau", type=float, help="Points between the last two epochs that count as settled (1.0).")
 @click.option("--batch-size", type=int)
 @click.option("--lr", type=float)
 @click.option("--prune-lr", type=float, help="Sparsity stages' peak lr (default: --lr).")
@@ -69,6 +78,11 @@ def _strs(s: str | None) -> list[str] | None:
 @click.option(
     "--force-compress", is_flag=True, default=None,
     help="Compress even an original whose validation metric is near chance (refused by default).",
+)  # fmt: skip
+@click.option(
+    "--control/--no-control", default=None,
+    help="Train the original for the compressed model's extra epochs, to judge it against (default: on "
+    "when the original is trained here; pruned while training, the original itself is the control).",
 )  # fmt: skip
 @click.option("--resume", is_flag=True, help="Continue a run in --out from its last completed stage.")
 @click.option("--force", is_flag=True, help="Delete an existing --out and start over.")
@@ -109,32 +123,16 @@ def _print_summary(out: Path, manifest: Any) -> None:
 
     if not D.is_main_process():
         return
-    st = manifest.stages
-    orig, comp = st["eval_original"].metrics, st["prune"].metrics
-    rows = [("params", orig.get("params"), comp.get("params"))]
-    rows += [(k, orig.get(k), comp.get(k)) for k in ("map50", "map", "voc07_ap", "top1") if k in orig]
-    click.echo("\n| metric | original | compressed | change |\n|---|---|---|---|")
-    for name, a, b in rows:
-        change = ""
-        if isinstance(a, int | float) and isinstance(b, int | float):
-            # sizes: "N x smaller"; accuracies (fractions): the drop in points
-            change = f"{a / b:.2f}x smaller" if name == "params" and b else f"{100 * (b - a):+.2f} pts"
-        click.echo(f"| {name} | {_fmt(a)} | {_fmt(b)} | {change} |")
     bench = out / "bench.json"
     if bench.is_file():
         from prunekit.bench.report import load_bench, terminal_tables
 
         click.echo("\n" + terminal_tables(load_bench(bench)))
+    from prunekit.summary import render_summary
+
+    click.echo("\n" + render_summary(out, manifest))
     report = out / "REPORT.md"
     click.echo(f"\nreport: {report if report.is_file() else out}", file=sys.stdout)
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4f}"
-    if isinstance(v, int):
-        return f"{v:,}"
-    return "" if v is None else str(v)
 
 
 COMMANDS = [compress_and_export]

@@ -161,6 +161,9 @@ class JointConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown prune-while-training setting(s) {unknown}; known: {sorted(known)}")
+        d = dict(d)
+        if d.get("shrink") is not None and "lam" not in d:
+            d["lam"] = None  # a shrink given alone replaces the default λ instead of clashing with it
         return cls(**d)
 
 
@@ -533,6 +536,49 @@ def _budget(
     return out
 
 
+def land_on_budget(
+    model: nn.Module,
+    keep: dict[str, torch.Tensor],
+    phases: Sequence[Phase],
+    hp: PruneConfig,
+    k: float,
+    graph: DependencyGraph,
+    original_channels: dict[str, int],
+    budget: list[tuple[str, float, Any]],
+    steps: int = 8,
+) -> dict[str, torch.Tensor]:
+    """The cut of a point whose full selection would pass a budget, made only as deep as the budget.
+
+    A budget stops pruning once met, but one point can remove far more than asked: the demo at
+    λ 0.7 with a target of 0.3 went 0.374 -> 0.163 of the parameters in one point (AP50 97.3 ->
+    88.4 at the end). Here the threshold is bisected in (0, k] for the lowest one whose selection
+    still meets every target, so the point lands near it. A selection that does not reach the
+    budget is returned as it is.
+    """
+    if not keep or not budget:
+        return keep
+
+    def meets(sel: dict[str, torch.Tensor]) -> bool:
+        if not sel:
+            return False
+        new = prune_channels(model, sel, graph, fold_bias=hp.fold_bias)
+        return all(fn(new) <= target for _, target, fn in budget)
+
+    if not meets(keep):
+        return keep
+    lo, hi, best = 0.0, k, keep
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        sel = select_keep(model, phases, hp, mid, graph, original_channels)
+        if meets(sel):
+            best, hi = sel, mid
+        else:
+            lo = mid
+    if best is not keep:
+        log.info("budget: the point cuts at k %.3g instead of %.3g, as far as the budget asks", hi, k)
+    return best
+
+
 def _score(scorer: Any, model: nn.Module, hp: PruneConfig) -> float:
     from prunekit.evaluate import primary_metric
 
@@ -559,7 +605,8 @@ def _prune_point(
     from prunekit.train import LAST_FILE
 
     graph = build_dependency_graph(model)  # ``model`` is the checkpoint rank 0 saved: every rank decides alike
-    keep = D.broadcast_object(select_keep(model, phases, hp, joint.k, graph, book.d["channels"]))
+    keep = select_keep(model, phases, hp, joint.k, graph, book.d["channels"])
+    keep = D.broadcast_object(land_on_budget(model, keep, phases, hp, joint.k, graph, book.d["channels"], budget))
     before = model_stats(model)
     rec: dict[str, Any] = {"epoch": epoch, "params_before": before["params"], "macs_before": before["macs"]}
     if not keep:

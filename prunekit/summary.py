@@ -1,0 +1,120 @@
+"""The closing summary of ``compress-and-export``: what a user reads first, at the end of the run and
+at the top of ``REPORT.md``.
+
+One glance, every figure from this run's own files (manifest, ``bench.json``, ``verify.json``):
+how much smaller and faster, the accuracy of the original, its control and the compressed model,
+whether the exported graph was verified, and where each artifact is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prunekit.manifest import Manifest
+from prunekit.prune.trainer import standard_error
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "n/a"
+
+
+def _num(v: float | None, unit: str = "") -> str:
+    if v is None:
+        return "n/a"
+    for div, suffix in ((1e9, " G"), (1e6, " M"), (1e3, " k")):
+        if abs(v) >= div:
+            return f"{v / div:.2f}{suffix}{unit}"
+    return f"{v:g}{unit}"
+
+
+def summary_data(out: Path, manifest: Manifest) -> dict[str, Any]:
+    """The summary's figures as a dict (also stored in the manifest's report stage)."""
+    st = manifest.stages
+    orig_m, comp_m = st["eval_original"].metrics, st["prune"].metrics
+    key = "map50" if "map50" in orig_m else "top1"
+    d: dict[str, Any] = {"metric": "AP50" if key == "map50" else "top-1", "metric_key": key}
+    bench_path = out / "bench.json"
+    bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
+    if bench:
+        models = bench["models"]
+        o, c = models.get("original", {}), models.get("compressed", {})
+        d["params"] = (o.get("params"), c.get("params"))
+        d["macs"] = (o.get("macs"), c.get("macs"))
+        d["file_bytes"] = (o.get("file_size_bytes"), c.get("file_size_bytes"))
+        fps: dict[str, tuple[float, float]] = {}
+        for r in bench.get("runs", []):
+            if r.get("precision") != "fp32" or r["model"] not in ("original", "compressed"):
+                continue
+            slot = fps.setdefault(f"{r['backend']} b{r['batch_size']}", (0.0, 0.0))
+            val = r["timing"]["fps"]
+            fps[f"{r['backend']} b{r['batch_size']}"] = (
+                (val, slot[1]) if r["model"] == "original" else (slot[0], val)
+            )
+        d["fps"] = fps
+    else:
+        d["params"] = (orig_m.get("params"), comp_m.get("params"))
+    d["n_images"] = orig_m.get("num_images")
+    d["acc"] = {"original": _pct(orig_m.get(key)), "compressed": _pct(comp_m.get(key))}
+    ctrl = st["control"].metrics if "control" in st else {}
+    if ctrl.get(key) is not None:
+        d["acc"]["control"] = _pct(ctrl[key])
+        d["control_note"] = ctrl.get("note", "")
+    else:
+        d["control_note"] = ctrl.get("note") or "no control trained"
+    train = st["train"].metrics
+    if train.get("trained_here"):
+        d["training"] = {
+            k: train.get(k) for k in ("epochs", "steps", "plateau", "plateau_change", "val_curve")
+        }
+    ver_path = out / "verify.json"
+    if ver_path.is_file():
+        d["verify"] = bool(json.loads(ver_path.read_text()).get("passed"))
+    d["wall_s"] = sum((r.wall_s or 0.0) for r in st.values())
+    return d
+
+
+def _pct(v: Any) -> float | None:
+    return None if v is None else 100.0 * float(v)
+
+
+def render_summary(out: Path, manifest: Manifest) -> str:
+    """The summary block (markdown that also reads as plain text in a terminal)."""
+    d = summary_data(out, manifest)
+    lines = ["# Summary: original vs compressed, this run", ""]
+    p, m = d.get("params", (None, None)), d.get("macs", (None, None))
+    lines.append(f"- parameters: {_num(p[0])} -> {_num(p[1])} (**{_ratio(p[0], p[1])} fewer**)")
+    if m[0]:
+        lines.append(f"- multiply-adds per image: {_num(m[0])} -> {_num(m[1])} ({_ratio(m[0], m[1])} fewer)")
+    f = d.get("file_bytes", (None, None))
+    if f[0]:
+        lines.append(
+            f"- file size (ONNX): {f[0] / 2**20:.2f} MiB -> {f[1] / 2**20:.2f} MiB ({_ratio(f[0], f[1])} smaller)"
+        )
+    for name, (a, b) in sorted(d.get("fps", {}).items()):
+        lines.append(f"- {name}: {a:.1f} -> {b:.1f} images/s (**{_ratio(b, a)} faster**)")
+    acc, n = d["acc"], int(d.get("n_images") or 0)
+    err = standard_error((acc["original"] or 0.0) / 100.0, n)
+    se = "" if err is None else f" (± ~{100 * err:.1f} SE on {n} images)"
+    parts = [f"original {acc['original']:.2f}"]
+    if "control" in acc:
+        parts.append(f"control {acc['control']:.2f}")
+    parts.append(f"compressed {acc['compressed']:.2f}")
+    lines.append(f"- {d['metric']} (%): " + " / ".join(parts) + se)
+    lines.append(f"  - control: {d['control_note']}")
+    t = d.get("training")
+    if t:
+        curve = ", ".join(f"{v:.1f}" for v in (t.get("val_curve") or [])[-3:])
+        state = {True: "at a plateau", False: "NOT at a plateau", None: "plateau not checked (no validation)"}
+        lines.append(f"  - original trained here: {t['epochs']} epochs, {t['steps']} steps; validation {d['metric']} "
+                     f"of its last epochs {curve}: {state[t.get('plateau')]}")  # fmt: skip
+    if "verify" in d:
+        lines.append(
+            f"- ONNX verified against PyTorch: {'passed' if d['verify'] else 'FAILED'} (verify.json)"
+        )
+    lines.append(
+        f"- artifacts in {out}: model.onnx (deploy), model.pt (PyTorch), original.onnx, engines/, bench.json, "
+        "verify.json, REPORT.md"
+    )
+    return "\n".join(lines) + "\n"

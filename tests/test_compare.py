@@ -204,3 +204,28 @@ def test_torch_free_modules_do_not_import_torch(name):
 def test_export_layer_never_imports_deploy():
     for f in EXPORT_DIR.glob("*.py"):
         assert "prunekit.deploy" not in f.read_text(), f
+
+
+def test_unmatched_detections_are_explained_only_by_ties_within_the_tolerance():
+    """Planted ties: PyTorch kept box A (0.8004) where the backend kept its NMS competitor B
+    (0.8000, IoU 0.6 > 0.45); a detection at 0.2504 against the 0.25 threshold; both explained.
+    Planted mismatches: a lone 0.9 detection the backend lost, and a competitor 0.05 below: not."""
+    a, b = [0, 0, 10, 10], [0, 2.5, 10, 12.5]  # IoU 0.6
+    ref = _dets([a, [40, 40, 60, 60]], [0.8004, 0.2504], [1, 2])
+    out = _dets([b], [0.8000], [1])
+    kw = {"iou": 0.99, "score_tol": 1e-3, "nms_iou": 0.45, "thresholds": (0.25,), "cap": 200}
+    rep = match_detections_report(ref, out, **kw)
+    assert rep.matched == 0 and rep.fraction == 0.0
+    assert [e["reason"].split(" ")[0] for e in rep.explained] == ["NMS", "score"]
+    assert "0.80040 vs 0.80000" in rep.explained[0]["reason"] and "threshold 0.25" in rep.explained[1]["reason"]
+    assert rep.passed_fraction == 1.0 and rep.unexplained == [] and rep.worst_image is None
+    assert json.loads(json.dumps(rep.to_dict()))["passed_fraction"] == 1.0
+
+    lost = _dets([[70, 70, 90, 90]], [0.9], [1])  # nothing near it, nowhere near a threshold
+    far = _dets([b], [0.75], [1])  # overlapping competitor, but 0.05 below: a real difference
+    rep = match_detections_report([ref, lost, ref], [out, _dets(np.zeros((0, 4)), [], []), far], **kw)
+    assert rep.passed_fraction == pytest.approx(3 / 5)
+    assert [(u["image"], u["score"]) for u in rep.unexplained] == [(1, pytest.approx(0.9)), (2, pytest.approx(0.8004))]
+    assert rep.per_image == [1.0, 0.0, 0.5] and rep.worst_image == 1
+    # without the post-processing settings nothing counts as a tie: the old, strict behaviour
+    assert match_detections_report(ref, out).passed_fraction == 0.0

@@ -68,6 +68,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: str) -> Pa
     return out
 
 
+@pytest.mark.slow
 def test_end_to_end_artifacts_and_manifest(finished_run: Path) -> None:
     out = finished_run
     for name in ["manifest.json", "config.yaml", "original.pt", "model.pt", "model.onnx", "model_decoded.onnx",
@@ -109,6 +110,7 @@ def test_end_to_end_artifacts_and_manifest(finished_run: Path) -> None:
     assert "ort-cpu b1" in summary["fps"] and summary["verify"] is True
 
 
+@pytest.mark.slow
 def test_existing_output_is_refused_without_resume_or_force(finished_run: Path, tmp_path: Path) -> None:
     before = (finished_run / "manifest.json").read_bytes()
     proc = _cli("compress-and-export", "--out", str(finished_run), check=False)
@@ -155,6 +157,7 @@ def _onnx_outputs(path: Path) -> dict[str, np.ndarray]:
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x})))
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_resume_matches_uninterrupted(
     finished_run: Path, tiny_data: str, tmp_path: Path
 ) -> None:
@@ -194,6 +197,7 @@ def test_sigkill_mid_stage_then_resume_matches_uninterrupted(
         np.testing.assert_allclose(ours[name], ref[name], atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_joint_schedule_end_to_end(tmp_path: Path, tiny_data: str) -> None:
     out = tmp_path / "joint"
     cfg = _config(tmp_path, tiny_data, schedule="joint", epochs_train=4,

@@ -149,8 +149,8 @@ def test_int8_detector_verify_at_detection_level(tmp_path_factory: pytest.TempPa
     entry = report["backends"]["ort-cpu"]
     assert report["passed"] and report["precision"] == "int8"
     assert min(o["cosine"] for o in entry["outputs"].values() if o.get("cosine") is not None) >= 0.98
-    assert 0.6 <= entry["detections"]["fraction"] < 1.0
-    if entry["detections"]["fraction"] < 0.8:
+    assert entry["detections"]["fraction"] < 1.0 and entry["detections"]["passed_fraction"] >= 0.6
+    if entry["detections"]["passed_fraction"] < 0.8:  # ties within the INT8 tolerance do not count
         with pytest.raises(VerificationError, match="worst output detections"):
             verify(files["ckpt"], out, out=files["dir"] / "v8_default.json", **kw)
 

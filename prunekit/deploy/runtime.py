@@ -118,7 +118,7 @@ def _config(meta: dict[str, Any]) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def _setting(meta: dict[str, Any], key: str, default: Any) -> Any:
+def meta_setting(meta: dict[str, Any], key: str, default: Any) -> Any:
     # Top-level metadata key first (the export's), then the architecture config's.
     value = meta.get(key)
     if value is None:
@@ -212,8 +212,8 @@ def preprocess(image_hwc_uint8: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
 
 def preprocess_float(chw: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     """[3, h, w] float image in [0, 1] (a dataset item) -> [1, 3, H, W] normalised model input."""
-    mean = np.asarray(_setting(meta, "image_mean", [0.0, 0.0, 0.0]), np.float32)
-    std = np.asarray(_setting(meta, "image_std", [1.0, 1.0, 1.0]), np.float32)
+    mean = np.asarray(meta_setting(meta, "image_mean", [0.0, 0.0, 0.0]), np.float32)
+    std = np.asarray(meta_setting(meta, "image_std", [1.0, 1.0, 1.0]), np.float32)
     chw = (np.asarray(chw, np.float32) - mean[:, None, None]) / std[:, None, None]
     chw = resize_bilinear(chw, input_size(meta))
     return np.ascontiguousarray(chw[None], dtype=np.float32)
@@ -343,11 +343,11 @@ def postprocess_raw(
     ``image_sizes`` are the ORIGINAL (H, W) of each image; boxes come back in those pixels
     (input pixels when omitted). Thresholds default to the model's (``prunekit_config``).
     """
-    score_thresh = float(_setting(meta, "score_thresh", 0.01) if score_thresh is None else score_thresh)
-    nms_thresh = float(_setting(meta, "nms_thresh", 0.45) if nms_thresh is None else nms_thresh)
-    topk = int(_setting(meta, "topk_candidates", 400) if topk_candidates is None else topk_candidates)
+    score_thresh = float(meta_setting(meta, "score_thresh", 0.01) if score_thresh is None else score_thresh)
+    nms_thresh = float(meta_setting(meta, "nms_thresh", 0.45) if nms_thresh is None else nms_thresh)
+    topk = int(meta_setting(meta, "topk_candidates", 400) if topk_candidates is None else topk_candidates)
     per_img = int(
-        _setting(meta, "detections_per_img", 200) if detections_per_img is None else detections_per_img
+        meta_setting(meta, "detections_per_img", 200) if detections_per_img is None else detections_per_img
     )
     reg, logits = np.asarray(outputs["bbox_regression"]), np.asarray(outputs["cls_logits"])
     if reg.ndim != 3 or logits.ndim != 3 or reg.shape[:2] != logits.shape[:2]:

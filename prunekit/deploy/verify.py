@@ -98,6 +98,17 @@ def _torchvision_detections(
 DET_MIN_SCORE = 0.25
 
 
+def _tie_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """The post-processing decisions a tie can flip: NMS IoU, score thresholds, per-image cap."""
+    from prunekit.deploy.runtime import meta_setting
+
+    return {
+        "nms_iou": float(meta_setting(meta, "nms_thresh", 0.45)),
+        "thresholds": (DET_MIN_SCORE, float(meta_setting(meta, "score_thresh", 0.01))),
+        "cap": int(meta_setting(meta, "detections_per_img", 200)),
+    }
+
+
 def _confident(dets: list[dict[str, Any]], min_score: float) -> list[dict[str, Any]]:
     return [{k: np.asarray(v)[np.asarray(d["scores"]) >= min_score] for k, v in d.items()} for d in dets]
 
@@ -192,9 +203,15 @@ def verify(
                 _confident(dets, DET_MIN_SCORE - tol.det_score_atol),
                 tol.det_iou,
                 tol.det_score_atol,
+                **_tie_settings(meta),
             )
             entry["detections"] = m.to_dict() | {"min_score": DET_MIN_SCORE}
-            entry["detections"]["passed"] = m.fraction >= tol.min_det_match
+            # a detection a tie within the score tolerance decided is reported, not failed
+            entry["detections"]["passed"] = m.passed_fraction >= tol.min_det_match
+            if m.explained:
+                log.info("verify %s: %d unmatched detection(s) explained by ties within %g (e.g. image %s: %s)",
+                         backend, len(m.explained), tol.det_score_atol, names[m.explained[0]["image"]],
+                         m.explained[0]["reason"])  # fmt: skip
             if m.worst_image is not None:
                 entry["detections"]["worst_image_name"] = names[m.worst_image]
             if not entry["detections"]["passed"]:
@@ -223,9 +240,12 @@ def verify(
         b, e = failing[0]
         if e["worst_output"] == "detections":
             det = e["detections"]
+            first = det["unexplained"][0] if det["unexplained"] else None
             detail = (
-                f"{det['fraction']:.3f} of PyTorch detections matched, need {tol.min_det_match}; the raw outputs "
-                "are within tolerance, so look for tied scores (flat images, untrained model) reordering NMS"
+                f"{det['passed_fraction']:.3f} of PyTorch detections matched or explained by a tie, need "
+                f"{tol.min_det_match}; {len(det['unexplained'])} unmatched with no NMS competitor, threshold or cap "
+                f"within {tol.det_score_atol:g} of its score"
+                + (f", e.g. score {first['score']:.4f} class {first['label']}" if first else "")
             )
         else:
             o = e["outputs"][e["worst_output"]]

@@ -22,6 +22,7 @@ Precisions (module constants, chosen for VGG/SSD-sized conv stacks):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -265,20 +266,32 @@ class DetectionMatch:
     worst_image: int | None
     iou: float
     score_tol: float
+    # unmatched reference detections that a tie within ``score_tol`` decided (an NMS competitor, a
+    # score threshold, the per-image cap): reported, and counted with the matched ones by ``passed_fraction``
+    explained: list[dict[str, Any]] = field(default_factory=list)
+    unexplained: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def passed_fraction(self) -> float:
+        """Matched or explained by a tie, over all reference detections."""
+        return (self.matched + len(self.explained)) / self.total_ref if self.total_ref else 1.0
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(asdict(self))
+        return _json_safe(asdict(self) | {"passed_fraction": self.passed_fraction})
 
 
 def _as_list(dets: dict[str, np.ndarray] | list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
     return [dets] if isinstance(dets, dict) else list(dets)
 
 
-def _match_image(ref: dict[str, np.ndarray], out: dict[str, np.ndarray], iou: float, score_tol: float) -> int:
+def _match_image(
+    ref: dict[str, np.ndarray], out: dict[str, np.ndarray], iou: float, score_tol: float
+) -> tuple[int, list[int]]:
+    """Matched count and the indices of the unmatched reference detections."""
     rb, rs, rl = (np.asarray(ref[k]) for k in ("boxes", "scores", "labels"))
     ob, os_, ol = (np.asarray(out[k]) for k in ("boxes", "scores", "labels"))
     if len(rb) == 0 or len(ob) == 0:
-        return 0
+        return 0, list(range(len(rb)))
     ious = box_iou(rb, ob)
     ok = (
         (rl.reshape(-1, 1) == ol.reshape(1, -1))
@@ -286,14 +299,54 @@ def _match_image(ref: dict[str, np.ndarray], out: dict[str, np.ndarray], iou: fl
         & (np.abs(rs.reshape(-1, 1).astype(np.float64) - os_.reshape(1, -1)) <= score_tol)
     )
     taken = np.zeros(len(ob), dtype=bool)
-    matched = 0
+    matched, unmatched = 0, []
     # Greedy, highest reference score first, best-IoU free candidate: one-to-one.
     for i in np.argsort(-rs.astype(np.float64), kind="stable"):
         cand = np.flatnonzero(ok[i] & ~taken)
         if cand.size:
             taken[cand[np.argmax(ious[i, cand])]] = True
             matched += 1
-    return matched
+        else:
+            unmatched.append(int(i))
+    return matched, sorted(unmatched)
+
+
+def _tie_reason(
+    i: int,
+    ref: dict[str, np.ndarray],
+    out: dict[str, np.ndarray],
+    score_tol: float,
+    nms_iou: float | None,
+    thresholds: Sequence[float],
+    cap: int | None,
+) -> str | None:
+    """Why reference detection ``i`` may be missing without any numerical error, or None.
+
+    Only a decision a score difference within ``score_tol`` could flip counts: a same-class box
+    that overlaps it past the NMS threshold (in either set) and scores within the tolerance (which
+    of the two survives NMS is then a coin toss), a score threshold within the tolerance of its
+    score, or the per-image cap whose last kept score is within the tolerance of it.
+    """
+    box, score, label = np.asarray(ref["boxes"])[i], float(np.asarray(ref["scores"])[i]), np.asarray(ref["labels"])[i]
+    if nms_iou is not None:
+        for name, dets, skip in (("reference", ref, i), ("backend", out, None)):
+            b, sc, lab = (np.asarray(dets[k]) for k in ("boxes", "scores", "labels"))
+            if len(b) == 0:
+                continue
+            ov = box_iou(box[None], b)[0]
+            close = (lab == label) & (ov > nms_iou) & (np.abs(sc.astype(np.float64) - score) <= score_tol)
+            if skip is not None:
+                close[skip] = False
+            if close.any():
+                j = int(np.flatnonzero(close)[0])
+                return f"NMS tie with a {name} box (IoU {ov[j]:.2f} > {nms_iou:g}, scores {score:.5f} vs {float(sc[j]):.5f})"
+    for t in thresholds:
+        if abs(score - t) <= score_tol:
+            return f"score {score:.5f} within {score_tol:g} of the threshold {t:g}"
+    scores = np.sort(np.asarray(ref["scores"], dtype=np.float64))[::-1]
+    if cap is not None and len(scores) >= cap and abs(score - scores[cap - 1]) <= score_tol:
+        return f"score {score:.5f} within {score_tol:g} of the per-image cap's last score {scores[cap - 1]:.5f}"
+    return None
 
 
 def match_detections_report(
@@ -301,20 +354,41 @@ def match_detections_report(
     out_dets: dict[str, np.ndarray] | list[dict[str, np.ndarray]],
     iou: float = 0.99,
     score_tol: float = 1e-3,
+    nms_iou: float | None = None,
+    thresholds: Sequence[float] = (),
+    cap: int | None = None,
 ) -> DetectionMatch:
     """Match detections image by image; each image is a dict of ``boxes`` [n,4] xyxy, ``scores``
-    [n], ``labels`` [n]. An image without reference detections counts as fully matched."""
+    [n], ``labels`` [n]. An image without reference detections counts as fully matched.
+
+    Every unmatched reference detection is classified: *explained* when a tie within ``score_tol``
+    decided it (an NMS competitor at IoU > ``nms_iou``, one of the score ``thresholds``, the
+    per-image ``cap``; see :func:`_tie_reason`), else *unexplained*. Flat images and barely trained
+    models produce such ties, and FP32 rounding legitimately flips them; anything else is a
+    mismatch. ``per_image`` and ``worst_image`` count explained ones as matched.
+    """
     refs, outs = _as_list(ref_dets), _as_list(out_dets)
     if len(refs) != len(outs):
         raise ValueError(f"detections for {len(refs)} reference images but {len(outs)} compared images")
     per_image, matched, total_ref, total_out = [], 0, 0, 0
-    for r, o in zip(refs, outs):
+    explained: list[dict[str, Any]] = []
+    unexplained: list[dict[str, Any]] = []
+    for k, (r, o) in enumerate(zip(refs, outs)):
         n_ref, n_out = len(np.asarray(r["boxes"]).reshape(-1, 4)), len(np.asarray(o["boxes"]).reshape(-1, 4))
-        m = _match_image(r, o, iou, score_tol)
+        m, missing = _match_image(r, o, iou, score_tol)
+        ok = 0
+        for i in missing:
+            why = _tie_reason(i, r, o, score_tol, nms_iou, thresholds, cap)
+            rec = {"image": k, "score": float(np.asarray(r["scores"])[i]), "label": int(np.asarray(r["labels"])[i])}
+            if why is None:
+                unexplained.append(rec)
+            else:
+                explained.append(rec | {"reason": why})
+                ok += 1
         matched += m
         total_ref += n_ref
         total_out += n_out
-        per_image.append(m / n_ref if n_ref else 1.0)
+        per_image.append((m + ok) / n_ref if n_ref else 1.0)
     worst = int(np.argmin(per_image)) if per_image and min(per_image) < 1.0 else None
     return DetectionMatch(
         fraction=matched / total_ref if total_ref else 1.0,
@@ -325,6 +399,8 @@ def match_detections_report(
         worst_image=worst,
         iou=iou,
         score_tol=score_tol,
+        explained=explained,
+        unexplained=unexplained,
     )
 
 

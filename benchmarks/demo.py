@@ -56,8 +56,8 @@ def _children_cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run_readme(out: Path) -> dict[str, Any]:
-    cmd = with_out(readme_command(), out)
+def run_readme(out: Path, extra: str = "") -> dict[str, Any]:
+    cmd = with_out(readme_command(), out) + (f" {extra}" if extra else "")
     load = list(os.getloadavg())
     cpu0, wall0 = _children_cpu(), time.perf_counter()
     proc = subprocess.run(["bash", "-c", cmd], cwd=REPO, capture_output=True, text=True)
@@ -121,12 +121,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--result", type=Path, default=RESULTS / "demo.json")
     ap.add_argument("--force", action="store_true", help="delete --out first")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--append", default="", help="options appended to the README command (e.g. '--seed 1' "
+                    "for a variance check; write it to another --result)")
     args = ap.parse_args(argv)
     if args.out.exists():
         if not args.force:
             raise SystemExit(f"{args.out} exists: the demo must run in a fresh folder (--force deletes it)")
         shutil.rmtree(args.out)
-    run = run_readme(args.out)
+    run = run_readme(args.out, args.append)
     bench = json.loads((args.out / "bench.json").read_text())
     verify = json.loads((args.out / "verify.json").read_text())
     models = bench["models"]

@@ -230,3 +230,24 @@ def test_near_chance_thresholds() -> None:
     assert near_chance({"map50": 0.051}, det) is None
     assert "near chance (10.0% for 10 classes)" in near_chance({"top1": 0.14}, cls)
     assert near_chance({"top1": 0.16}, cls) is None
+
+
+def test_seed_option_seeds_the_run_and_the_method(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--seed shares its name with the method's own seed; it must reach the run (model init, data
+    order) and, through it, the method: measured, it once landed in the method only."""
+    from click.testing import CliRunner
+
+    import prunekit.cli.pipeline as cli_pipeline
+    import prunekit.pipeline as pipeline
+    from prunekit.cli import main
+
+    seen = {}
+
+    def fake_run(cfg, out, resume=False, force=False):
+        seen["cfg"] = cfg
+
+    monkeypatch.setattr(pipeline, "run_pipeline", fake_run)
+    monkeypatch.setattr(cli_pipeline, "_print_summary", lambda out, manifest: None)
+    res = CliRunner().invoke(main, ["compress-and-export", "--out", str(tmp_path / "o"), "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"].seed == 3 and seen["cfg"].prune.seed == 3

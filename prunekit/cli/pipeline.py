@@ -102,9 +102,12 @@ def compress_and_export(out: Path, config_file: Path | None, resume: bool, force
     from prunekit.prune.joint import JointConfig
 
     values: dict[str, Any] = PipelineConfig.from_yaml(config_file) if config_file else {}
-    values["prune"] = collect(PruneConfig, opts, values.get("prune"))
+    # --seed is the run's (PipelineConfig passes it on to the method), not only the method's:
+    # collected as a PruneConfig field it left the model's initialisation and data order unseeded
+    values["prune"] = collect(PruneConfig, {k: v for k, v in opts.items() if k != "seed"}, values.get("prune"))
     values["joint"] = collect(JointConfig, opts, values.get("joint"), prefix="joint_")
-    method_fields = {f.name for f in dataclasses.fields(PruneConfig)} | given_names(JointConfig, "joint_")
+    method_fields = {f.name for f in dataclasses.fields(PruneConfig)} - {"seed"}
+    method_fields |= given_names(JointConfig, "joint_")
     convert = {"backends": _strs, "precision": _strs, "bench_batch": _ints}
     for key, val in opts.items():
         if val is not None and key not in method_fields:

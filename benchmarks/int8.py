@@ -109,23 +109,27 @@ def measure(task: str, ckpts: dict[str, Path], calib: Any, test: Any, metric: st
     for row in ROWS:
         out[row]["fps_b1"] = timing[row]["fps"]
         out[row]["latency_ms_b1"] = timing[row]["latency_ms_median"]
-    o, c32, c8 = out["original_fp32"], out["compressed_fp32"], out["compressed_int8"]
-    out["targets"] = {
-        "int8_within_1_of_fp32": abs(c8[metric] - c32[metric]) <= 1.0,
-        "fps_x": c8["fps_b1"] / o["fps_b1"],
-        "fps_ge_3x": c8["fps_b1"] >= 3 * o["fps_b1"],
-        "size_x": o["size_mb"] / c8["size_mb"],
-        "size_ge_10x": o["size_mb"] / c8["size_mb"] >= 10,
-    }
-    h = out["compressed_int8_heads"]
-    out["targets_heads_int8"] = {
-        "int8_within_1_of_fp32": abs(h[metric] - c32[metric]) <= 1.0,
-        "fps_x": h["fps_b1"] / o["fps_b1"],
-        "fps_ge_3x": h["fps_b1"] >= 3 * o["fps_b1"],
-        "size_x": o["size_mb"] / h["size_mb"],
-        "size_ge_10x": o["size_mb"] / h["size_mb"] >= 10,
-    }
+    o, c32 = out["original_fp32"], out["compressed_fp32"]
+    out["targets"] = _targets(o, c32, out["compressed_int8"], metric)
+    out["targets_heads_int8"] = _targets(o, c32, out["compressed_int8_heads"], metric)
     return out
+
+
+def _targets(o: dict[str, Any], c32: dict[str, Any], q: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The issue's targets for an INT8 model ``q``: accuracy against the pruned FP32, speed and size
+    against the original FP32."""
+    return {
+        "int8_within_1_of_fp32": abs(q[metric] - c32[metric]) <= 1.0,
+        "fps_x": q["fps_b1"] / o["fps_b1"],
+        "fps_ge_3x": q["fps_b1"] >= 3 * o["fps_b1"],
+        "size_x": o["size_mb"] / q["size_mb"],
+        "size_ge_10x": o["size_mb"] / q["size_mb"] >= 10,
+    }
+
+
+def _shown(targets: dict[str, Any]) -> str:
+    return ", ".join(f"{k} = {v:.2f}" if isinstance(v, float) else f"{k}: {'met' if v else 'NOT met'}"
+                     for k, v in targets.items())  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -187,13 +191,10 @@ def render(r: dict[str, Any]) -> str:
                 f"| {row} | {x['params']:,} | {x['size_mb']:.2f} | {x[metric]:.2f} | {x[metric + '_se']:.2f} | "
                 f"{x['fps_b1']:.1f} | {x['fps_b1'] / base:.2f} |"
             )
-        shown = [f"{k} = {v:.2f}" if isinstance(v, float) else f"{k}: {'met' if v else 'NOT met'}"
-                 for k, v in t["targets"].items()]  # fmt: skip
-        lines += ["", "Targets (compressed_int8, the default: heads float): " + ", ".join(shown)]
+        lines += ["", "Targets (compressed_int8, the default: heads float): " + _shown(t["targets"])]
         if "targets_heads_int8" in t:
-            shown = [f"{k} = {v:.2f}" if isinstance(v, float) else f"{k}: {'met' if v else 'NOT met'}"
-                     for k, v in t["targets_heads_int8"].items()]  # fmt: skip
-            lines += ["", "The same targets for compressed_int8_heads (`--quantize-heads`): " + ", ".join(shown)]
+            lines += ["", "The same targets for compressed_int8_heads (`--quantize-heads`): "
+                      + _shown(t["targets_heads_int8"])]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

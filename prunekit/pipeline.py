@@ -152,9 +152,7 @@ class PipelineConfig:
             given = dict(self.prune or {})
             self.prune = PruneConfig.from_dict({**PIPELINE_PRUNE, "seed": self.seed, **given})
         if not isinstance(self.joint, JointConfig):
-            given = dict(self.joint or {})
-            base = {k: v for k, v in PIPELINE_JOINT.items() if not (k == "lam" and given.get("shrink") is not None)}
-            self.joint = JointConfig.from_dict({**base, **given})
+            self.joint = JointConfig.from_dict(dict(self.joint or {}), defaults=PIPELINE_JOINT)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
@@ -375,7 +373,7 @@ class Pipeline:
     def stage_train(self) -> tuple[dict[str, Path], dict[str, Any]]:
         """Build (or load) the original model; train it here only when no trained one was given."""
         c = self.cfg
-        train_set, _ = self._datasets()
+        train_set, val_set = self._datasets()
         dst = self.out / "original.pt"
         if Path(c.model).suffix in (".pt", ".pth") or Path(c.model).is_file():
             model = prunekit.load(c.model)
@@ -391,7 +389,6 @@ class Pipeline:
             return {"original": dst}, {"trained_here": False}
         from prunekit.train import train_to_plateau
 
-        _, val_set = self._datasets()
         epochs = c.planned_epochs(len(train_set))
         cap = c.max_train_steps if c.epochs_train is None else None  # an explicit count is obeyed
         h = train_to_plateau(model, train_set, self._train_cfg(epochs), self.out / "train", val_set,

@@ -102,11 +102,12 @@ def compress_and_export(out: Path, config_file: Path | None, resume: bool, force
     from prunekit.prune.joint import JointConfig
 
     values: dict[str, Any] = PipelineConfig.from_yaml(config_file) if config_file else {}
-    # --seed is the run's (PipelineConfig passes it on to the method), not only the method's:
-    # collected as a PruneConfig field it left the model's initialisation and data order unseeded
-    values["prune"] = collect(PruneConfig, {k: v for k, v in opts.items() if k != "seed"}, values.get("prune"))
+    # an option both the run and the method have (--seed) is the run's, which passes it on to the
+    # method: collected as the method's only, it left the model's initialisation and data order unseeded
+    run_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
+    values["prune"] = collect(PruneConfig, {k: v for k, v in opts.items() if k not in run_fields}, values.get("prune"))
     values["joint"] = collect(JointConfig, opts, values.get("joint"), prefix="joint_")
-    method_fields = {f.name for f in dataclasses.fields(PruneConfig)} - {"seed"}
+    method_fields = {f.name for f in dataclasses.fields(PruneConfig)} - run_fields
     method_fields |= given_names(JointConfig, "joint_")
     convert = {"backends": _strs, "precision": _strs, "bench_batch": _ints}
     for key, val in opts.items():

@@ -156,15 +156,16 @@ class JointConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> JointConfig:
+    def from_dict(cls, d: dict[str, Any], defaults: dict[str, Any] | None = None) -> JointConfig:
+        """``d`` (the given settings) over ``defaults`` (a caller's own, e.g. the pipeline's)."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown prune-while-training setting(s) {unknown}; known: {sorted(known)}")
-        d = dict(d)
+        merged = {**(defaults or {}), **d}
         if d.get("shrink") is not None and "lam" not in d:
-            d["lam"] = None  # a shrink given alone replaces the default λ instead of clashing with it
-        return cls(**d)
+            merged["lam"] = None  # a shrink given alone replaces the default λ instead of clashing with it
+        return cls(**merged)
 
 
 JOINT_HELP: dict[str, str] = {

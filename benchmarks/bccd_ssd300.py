@@ -77,7 +77,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prune-lr", type=float, default=0.05, help="sparsity-induction lr (cosine to 0)")
     ap.add_argument("--rounds", type=int, default=1, help="passes over the four phases")
     ap.add_argument("--retrain-lr", type=float, default=0.02, help="retraining lr (cosine)")
-    ap.add_argument("--shrink-grid", default="0.5,1,1.5,2,3", help="total L1 shrink per sparsity stage, comma list")
+    ap.add_argument(
+        "--shrink-grid", default="0.5,1,1.5,2,3", help="total L1 shrink per sparsity stage, comma list"
+    )
     ap.add_argument("--eps1", type=float, default=5.0, help="points of val AP50 (87 images: SE ~3-4 points)")
     ap.add_argument("--eps2", type=float, default=15.0)
     ap.add_argument("--device", default="cpu")

@@ -75,7 +75,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prune-lr", type=float, default=0.02, help="sparsity-induction lr (cosine to 0)")
     ap.add_argument("--retrain-lr", type=float, default=0.02, help="retraining lr (cosine)")
     ap.add_argument("--lam-grid", default="", help="absolute λ values (override --shrink-grid)")
-    ap.add_argument("--shrink-grid", default="1,2,4,8,16,32", help="total L1 shrink per sparsity stage, comma list")
+    ap.add_argument(
+        "--shrink-grid", default="1,2,4,8,16,32", help="total L1 shrink per sparsity stage, comma list"
+    )
     ap.add_argument("--eps1", type=float, default=5.0, help="points; see the module docstring")
     ap.add_argument("--eps2", type=float, default=15.0)
     ap.add_argument("--device", default="cpu")

@@ -106,7 +106,11 @@ def control_and_scores(out: Path, threads: int) -> dict[str, Any]:
     ctrl = Manifest.load(out, STAGES).stages["control"]
     path = out / "control.pt" if (out / "control.pt").is_file() else out / "original.pt"
     scores = {}
-    for name, ckpt in (("original", out / "original.pt"), ("control", path), ("compressed", out / "model.pt")):
+    for name, ckpt in (
+        ("original", out / "original.pt"),
+        ("control", path),
+        ("compressed", out / "model.pt"),
+    ):
         m = evaluate(prunekit.load(ckpt), val_set, batch_size=16, progress=False)
         ap = 100.0 * float(m["map50"])
         n = int(m["num_images"])
@@ -121,8 +125,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--result", type=Path, default=RESULTS / "demo.json")
     ap.add_argument("--force", action="store_true", help="delete --out first")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--append", default="", help="options appended to the README command (e.g. '--seed 1' "
-                    "for a variance check; write it to another --result)")
+    ap.add_argument(
+        "--append",
+        default="",
+        help="options appended to the README command (e.g. '--seed 1' "
+        "for a variance check; write it to another --result)",
+    )
     args = ap.parse_args(argv)
     if args.out.exists():
         if not args.force:

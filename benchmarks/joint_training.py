@@ -285,7 +285,12 @@ def render(res: dict[str, Any]) -> str:
         if j and j.get("points") and "trace_final" in j:
             trace = {"final": j["trace_final"], "original": j["trace_original"], "stopped": j.get("stopped"),
                      "points": j["points"]}  # fmt: skip
-            lines += ["", trace_markdown(trace).replace("## Pruned while training", "### The joint run's pruning points")]
+            lines += [
+                "",
+                trace_markdown(trace).replace(
+                    "## Pruned while training", "### The joint run's pruning points"
+                ),
+            ]
         lines.append("")
     return "\n".join(lines)
 

@@ -138,6 +138,9 @@ class PipelineConfig:
     opset: int = 17
     backends: list[str] | None = None  # None: every available backend
     precision: list[str] = field(default_factory=lambda: ["fp32"])
+    # the INT8 model's layout: "portable" (int8 symmetric: ORT CPU/CUDA and TensorRT) or "ort-cpu"
+    # (uint8 activations, ReLU and pooling in INT8: faster on x86, not for TensorRT)
+    int8_target: str = "portable"
     bench_batch: list[int] = field(default_factory=lambda: [1, 8])
     bench_min_time: float = 2.0
     verify_images: int = 16
@@ -155,6 +158,10 @@ class PipelineConfig:
             self.joint = JointConfig.from_dict(dict(self.joint or {}), defaults=PIPELINE_JOINT)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        from prunekit.deploy.quantize import TARGETS
+
+        if self.int8_target not in TARGETS:
+            raise ValueError(f"int8_target must be one of {TARGETS}, got {self.int8_target!r}")
 
     @property
     def trains_here(self) -> bool:
@@ -501,11 +508,22 @@ class Pipeline:
             return {}, {"note": "not trained (--no-control)"}
         hp = json.loads((self.out / "phases" / "prune_config.json").read_text())
         cfg = hp["config"]
-        epochs = len(hp["phases"]) * int(cfg["rounds"]) * (int(cfg["epochs_sparsity"]) + int(cfg["epochs_retrain"]))
+        epochs = (
+            len(hp["phases"])
+            * int(cfg["rounds"])
+            * (int(cfg["epochs_sparsity"]) + int(cfg["epochs_retrain"]))
+        )
         from prunekit.train import train
 
         model = prunekit.load(self.out / "original.pt")
-        train(model, train_set, self._train_cfg(epochs), out_dir=self.out / "control", resume=True, progress=False)
+        train(
+            model,
+            train_set,
+            self._train_cfg(epochs),
+            out_dir=self.out / "control",
+            resume=True,
+            progress=False,
+        )
         dst = self.out / "control.pt"
         metrics = self._evaluate(model)
         if D.is_main_process():
@@ -573,7 +591,7 @@ class Pipeline:
             return {}, {"skipped": "int8 not in --precision"}
         if not D.is_main_process():
             return {}, {}
-        qcfg = QuantizeConfig()
+        qcfg = QuantizeConfig(target=c.int8_target)
         outs: dict[str, Path] = {}
         info: dict[str, Any] = {}
         # pruning never changes the input contract: one set of calibration batches serves both models
@@ -682,7 +700,9 @@ class Pipeline:
             from prunekit.prune.joint import PLOT_FILE, trace_markdown
 
             plot = self.out / "joint" / PLOT_FILE
-            text = trace_markdown(json.loads(trace.read_text()), f"joint/{PLOT_FILE}" if plot.is_file() else None)
+            text = trace_markdown(
+                json.loads(trace.read_text()), f"joint/{PLOT_FILE}" if plot.is_file() else None
+            )
             atomic_write_text(report, Path(report).read_text() + "\n" + text)
         from prunekit.summary import render_summary, summary_data
 

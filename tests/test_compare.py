@@ -217,7 +217,9 @@ def test_unmatched_detections_are_explained_only_by_ties_within_the_tolerance():
     rep = match_detections_report(ref, out, **kw)
     assert rep.matched == 0 and rep.fraction == 0.0
     assert [e["reason"].split(" ")[0] for e in rep.explained] == ["NMS", "score"]
-    assert "0.80040 vs 0.80000" in rep.explained[0]["reason"] and "threshold 0.25" in rep.explained[1]["reason"]
+    assert (
+        "0.80040 vs 0.80000" in rep.explained[0]["reason"] and "threshold 0.25" in rep.explained[1]["reason"]
+    )
     assert rep.passed_fraction == 1.0 and rep.unexplained == [] and rep.worst_image is None
     assert json.loads(json.dumps(rep.to_dict()))["passed_fraction"] == 1.0
 
@@ -225,7 +227,10 @@ def test_unmatched_detections_are_explained_only_by_ties_within_the_tolerance():
     far = _dets([b], [0.75], [1])  # overlapping competitor, but 0.05 below: a real difference
     rep = match_detections_report([ref, lost, ref], [out, _dets(np.zeros((0, 4)), [], []), far], **kw)
     assert rep.passed_fraction == pytest.approx(3 / 5)
-    assert [(u["image"], u["score"]) for u in rep.unexplained] == [(1, pytest.approx(0.9)), (2, pytest.approx(0.8004))]
+    assert [(u["image"], u["score"]) for u in rep.unexplained] == [
+        (1, pytest.approx(0.9)),
+        (2, pytest.approx(0.8004)),
+    ]
     assert rep.per_image == [1.0, 0.0, 0.5] and rep.worst_image == 1
     # without the post-processing settings nothing counts as a tie: the old, strict behaviour
     assert match_detections_report(ref, out).passed_fraction == 0.0

@@ -155,14 +155,18 @@ def test_a_point_that_costs_more_than_the_tolerance_is_undone_and_pruning_stops(
         return 0.9 if sum(p.numel() for p in model.parameters()) == full else 0.8
 
     monkeypatch.setattr(J, "_score", score)
-    res = _run(tmp_path, JointConfig(warmup_epochs=1, prune_every=1, prune_until=0.75, lam=1.0, tolerance=5.0), 8)
+    res = _run(
+        tmp_path, JointConfig(warmup_epochs=1, prune_every=1, prune_until=0.75, lam=1.0, tolerance=5.0), 8
+    )
     points = [p for p in res.trace["points"] if p["decision"] != "nothing to remove"]
     first = points[0]
     assert first["decision"].startswith("undone") and first["params_after"] == first["params_before"]
     assert res.trace["stopped"] == f"tolerance at epoch {first['epoch']}"
     assert points[1:] and all(p["decision"].startswith("skipped") for p in points[1:])
     assert res.trace["final"]["params"] == first["params_before"] == res.trace["original"]["params"]
-    assert all("reg" not in e for e in res.history["epochs"][first["epoch"] :])  # the term stopped with pruning
+    assert all(
+        "reg" not in e for e in res.history["epochs"][first["epoch"] :]
+    )  # the term stopped with pruning
 
 
 def test_a_params_budget_stops_pruning_once_met(tmp_path):
@@ -382,7 +386,9 @@ def test_shrink_sets_lambda_from_the_runs_own_lr_schedule():
     lam = j.resolve_lam(cfg, 80)  # 10 steps per epoch, the term on over epochs 2..6
     lr_sum = sum(0.05 * lr_factor(i, 100, cfg) for i in range(20, 60))
     assert lam == pytest.approx(2.0 / lr_sum)
-    assert JointConfig(warmup_epochs=2, lam=None, shrink=2.0).resolve_lam(cfg, 160) == pytest.approx(lam / 2, rel=0.05)
+    assert JointConfig(warmup_epochs=2, lam=None, shrink=2.0).resolve_lam(cfg, 160) == pytest.approx(
+        lam / 2, rel=0.05
+    )
     assert JointConfig(lam=0.3).resolve_lam(cfg, 80) == 0.3
     with pytest.raises(ValueError, match="exactly one of lam and shrink"):
         JointConfig(lam=0.3, shrink=2.0)

@@ -215,7 +215,9 @@ def test_joint_schedule_end_to_end(tmp_path: Path, tiny_data: str) -> None:
     assert prunekit.count_params(model) == trace["final"]["params"] <= prunekit.count_params(original)
     assert json.loads((out / "verify.json").read_text())["passed"]
     control = manifest["stages"]["control"]["metrics"]  # same init, same epochs: the original itself
-    assert control["epochs"] == 0 and control["map50"] == manifest["stages"]["eval_original"]["metrics"]["map50"]
+    assert (
+        control["epochs"] == 0 and control["map50"] == manifest["stages"]["eval_original"]["metrics"]["map50"]
+    )
     assert not (out / "control.pt").exists()
 
 

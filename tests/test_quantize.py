@@ -22,7 +22,13 @@ from test_deploy import deploy_files
 from prunekit.cli import main as cli
 from prunekit.deploy import get_runner
 from prunekit.deploy import runtime as rt
-from prunekit.deploy.quantize import QuantizationError, QuantizeConfig, head_nodes, quantize_model
+from prunekit.deploy.quantize import (
+    QuantizationError,
+    QuantizeConfig,
+    head_nodes,
+    input_nodes,
+    quantize_model,
+)
 from prunekit.export.onnx_export import export_onnx
 from prunekit.models import build_model
 from prunekit.models.vgg import vgg16_config
@@ -244,3 +250,49 @@ def test_tensorrt_builds_the_qdq_model_strongly_typed(vgg_onnx: Path, tmp_path: 
     x = np.concatenate(_batches(rt.read_metadata(vgg_onnx), 8, 1))
     with get_runner("trt", tmp_path / "q.plan") as r8, get_runner("ort-cpu", vgg_onnx) as r32:
         assert _centered_cosine(r32.infer({"images": x})["logits"], r8.infer({"images": x})["logits"]) > 0.95
+
+
+def test_ort_cpu_target_folds_relu_and_tensorrt_refuses_it(vgg_onnx: Path, tmp_path: Path) -> None:
+    """``--target ort-cpu``: uint8 activations let ORT fold each ReLU into the quantization and
+    keep the chain INT8 Conv to Conv; the same choice makes the file unbuildable for TensorRT,
+    which must say so before it tries (no TensorRT is needed to check that)."""
+    from prunekit.deploy.trt import build_engine, qdq_incompatibility
+
+    meta = rt.read_metadata(vgg_onnx)
+    b = _batches(meta, 64, 0)
+    cpu, portable = tmp_path / "cpu.onnx", tmp_path / "portable.onnx"
+    rep = quantize_model(vgg_onnx, cpu, b, QuantizeConfig(target="ort-cpu", keep_heads_float=False))
+    quantize_model(vgg_onnx, portable, b, QuantizeConfig())
+    # the layer reading the image stays float (3 channels in: INT8 is slower there)
+    assert rep["compute_nodes"] == 16 and rep["quantized_nodes"] == 15 and len(rep["kept_float"]) == 1
+    assert rep["kept_float"] == input_nodes(onnx.load(str(vgg_onnx)))
+    q = onnx.load(str(cpu))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    ops = [n.op_type for n in q.graph.node]
+    # folded (uint8 with the zero point at 0.0 is the ReLU), all but the float input layer's
+    assert ops.count("Relu") == 1
+    act_zp = [inits[n.input[2]] for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert act_zp and all(z.dtype == np.uint8 for z in act_zp)
+    assert [n.op_type for n in onnx.load(str(portable)).graph.node].count("Relu") == 15
+    assert rt.read_metadata(cpu)["prunekit_quantization"]["target"] == "ort-cpu"
+
+    x = np.concatenate(_batches(meta, 32, 1))
+    with get_runner("ort-cpu", vgg_onnx) as r32, get_runner("ort-cpu", cpu) as r8:
+        a, c = r32.infer({"images": x})["logits"], r8.infer({"images": x})["logits"]
+    assert _centered_cosine(a, c) > 0.95
+
+    assert qdq_incompatibility(portable) is None
+    reason = qdq_incompatibility(cpu)
+    assert reason and "uint8" in reason and "--target portable" in reason
+    with pytest.raises(ValueError, match="TensorRT takes int8 with zero point 0"):
+        build_engine(cpu, tmp_path / "cpu.plan")
+    with pytest.raises(ValueError, match="quantization target"):
+        QuantizeConfig(target="jetson")
+
+
+def test_pipeline_int8_target_is_checked_where_it_is_given() -> None:
+    from prunekit.pipeline import PipelineConfig
+
+    assert PipelineConfig(int8_target="ort-cpu").int8_target == "ort-cpu"
+    with pytest.raises(ValueError, match="int8_target must be one of"):
+        PipelineConfig(int8_target="jetson")

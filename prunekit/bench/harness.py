@@ -407,6 +407,9 @@ def _bench_backend(
                     backend, label, entries[label], torch_models[label], out, export_form
                 )
                 kw = dict(runner_kwargs)
+                if backend.startswith("ort-") and len(labels) > 1:
+                    # Interleaved sessions that spin steal the timed one's cores (session_options).
+                    kw.setdefault("spinning", False)
                 if device is not None and backend in TORCH_BACKENDS:
                     kw["device"] = device
                 runner = _get_runner(backend, artifact, precision, **kw)

@@ -224,7 +224,9 @@ def to_markdown(bench: dict[str, Any], plots: dict[str, str] | None = None) -> s
         "- Libraries: " + ", ".join(f"{k} {v}" for k, v in libs.items() if v),
         f"- Timing: warm-up {tm.get('warmup_iters')} calls / {tm.get('warmup_time_s')} s, then at least "
         f"{tm.get('min_iters')} calls and {tm.get('min_time_s')} s per model (cap {tm.get('max_time_s')} s), "
-        "models interleaved round by round. FPS = images/s = batch size / mean latency per call.",
+        "models interleaved round by round (ONNX Runtime sessions with thread spinning off, so an idle "
+        "session's pool does not take the timed one's cores). FPS = images/s = batch size / mean latency "
+        "per call.",
         f"- Accuracy: {data.get('num_images', 0)} images of "
         f"{'`' + str(data['spec']) + '`' if data.get('spec') else 'the given dataset'} ({data.get('split')}), "
         "measured through each backend's own runner (runtime pre/post-processing)."

@@ -108,7 +108,9 @@ def collect(
         val = opts.get(prefix + f.name)
         if val is None:
             continue
-        out[f.name] = _parse(hints[f.name], val, option_name(prefix + f.name)) if isinstance(val, str) else val
+        out[f.name] = (
+            _parse(hints[f.name], val, option_name(prefix + f.name)) if isinstance(val, str) else val
+        )
     return out
 
 

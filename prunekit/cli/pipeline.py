@@ -55,12 +55,14 @@ def _strs(s: str | None) -> list[str] | None:
 )  # fmt: skip
 @joint_options
 @click.option(
-    "--epochs-train", type=int,
+    "--epochs-train",
+    type=int,
     help="Epochs for an original trained here (default: sized by --train-steps, then restarts to a plateau).",
 )
 @click.option("--train-steps", type=int, help="Optimizer steps that size the default schedule (700).")
 @click.option(
-    "--max-train-steps", type=int,
+    "--max-train-steps",
+    type=int,
     help="Cap on all steps, restarts included, while the validation metric still moves (2400).",
 )
 @click.option("--plateau", type=float, help="Points between the last two epochs that count as settled (1.0).")
@@ -72,6 +74,11 @@ def _strs(s: str | None) -> list[str] | None:
     "--backends", help="Comma-separated: ort-cpu,ort-cuda,ort-trt,trt,torch (default: all available)."
 )
 @click.option("--precision", help="Comma-separated: fp32,fp16,int8.")
+@click.option(
+    "--int8-target", type=click.Choice(["portable", "ort-cpu"]),
+    help="INT8 layout: portable (int8 symmetric; ORT and TensorRT, the default) or ort-cpu (uint8 "
+    "activations, ReLU/pooling in INT8; faster on x86 CPUs, not for TensorRT).",
+)  # fmt: skip
 @click.option("--bench-batch", help="Comma-separated batch sizes for the benchmark.")
 @click.option("--device", help="cpu | cuda | cuda:N")
 @click.option("--seed", type=int)
@@ -105,7 +112,9 @@ def compress_and_export(out: Path, config_file: Path | None, resume: bool, force
     # an option both the run and the method have (--seed) is the run's, which passes it on to the
     # method: collected as the method's only, it left the model's initialisation and data order unseeded
     run_fields = {f.name for f in dataclasses.fields(PipelineConfig)}
-    values["prune"] = collect(PruneConfig, {k: v for k, v in opts.items() if k not in run_fields}, values.get("prune"))
+    values["prune"] = collect(
+        PruneConfig, {k: v for k, v in opts.items() if k not in run_fields}, values.get("prune")
+    )
     values["joint"] = collect(JointConfig, opts, values.get("joint"), prefix="joint_")
     method_fields = {f.name for f in dataclasses.fields(PruneConfig)} - run_fields
     method_fields |= given_names(JointConfig, "joint_")

@@ -106,7 +106,13 @@ def prune(
     )
     trainer = DataTrainer(train_set, val_set, tcfg, eval_batch_size=16, max_val_images=kw["max_val_images"])
     pruned = run_phases(
-        model, phases, trainer, hp, out_dir / "phases", resume=kw["resume"], allow_vacuous=kw["force_compress"]
+        model,
+        phases,
+        trainer,
+        hp,
+        out_dir / "phases",
+        resume=kw["resume"],
+        allow_vacuous=kw["force_compress"],
     )
     summary = json.loads((out_dir / "phases" / "summary.json").read_text(encoding="utf-8"))
     original_channels = {r["layer"]: r["filters_before"] for r in summary["layers"]}

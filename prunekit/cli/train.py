@@ -274,7 +274,9 @@ def _train_joint(
         log.warning("no validation split: pruning points cannot check their cost (only budgets stop them)")
     res = train_joint(model, train_set, cfg, joint, prune, phases, out_dir, val_set=val_set, resume=resume)
     if D.is_main_process():
-        atomic_write_json(out_dir / "history.json", {"data": data, "train_config": cfg.to_dict(), **res.history})
+        atomic_write_json(
+            out_dir / "history.json", {"data": data, "train_config": cfg.to_dict(), **res.history}
+        )
         f = res.trace["final"]
         click.echo(
             f"trained {res.history.get('steps')} steps, pruned while training: {f['params']:,} parameters "

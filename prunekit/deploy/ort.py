@@ -60,8 +60,14 @@ def session_options(
     intra_op_threads: int | None = None,
     inter_op_threads: int | None = None,
     optimized_model_path: str | os.PathLike | None = None,
+    spinning: bool | None = None,
 ) -> Any:
-    """``SessionOptions`` with the graph optimisation level, thread counts and optimised-model output."""
+    """``SessionOptions`` with the graph optimisation level, thread counts and optimised-model output.
+
+    ``spinning=False`` stops the thread pools busy-waiting for work after a run. ORT spins by
+    default, which suits one session alone; several sessions in one process (a benchmark timing
+    models interleaved) then steal each other's cores, and the faster model pays the most.
+    """
     ort = _ort("ort")
     if opt_level not in OPT_LEVELS:
         raise ValueError(f"unknown graph optimisation level {opt_level!r}; expected one of {OPT_LEVELS}")
@@ -80,6 +86,10 @@ def session_options(
     if optimized_model_path is not None:
         Path(optimized_model_path).parent.mkdir(parents=True, exist_ok=True)
         so.optimized_model_filepath = str(optimized_model_path)
+    if spinning is not None:
+        flag = "1" if spinning else "0"
+        so.add_session_config_entry("session.intra_op.allow_spinning", flag)
+        so.add_session_config_entry("session.inter_op.allow_spinning", flag)
     return so
 
 
@@ -163,6 +173,7 @@ class OrtRunner(Runner):
         io_binding: bool | None = None,
         provider_options: dict[str, Any] | None = None,
         cache_dir: str | os.PathLike | None = None,
+        spinning: bool | None = None,
         **trt_kw: Any,
     ):
         if backend not in BACKEND_PROVIDERS:
@@ -188,10 +199,17 @@ class OrtRunner(Runner):
         self.device_id = _device_id(device)
         self.opt_level = opt_level
         self.threads = (intra_op_threads, inter_op_threads)
+        self.spinning = spinning
         self.optimized_model_path = optimized_model_path
         self.io_binding = backend != "ort-cpu" if io_binding is None else io_binding
         self.precision = precision
         self.provider_options = dict(provider_options or {})
+        if backend == "ort-trt" and explicit:
+            from prunekit.deploy.trt import qdq_incompatibility
+
+            problem = qdq_incompatibility(self.model_path)
+            if problem:
+                raise ValueError(problem)
         if backend == "ort-trt":
             self.provider_options = {
                 **trt_provider_options(
@@ -203,7 +221,10 @@ class OrtRunner(Runner):
             self.provider_options.setdefault("device_id", self.device_id)
         self.session: Any = None
         dev = "cpu" if backend == "ort-cpu" else f"cuda:{self.device_id}"
-        self.info = RunnerInfo(backend, dev, precision, {"provider": self.provider, "opt_level": opt_level})
+        extra = {"provider": self.provider, "opt_level": opt_level}
+        if spinning is not None:
+            extra["thread_spinning"] = spinning
+        self.info = RunnerInfo(backend, dev, precision, extra)
 
     def load(self) -> OrtRunner:
         if self.session is not None:
@@ -212,7 +233,12 @@ class OrtRunner(Runner):
         if reason:
             raise BackendUnavailable(self.backend, reason)
         ort = _ort(self.backend)
-        so = session_options(self.opt_level, *self.threads, optimized_model_path=self.optimized_model_path)
+        so = session_options(
+            self.opt_level,
+            *self.threads,
+            optimized_model_path=self.optimized_model_path,
+            spinning=self.spinning,
+        )
         providers: list[Any] = [(self.provider, self.provider_options)]
         if self.backend == "ort-trt" and "CUDAExecutionProvider" in ort.get_available_providers():
             # Subgraphs TensorRT rejects go to CUDA; CPU stays as ORT's implicit last resort.

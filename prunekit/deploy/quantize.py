@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+# What stays INT8 between the compute layers for ``target="ort-cpu"``: activations and pooling.
+# The rest of ORT's QDQ registry (Reshape, Transpose, Gather, ...) is what the SSD decode is made
+# of; nothing downstream of the heads is quantized in either target.
+CPU_CHAIN_OPS = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten")
+TARGETS = ("portable", "ort-cpu")
 
 
 @dataclass
@@ -49,8 +54,11 @@ class QuantizeConfig:
     keep_heads_float: bool = True
     exclude: list[str] = field(default_factory=list)  # node names or fnmatch patterns
     percentile: float = 99.999
+    target: str = "portable"
 
     def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"quantization target must be one of {TARGETS}, got {self.target!r}")
         if self.method not in CALIBRATION_METHODS:
             raise ValueError(f"calibration method must be one of {CALIBRATION_METHODS}, got {self.method!r}")
         if self.calib_images < 1:
@@ -84,9 +92,57 @@ def head_nodes(model: Any) -> list[str]:
     return sorted(set(heads))
 
 
+def input_nodes(model: Any) -> list[str]:
+    """Names of the Conv/Gemm/MatMul nodes with no other such node between them and a graph input:
+    the layer that reads the image (3 channels in, full resolution)."""
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    first: set[str] = set()
+    seen: set[int] = set()
+    stack = [i.name for i in model.graph.input]
+    while stack:
+        for node in consumers.get(stack.pop(), []):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            if node.op_type in QUANTIZED_OPS:
+                first.add(node.name)
+            else:
+                stack.extend(node.output)
+    return sorted(first)
+
+
+def downstream_of(model: Any, roots: Iterable[str]) -> list[str]:
+    """Names of the nodes fed, directly or not, by the nodes named ``roots`` (roots excluded)."""
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    by_name = {n.name: n for n in model.graph.node}
+    stack = [o for r in roots if r in by_name for o in by_name[r].output]
+    seen: set[str] = set()
+    while stack:
+        for n in consumers.get(stack.pop(), []):
+            if n.name not in seen:
+                seen.add(n.name)
+                stack.extend(n.output)
+    return sorted(seen - set(roots))
+
+
 def _excluded(model: Any, cfg: QuantizeConfig) -> list[str]:
     names = [n.name for n in model.graph.node]
-    out = set(head_nodes(model)) if cfg.keep_heads_float else set()
+    heads = head_nodes(model)
+    out = set(heads) if cfg.keep_heads_float else set()
+    if cfg.target == "ort-cpu":
+        # The layer reading the image stays float: 3 input channels give the INT8 kernel too short a
+        # reduction to pay for itself (measured, BCCD SSD300 batch 1: the original 2.03x -> 2.17x
+        # its FP32 throughput, the pruned one 2.80x -> 3.09x, with that layer float). The decode
+        # after the heads stays float too (see CPU_CHAIN_OPS).
+        out.update(input_nodes(model))
+        chain = {n.name for n in model.graph.node if n.op_type in CPU_CHAIN_OPS}
+        out.update(chain & set(downstream_of(model, heads)))
     for pattern in cfg.exclude:
         hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
         if not hits:
@@ -211,6 +267,7 @@ def _quantize(
     if not compute:
         raise QuantizationError(f"{out}: the model has no Conv/Gemm/MatMul node to quantize")
     excluded = _excluded(model, cfg)
+    kept_float = sorted(set(excluded) & set(compute))
     if not set(compute) - set(excluded):
         raise QuantizationError(f"{out}: every Conv/Gemm/MatMul node is excluded; nothing to quantize")
     method = {
@@ -218,24 +275,32 @@ def _quantize(
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[cfg.method]
-    extra: dict[str, Any] = {"ActivationSymmetric": True, "WeightSymmetric": True}
+    if cfg.target == "ort-cpu":
+        # uint8 activations, asymmetric: a ReLU's range then starts at the zero point, so ORT folds
+        # the ReLU into the quantization and the INT8 chain runs Conv to Conv without Q/DQ between
+        # (measured on the pruned BCCD SSD300, AVX-512 VNNI: 1.2x faster than "portable").
+        act_type, act_sym, ops = QuantType.QUInt8, False, [*QUANTIZED_OPS, *CPU_CHAIN_OPS]
+    else:
+        # int8, symmetric, zero point 0: what TensorRT's explicit quantization accepts.
+        act_type, act_sym, ops = QuantType.QInt8, True, list(QUANTIZED_OPS)
+    extra: dict[str, Any] = {"ActivationSymmetric": act_sym, "WeightSymmetric": True}
     if cfg.method == "percentile":
         extra["CalibPercentile"] = cfg.percentile
     n_images = sum(len(b) for b in batches)
     log.info(
         "quantize: %s calibration on %d images, %d of %d compute nodes INT8 (%d kept float)",
-        cfg.method, n_images, len(set(compute) - set(excluded)), len(compute), len(excluded),
+        cfg.method, n_images, len(set(compute) - set(excluded)), len(compute), len(kept_float),
     )  # fmt: skip
     t0 = time.perf_counter()
     staged = tmp / "int8.onnx"
     quantize_static(
         str(pre), str(staged), _Reader(batches, model.graph.input[0].name), quant_format=QuantFormat.QDQ,
-        op_types_to_quantize=list(QUANTIZED_OPS), per_channel=cfg.per_channel,
-        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+        op_types_to_quantize=ops, per_channel=cfg.per_channel,
+        activation_type=act_type, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
         calibrate_method=method, extra_options=extra,
     )  # fmt: skip
     q = onnx.load(str(staged))
-    settings = {**asdict(cfg), "calibration_images": n_images, "kept_float": excluded}
+    settings = {**asdict(cfg), "calibration_images": n_images, "kept_float": kept_float}
     _set_metadata(q, source, {"prunekit_precision": "int8", "prunekit_quantization": settings})
     onnx.checker.check_model(q)
     final = tmp / "final.onnx"
@@ -247,7 +312,7 @@ def _quantize(
         "calibration_images": n_images,
         "compute_nodes": len(compute),
         "quantized_nodes": len(set(compute) - set(excluded)),
-        "kept_float": excluded,
+        "kept_float": kept_float,
         "qdq_nodes": sum(1 for n in q.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")),
         "size_bytes": out.stat().st_size,
         "time_s": round(time.perf_counter() - t0, 2),

@@ -143,6 +143,26 @@ def onnx_has_qdq(onnx_path: str | os.PathLike) -> bool:
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
 
 
+def qdq_incompatibility(onnx_path: str | os.PathLike) -> str | None:
+    """Why TensorRT would reject this Q/DQ graph, or None: TensorRT takes only int8 zero-point-0
+    quantization, so a ``--target ort-cpu`` model (uint8, asymmetric activations) cannot build."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type != "QuantizeLinear" or len(n.input) < 3 or n.input[2] not in inits:
+            continue
+        zp = numpy_helper.to_array(inits[n.input[2]])
+        if zp.dtype.kind == "u" or zp.any():
+            return (
+                f"{onnx_path}: node {n.name!r} quantizes to {zp.dtype} with zero point {zp.ravel()[:1].tolist()}; "
+                "TensorRT takes int8 with zero point 0 only: quantize with `prunekit quantize --target portable`"
+            )
+    return None
+
+
 def build_plan_mode(caps: dict[str, bool], precision: str, explicit_int8: bool) -> dict[str, Any]:
     """How to build: ``{"strongly_typed": bool, "flags": [BuilderFlag names], "calibrate": bool}``.
 
@@ -208,6 +228,9 @@ def build_engine(
     explicit = onnx_has_qdq(onnx_path)
     if explicit:
         precision = "int8"  # a Q/DQ graph is INT8 whatever is asked
+        problem = qdq_incompatibility(onnx_path)
+        if problem:
+            raise ValueError(problem)
     if precision == "int8" and not explicit and not batches and not (calib_path and calib_path.is_file()):
         raise ValueError(
             "INT8 needs a Q/DQ model (`prunekit quantize`), calibration images (--calib-data) or an "

@@ -327,7 +327,11 @@ def _tie_reason(
     of the two survives NMS is then a coin toss), a score threshold within the tolerance of its
     score, or the per-image cap whose last kept score is within the tolerance of it.
     """
-    box, score, label = np.asarray(ref["boxes"])[i], float(np.asarray(ref["scores"])[i]), np.asarray(ref["labels"])[i]
+    box, score, label = (
+        np.asarray(ref["boxes"])[i],
+        float(np.asarray(ref["scores"])[i]),
+        np.asarray(ref["labels"])[i],
+    )
     if nms_iou is not None:
         for name, dets, skip in (("reference", ref, i), ("backend", out, None)):
             b, sc, lab = (np.asarray(dets[k]) for k in ("boxes", "scores", "labels"))
@@ -345,7 +349,9 @@ def _tie_reason(
             return f"score {score:.5f} within {score_tol:g} of the threshold {t:g}"
     scores = np.sort(np.asarray(ref["scores"], dtype=np.float64))[::-1]
     if cap is not None and len(scores) >= cap and abs(score - scores[cap - 1]) <= score_tol:
-        return f"score {score:.5f} within {score_tol:g} of the per-image cap's last score {scores[cap - 1]:.5f}"
+        return (
+            f"score {score:.5f} within {score_tol:g} of the per-image cap's last score {scores[cap - 1]:.5f}"
+        )
     return None
 
 
@@ -379,7 +385,11 @@ def match_detections_report(
         ok = 0
         for i in missing:
             why = _tie_reason(i, r, o, score_tol, nms_iou, thresholds, cap)
-            rec = {"image": k, "score": float(np.asarray(r["scores"])[i]), "label": int(np.asarray(r["labels"])[i])}
+            rec = {
+                "image": k,
+                "score": float(np.asarray(r["scores"])[i]),
+                "label": int(np.asarray(r["labels"])[i]),
+            }
             if why is None:
                 unexplained.append(rec)
             else:

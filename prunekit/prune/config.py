@@ -82,7 +82,9 @@ class PruneConfig:
         if self.eps1_reference not in ("control", "before"):
             raise ValueError(f"eps1_reference must be 'control' or 'before', got {self.eps1_reference!r}")
         if self.threshold_scale not in ("layer", "global", "raw"):
-            raise ValueError(f"threshold_scale must be 'layer', 'global' or 'raw', got {self.threshold_scale!r}")
+            raise ValueError(
+                f"threshold_scale must be 'layer', 'global' or 'raw', got {self.threshold_scale!r}"
+            )
         if not 0.0 <= self.min_keep_fraction <= 1.0:
             raise ValueError(f"min_keep_fraction must be in [0, 1], got {self.min_keep_fraction}")
         if self.eps_pruned < 0:
@@ -192,5 +194,3 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "latency_backend": ("ort-cpu", "torch"),
     "latency_precision": ("fp32", "fp16"),
 }
-
-

@@ -135,7 +135,9 @@ class JointConfig:
         total = cfg.epochs * spe if cfg.max_steps is None else min(cfg.epochs * spe, cfg.max_steps)
         first = self.warmup_epochs if start is None else start
         sparse = [(max(a, first), b) for a, b, on in self.segments(cfg.epochs) if on and b > first]
-        lr_sum = sum(cfg.lr * lr_factor(i, total, cfg) for a, b in sparse for i in range(a * spe, min(b * spe, total)))
+        lr_sum = sum(
+            cfg.lr * lr_factor(i, total, cfg) for a, b in sparse for i in range(a * spe, min(b * spe, total))
+        )
         if lr_sum <= 0:
             return 0.0
         return float(self.shrink / lr_sum)
@@ -459,7 +461,9 @@ def train_joint(
     return JointResult(model, trace, history)
 
 
-def _term_may_start(book: _Book, epoch: int, model: nn.Module, scorer: Any, hp: PruneConfig, joint: JointConfig) -> bool:
+def _term_may_start(
+    book: _Book, epoch: int, model: nn.Module, scorer: Any, hp: PruneConfig, joint: JointConfig
+) -> bool:
     """The sparsity term starts once the model scores enough for a tolerance check to mean
     something, not at a fixed epoch: on the embedded set (12 epochs, shrink 2 from epoch 2) the
     term held the model at val AP50 0-2% through every pruning point, so none could check anything
@@ -605,9 +609,13 @@ def _prune_point(
     from prunekit.prune.surgery import predict_params
     from prunekit.train import LAST_FILE
 
-    graph = build_dependency_graph(model)  # ``model`` is the checkpoint rank 0 saved: every rank decides alike
+    graph = build_dependency_graph(
+        model
+    )  # ``model`` is the checkpoint rank 0 saved: every rank decides alike
     keep = select_keep(model, phases, hp, joint.k, graph, book.d["channels"])
-    keep = D.broadcast_object(land_on_budget(model, keep, phases, hp, joint.k, graph, book.d["channels"], budget))
+    keep = D.broadcast_object(
+        land_on_budget(model, keep, phases, hp, joint.k, graph, book.d["channels"], budget)
+    )
     before = model_stats(model)
     rec: dict[str, Any] = {"epoch": epoch, "params_before": before["params"], "macs_before": before["macs"]}
     if not keep:

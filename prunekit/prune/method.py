@@ -401,7 +401,9 @@ def threshold_settings(hp: PruneConfig) -> tuple[str | None, bool]:
     return scale, hp.fold_stats and scale is not None
 
 
-def threshold_at(model: nn.Module, layers: Sequence[str], k: float, graph: DependencyGraph, hp: PruneConfig) -> nn.Module:
+def threshold_at(
+    model: nn.Module, layers: Sequence[str], k: float, graph: DependencyGraph, hp: PruneConfig
+) -> nn.Module:
     """Θ^th: a copy of ``model`` with the weights of ``layers`` below ``k`` units zeroed, in the units
     ``hp`` names (one global threshold over the set)."""
     scale, fold = threshold_settings(hp)

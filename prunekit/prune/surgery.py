@@ -187,9 +187,7 @@ def removed_constants(
     from prunekit.prune.graph import example_input, traced_network
 
     selection = normalise_selection(graph, keep)
-    gone_by_group = {
-        g: sorted(set(range(graph.group(g).channels)) - set(k)) for g, k in selection.items()
-    }
+    gone_by_group = {g: sorted(set(range(graph.group(g).channels)) - set(k)) for g, k in selection.items()}
     gone_by_group = {g: v for g, v in gone_by_group.items() if v}
     if not gone_by_group:
         return {}

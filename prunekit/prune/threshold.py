@@ -57,7 +57,11 @@ def apply_threshold(model: nn.Module, layers: Sequence[str], t: float) -> nn.Mod
 
 
 def layer_scales(
-    model: nn.Module, layers: Sequence[str], graph: DependencyGraph, scale: str = "layer", fold_bn: bool = True
+    model: nn.Module,
+    layers: Sequence[str],
+    graph: DependencyGraph,
+    scale: str = "layer",
+    fold_bn: bool = True,
 ) -> dict[str, float]:
     """Module path -> the unit ``k`` is measured in for that layer (std of its (folded) weights)."""
     if scale not in SCALES:

@@ -443,8 +443,25 @@ def render(whole: dict[str, Any]) -> str:
         if r.get("peers_off_budget"):
             lines += ["", f"Could not reach prunekit's {r['match']} at any ratio (reported, not compared): "
                       + ", ".join(r["peers_off_budget"])]  # fmt: skip
+        if "paired" in r:
+            lines += ["", *_paired_lines(r["paired"])]
         lines.append("")
     return "\n".join(lines)
+
+
+def _paired_lines(p: dict[str, Any]) -> list[str]:
+    """``benchmarks/paired.py``'s result: the differences measured on the same images."""
+    how = f"bootstrap over the {p['images']} test images, {p['bootstrap']} resamples" if "bootstrap" in p else (
+        f"paired SE over the {p['images']:,} test images")  # fmt: skip
+    lines = [f"Paired against {p['reference']} on the same images ({how}; `{p['command']}`):", "",
+             f"| method | {p['metric']} | {p['reference']} minus it | ± paired SE | 95% interval |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for n, x in p.items():
+        if not isinstance(x, dict) or "diff_se" not in x:
+            continue
+        ci = x.get("diff_ci95")
+        lines.append(f"| {n} | {x[p['metric']]:.2f} | {x['diff_reference_minus_this']:+.2f} | {x['diff_se']:.2f} | "
+                     f"{'-' if ci is None else f'{ci[0]:+.2f} .. {ci[1]:+.2f}'} |")  # fmt: skip
+    return lines
 
 
 def _ratio_text(x: dict[str, Any]) -> str:

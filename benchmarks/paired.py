@@ -1,0 +1,235 @@
+"""Paired comparisons: is one method's accuracy different from another's on the *same* test images?
+
+    python benchmarks/paired.py --task bccd_ssd300 --run runs/peers/bccd_ssd300
+    python benchmarks/paired.py --task cifar10_vgg16 --run runs/peers/cifar10_vgg16
+
+Each model's standard error (``± SE`` in every table) answers "how well is this one accuracy
+known"; on BCCD's 72 test images it is ~3.8 AP50 points, larger than any gap between the pruned
+models. Methods scored on the same images are strongly correlated, so the uncertainty of their
+*difference* is much smaller. This script scores every checkpoint of a peers run
+(``benchmarks/peers.py``) image by image and reports, against ``--reference`` (prunekit):
+
+* CIFAR top-1: the difference and its paired standard error, sd(correct_a - correct_b) / sqrt(n);
+* BCCD AP50: the difference, its bootstrap standard error and 95% interval, resampling test
+  images (the same resample for both models). AP50 is COCO's (IoU 0.5, 101-point interpolated
+  precision, 100 detections per image and class, difficult boxes ignored), computed from
+  per-image matches, so a resample re-weights images instead of re-running pycocotools; the
+  full-sample value is checked against :func:`prunekit.metrics.detection_metrics`.
+
+Writes ``<task>.paired`` into ``benchmarks/results/peers.json`` and re-renders ``peers.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import prunekit
+from prunekit.fileio import atomic_write_json, atomic_write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DEFAULT_DATA, RESULTS, load_bccd, load_cifar  # noqa: E402
+
+log = logging.getLogger("paired")
+METHODS = ("unpruned", "prunekit", "tp_magnitude", "tp_bnscale", "tp_groupnorm")
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.clip(rb - lt, 0, None).prod(-1)
+    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
+    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
+
+
+def match_images(
+    preds: list[dict[str, np.ndarray]], gts: list[dict[str, np.ndarray]], iou: float = 0.5, max_det: int = 100
+) -> dict[int, dict[str, np.ndarray]]:
+    """Per class: every kept detection's image, score and true-positive flag, and each image's
+    number of (non-difficult) ground-truth boxes. Matching is COCO's greedy one, per image."""
+    classes = sorted({int(c) for d in (*preds, *gts) for c in d["labels"]})
+    out: dict[int, dict[str, Any]] = {}
+    for c in classes:
+        img, score, tp, npos = [], [], [], np.zeros(len(gts))
+        for i, (p, g) in enumerate(zip(preds, gts)):
+            gsel = g["labels"] == c
+            gb = g["boxes"][gsel]
+            ign = g.get("difficult", np.zeros(len(g["labels"]), bool))[gsel].astype(bool)
+            npos[i] = (~ign).sum()
+            psel = np.flatnonzero(p["labels"] == c)
+            psel = psel[np.argsort(-p["scores"][psel], kind="mergesort")][:max_det]
+            if not len(psel):
+                continue
+            pb = p["boxes"][psel].astype(np.float64)
+            area = (pb[:, 2] - pb[:, 0]) * (pb[:, 3] - pb[:, 1])
+            ious = _iou(pb, gb.astype(np.float64)) if len(gb) else np.zeros((len(psel), 0))
+            order = np.argsort(ign, kind="mergesort")  # COCO: real boxes before ignored ones
+            taken = np.zeros(len(gb), bool)
+            for d in range(len(psel)):
+                best, best_iou = -1, min(iou, 1 - 1e-10)
+                for j in order:
+                    if taken[j]:
+                        continue
+                    if best >= 0 and not ign[best] and ign[j]:
+                        break  # matched a real box already; ignored ones come after
+                    if ious[d, j] < best_iou:
+                        continue
+                    best, best_iou = j, ious[d, j]
+                if best >= 0:
+                    taken[best] = True  # an ignored box, too, is matched once
+                    if ign[best]:
+                        continue  # on an ignored box: neither true nor false
+                elif not 0 <= area[d] <= 1e10:
+                    continue  # COCO's area range "all": a degenerate box is ignored, not false
+                img.append(i)
+                score.append(p["scores"][psel[d]])
+                tp.append(best >= 0)
+        out[c] = {
+            "image": np.array(img, int),
+            "score": np.array(score),
+            "tp": np.array(tp, bool),
+            "npos": npos,
+        }
+    return out
+
+
+def weighted_ap50(matches: dict[int, dict[str, np.ndarray]], weights: np.ndarray) -> float:
+    """Mean over classes (with ground truth) of the 101-point AP when image i counts ``weights[i]``
+    times: a bootstrap resample as multiplicities, no re-matching needed."""
+    aps = []
+    for m in matches.values():
+        npos = float((m["npos"] * weights).sum())
+        if npos <= 0:
+            continue
+        order = np.argsort(-m["score"], kind="mergesort")
+        w = weights[m["image"][order]]
+        t = m["tp"][order]
+        ctp, cfp = np.cumsum(w * t), np.cumsum(w * ~t)
+        recall = ctp / npos
+        precision = ctp / np.maximum(ctp + cfp, np.finfo(float).eps)
+        precision = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
+        idx = np.searchsorted(recall, RECALL_POINTS, side="left")
+        q = np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0)
+        aps.append(q.mean())
+    return float(np.mean(aps)) if aps else float("nan")
+
+
+def _detections(model: torch.nn.Module, dataset: Any) -> tuple[list[dict], list[dict]]:
+    from prunekit.evaluate import _gt_numpy
+
+    preds, gts = [], []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(len(dataset)):
+            image, target = dataset[i]
+            o = model([image])[0]
+            preds.append({k: o[k].numpy() for k in ("boxes", "scores", "labels")})
+            gts.append(_gt_numpy(target))
+    return preds, gts
+
+
+def paired_detection(
+    models: dict[str, Path], test: Any, reference: str, n_boot: int, seed: int
+) -> dict[str, Any]:
+    rng = np.random.default_rng(seed)
+    n = len(test)
+    boots = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+    scores: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {"metric": "ap50", "images": n, "bootstrap": n_boot, "reference": reference}
+    for name, path in models.items():
+        preds, gts = _detections(prunekit.load(path), test)
+        m = match_images(preds, gts)
+        full = 100 * weighted_ap50(m, np.ones(n))
+        scores[name] = np.array([100 * weighted_ap50(m, w) for w in boots])
+        out[name] = {"ap50": full, "bootstrap_se": float(scores[name].std(ddof=1))}
+        log.info("%s: AP50 %.2f (bootstrap SE %.2f)", name, full, out[name]["bootstrap_se"])
+    for name in models:
+        if name == reference:
+            continue
+        d = scores[reference] - scores[name]
+        out[name]["diff_reference_minus_this"] = out[reference]["ap50"] - out[name]["ap50"]
+        out[name]["diff_se"] = float(d.std(ddof=1))
+        out[name]["diff_ci95"] = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
+    return out
+
+
+def paired_classification(models: dict[str, Path], test: Any, reference: str) -> dict[str, Any]:
+    from prunekit.evaluate import normalizer
+
+    loader = torch.utils.data.DataLoader(test, batch_size=256)
+    correct: dict[str, np.ndarray] = {}
+    out: dict[str, Any] = {"metric": "top1", "images": len(test), "reference": reference}
+    for name, path in models.items():
+        model = prunekit.load(path).eval()
+        norm = normalizer(model, "cpu")
+        hits = []
+        with torch.inference_mode():
+            for x, y in loader:
+                x = (x - norm[0]) / norm[1] if norm is not None else x
+                hits.append((model(x).argmax(1) == y).numpy())
+        correct[name] = np.concatenate(hits).astype(float)
+        out[name] = {"top1": 100 * correct[name].mean()}
+    for name in models:
+        if name == reference:
+            continue
+        d = correct[reference] - correct[name]
+        out[name]["diff_reference_minus_this"] = 100 * d.mean()
+        out[name]["diff_se"] = 100 * d.std(ddof=1) / np.sqrt(len(d))
+    return out
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--task", choices=("bccd_ssd300", "cifar10_vgg16"), required=True)
+    ap.add_argument("--run", type=Path, required=True, help="a benchmarks/peers.py --out folder")
+    ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--reference", default="prunekit")
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--result", type=Path, default=RESULTS / "peers.json")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parse(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(a.threads)
+    models = {m: a.run / f"{m}.pt" for m in METHODS if (a.run / f"{m}.pt").is_file()}
+    if a.reference not in models:
+        raise SystemExit(f"{a.run}: no {a.reference}.pt to compare against")
+    if a.task == "bccd_ssd300":
+        _, _, test = load_bccd(a.data_dir / "BCCD", "none", train_split="trainval")
+        res = paired_detection(models, test, a.reference, a.bootstrap, a.seed)
+    else:
+        _, _, test = load_cifar(a.data_dir, 45000, 5000, None, a.seed)
+        res = paired_classification(models, test, a.reference)
+    res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    whole = json.loads(a.result.read_text()) if a.result.is_file() else {}
+    whole.setdefault(a.task, {})["paired"] = res
+    atomic_write_json(a.result, whole)
+    import peers
+
+    atomic_write_text(a.result.with_suffix(".md"), peers.render(whole))
+    print(json.dumps(res, indent=1))
+    return res
+
+
+def check_against_pycocotools(preds: list[dict], gts: list[dict], num_classes: int) -> tuple[float, float]:
+    """(this module's AP50, prunekit.metrics' pycocotools AP50) on the same images, in percent."""
+    from prunekit.metrics import detection_metrics
+
+    ours = 100 * weighted_ap50(match_images(preds, gts), np.ones(len(gts)))
+    return ours, 100 * detection_metrics(preds, gts, num_classes)["map50"]
+
+
+if __name__ == "__main__":
+    main()

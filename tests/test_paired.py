@@ -1,0 +1,38 @@
+"""benchmarks/paired.py: per-image AP50 matches pycocotools, and a resample is a re-weighting."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import paired  # noqa: E402
+
+
+def _scene(rng: np.random.Generator, n_gt: int, n_classes: int) -> tuple[dict, dict]:
+    xy = rng.uniform(0, 200, (n_gt, 2))
+    wh = rng.uniform(10, 60, (n_gt, 2))
+    gt = {"boxes": np.hstack([xy, xy + wh]), "labels": rng.integers(1, n_classes, n_gt),
+          "difficult": rng.random(n_gt) < 0.1}  # fmt: skip
+    keep = rng.random(n_gt) < 0.8  # some boxes found, jittered; some false alarms
+    found = gt["boxes"][keep] + rng.normal(0, 4, (int(keep.sum()), 4))
+    fa_xy = rng.uniform(0, 200, (3, 2))
+    boxes = np.vstack([found, np.hstack([fa_xy, fa_xy + 30])])
+    labels = np.concatenate([gt["labels"][keep], rng.integers(1, n_classes, 3)])
+    scores = np.concatenate([rng.uniform(0.4, 1.0, int(keep.sum())), rng.uniform(0.0, 0.7, 3)])
+    return {"boxes": boxes.astype(np.float32), "scores": scores.astype(np.float32), "labels": labels}, gt
+
+
+def test_per_image_ap50_equals_pycocotools_and_resamples_are_weights():
+    rng = np.random.default_rng(0)
+    scenes = [_scene(rng, int(rng.integers(1, 9)), 4) for _ in range(30)]
+    preds, gts = [s[0] for s in scenes], [s[1] for s in scenes]
+    ours, coco = paired.check_against_pycocotools(preds, gts, num_classes=4)
+    assert 20 < coco < 100 and abs(ours - coco) < 0.05, (ours, coco)
+
+    # an image drawn twice counts twice: the weighted AP is pycocotools on the duplicated set
+    weights = rng.multinomial(30, np.full(30, 1 / 30)).astype(float)
+    idx = [i for i, w in enumerate(weights) for _ in range(int(w))]
+    dup_ours = 100 * paired.weighted_ap50(paired.match_images(preds, gts), weights)
+    _, dup_coco = paired.check_against_pycocotools([preds[i] for i in idx], [gts[i] for i in idx], 4)
+    assert abs(dup_ours - dup_coco) < 0.05 and abs(dup_ours - ours) > 0.01, (dup_ours, dup_coco, ours)

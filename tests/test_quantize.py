@@ -124,6 +124,10 @@ def test_quantize_cli_on_an_image_folder(vgg_onnx: Path, tmp_path: Path) -> None
     assert "15 of 16 compute nodes INT8, 16 calibration images (percentile)" in res.output
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 2 and "--force" in again.output
+    cpu = CliRunner().invoke(cli, [*args, "--calib-images", "16", "--target", "ort-cpu", "--force"])
+    assert cpu.exit_code == 0, cpu.output
+    assert rt.read_metadata(out)["prunekit_quantization"]["target"] == "ort-cpu"
+    assert "14 of 16 compute nodes INT8" in cpu.output  # the image-reading layer and the last one float
     missing = CliRunner().invoke(cli, ["quantize", str(tmp_path / "none.onnx"), "--data", str(folder)])
     assert missing.exit_code == 2 and "none.onnx" in missing.output
 

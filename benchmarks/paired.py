@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 import prunekit
+from prunekit.export.compare import box_iou
 from prunekit.fileio import atomic_write_json, atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,14 +41,6 @@ from common import DEFAULT_DATA, RESULTS, load_bccd, load_cifar  # noqa: E402
 log = logging.getLogger("paired")
 METHODS = ("unpruned", "prunekit", "tp_magnitude", "tp_bnscale", "tp_groupnorm")
 RECALL_POINTS = np.linspace(0.0, 1.0, 101)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.clip(rb - lt, 0, None).prod(-1)
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])  # noqa: E731
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-12)
 
 
 def match_images(
@@ -70,7 +63,7 @@ def match_images(
                 continue
             pb = p["boxes"][psel].astype(np.float64)
             area = (pb[:, 2] - pb[:, 0]) * (pb[:, 3] - pb[:, 1])
-            ious = _iou(pb, gb.astype(np.float64)) if len(gb) else np.zeros((len(psel), 0))
+            ious = box_iou(pb, gb) if len(gb) else np.zeros((len(psel), 0))
             order = np.argsort(ign, kind="mergesort")  # COCO: real boxes before ignored ones
             taken = np.zeros(len(gb), bool)
             for d in range(len(psel)):

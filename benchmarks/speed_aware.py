@@ -111,14 +111,11 @@ def time_ort_interleaved(
     """Median/p90 latency (ms) and FPS per model, ORT CPU, models run in rotated interleaved order."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    from prunekit.deploy.ort import session_options
+
     # Idle sessions must not busy-wait: on 2 cores their spinning threads slowed the timed model
     # (BCCD SSD300 original / pruned: 2.03x with spinning, 2.78x without, same run).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads > 0:
-        so.intra_op_num_threads = threads
+    so = session_options("all", threads if threads > 0 else None, spinning=False)
     sessions = {
         n: ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"]) for n, p in paths.items()
     }

@@ -92,13 +92,19 @@ def head_nodes(model: Any) -> list[str]:
     return sorted(set(heads))
 
 
-def input_nodes(model: Any) -> list[str]:
-    """Names of the Conv/Gemm/MatMul nodes with no other such node between them and a graph input:
-    the layer that reads the image (3 channels in, full resolution)."""
+def _consumers(model: Any) -> dict[str, list[Any]]:
+    """Tensor name -> the nodes that read it."""
     consumers: dict[str, list[Any]] = {}
     for n in model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+    return consumers
+
+
+def input_nodes(model: Any) -> list[str]:
+    """Names of the Conv/Gemm/MatMul nodes with no other such node between them and a graph input:
+    the layer that reads the image (3 channels in, full resolution)."""
+    consumers = _consumers(model)
     first: set[str] = set()
     seen: set[int] = set()
     stack = [i.name for i in model.graph.input]
@@ -116,10 +122,7 @@ def input_nodes(model: Any) -> list[str]:
 
 def downstream_of(model: Any, roots: Iterable[str]) -> list[str]:
     """Names of the nodes fed, directly or not, by the nodes named ``roots`` (roots excluded)."""
-    consumers: dict[str, list[Any]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    consumers = _consumers(model)
     by_name = {n.name: n for n in model.graph.node}
     stack = [o for r in roots if r in by_name for o in by_name[r].output]
     seen: set[str] = set()

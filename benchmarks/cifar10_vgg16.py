@@ -23,6 +23,11 @@ a one-epoch stage scores Θ_L1 before it has re-converged (measured: shrink 1 sc
 the control's 82.8%, shrink 2 74.5%). The final model is judged against the control at the issue's
 1-point tolerance. An earlier run at a constant sparsity lr and one round compressed 2.2x.
 
+``--target-flops R`` gives ``paper`` a MAC budget (prunekit's ``--target-flops``: each phase's
+selection is the most accurate candidate within its share of the budget), and ``--distill``
+retrains ``paper``, ``l1norm`` and ``random`` with soft targets from the baseline (prunekit's
+``--distill``); the control trains on the labels alone, as the issue defines it.
+
 Writes ``benchmarks/results/cifar10_vgg16.{json,md}`` with the keys the pruning issue names
 (``baseline``/``control``/``paper``/``l1norm``/``random`` with ``params``, ``macs``, ``top1`` in
 percent, and ``ort_cpu_fps_ratio_b1``), plus the standard error of each top-1, the machine,
@@ -44,6 +49,7 @@ import torch
 from torch import nn
 
 import prunekit
+from prunekit.distill import Distillation
 from prunekit.evaluate import evaluate
 from prunekit.fileio import atomic_write_json, atomic_write_text
 from prunekit.prune.baselines import prune_baseline
@@ -86,10 +92,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--eps1", type=float, default=5.0, help="points; see the module docstring")
     ap.add_argument("--eps2", type=float, default=15.0)
+    ap.add_argument(
+        "--target-flops", type=float, default=None,
+        help="MAC budget for paper, a fraction of the baseline's (prunekit --target-flops)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--distill", action="store_true",
+        help="paper, l1norm and random retrain with soft targets from the baseline (prunekit --distill); "
+        "the control does not (it is the unpruned model given the same epochs)",
+    )  # fmt: skip
+    ap.add_argument("--distill-alpha", type=float, default=0.9)
+    ap.add_argument("--distill-temperature", type=float, default=4.0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--note", action="append", default=[], help="recorded with the settings (repeatable)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.train_images, args.val_images = 512, 256
@@ -142,7 +160,8 @@ def _hp(b: Stages) -> PruneConfig:
     shrink = [float(x) for x in a.shrink_grid.split(",") if x]
     return PruneConfig(
         eps1=a.eps1, eps2=a.eps2, shrink_grid=shrink, epochs_sparsity=a.sparsity_epochs,
-        epochs_retrain=a.retrain_epochs, rounds=a.rounds, seed=a.seed, **extra,
+        epochs_retrain=a.retrain_epochs, rounds=a.rounds, seed=a.seed, target_flops=a.target_flops,
+        distill=a.distill, distill_alpha=a.distill_alpha, distill_temperature=a.distill_temperature, **extra,
     )  # fmt: skip
 
 
@@ -189,8 +208,13 @@ def _matched(b: Stages, stage: str, method: str) -> None:
     b.stamp(
         f"{stage}: {info['params']:,} params (paper {target:,}), val top-1 before retraining {before:.2f}"
     )
-    train(model, b.train_set, b.tcfg(epochs, a.retrain_lr), progress=False)
-    b.record(stage, model, cpu0, wall0, epochs=epochs, val_top1_before_retrain=before, ratio=info["ratio"])
+    distill = (
+        Distillation(b.model("baseline"), alpha=a.distill_alpha, temperature=a.distill_temperature)
+        if a.distill else None
+    )  # fmt: skip
+    train(model, b.train_set, b.tcfg(epochs, a.retrain_lr), progress=False, distill=distill)
+    b.record(stage, model, cpu0, wall0, epochs=epochs, val_top1_before_retrain=before, ratio=info["ratio"],
+             distilled=distill is not None)  # fmt: skip
 
 
 def stage_l1norm(b: Stages) -> None:

@@ -42,6 +42,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from prunekit import distributed as D
+from prunekit.distill import Distillation
 from prunekit.evaluate import collate_list, evaluate, is_detector, normalizer, primary_metric
 from prunekit.fileio import atomic_write
 from prunekit.models import get_config, load_weights
@@ -134,6 +135,7 @@ def train(
     regularizer: Callable[[nn.Module], Tensor] | None = None,
     resume: bool = False,
     progress: bool = True,
+    distill: Distillation | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place (moved to ``cfg.device``) and return the history.
 
@@ -145,7 +147,8 @@ def train(
     clipping): how gradient-editing sparsity schemes such as Torch-Pruning's ``regularize`` plug in,
     so a peer method trains with this very loop. Under torchrun the model is wrapped in DistributedDataParallel for the
     duration of the call only: the caller keeps and gets back its plain module, so surgery never
-    sees a wrapper. Returns ``{"epochs": [per-epoch records], "steps", "time_s", "cpu_time_s", "val"}``
+    sees a wrapper. ``distill`` (:class:`prunekit.distill.Distillation`, classifiers only) adds the
+    teacher's soft targets to the loss. Returns ``{"epochs": [per-epoch records], "steps", "time_s", "cpu_time_s", "val"}``
     (times summed over epochs, across resumes; ``val``: the last validation metrics).
     """
     D.init_distributed()
@@ -155,6 +158,10 @@ def train(
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} torchrun processes")
     detector = is_detector(net)
+    if distill is not None and detector:
+        raise ValueError(
+            "distillation is implemented for classifiers only, not for a detector's multibox loss"
+        )
     out = Path(out_dir) if out_dir is not None else None
     use_amp = cfg.amp and dev.type == "cuda"
     if dev.type == "cuda":
@@ -185,6 +192,8 @@ def train(
         total_steps = min(total_steps, cfg.max_steps)
 
     net.to(dev)
+    if distill is not None:
+        distill.to(dev)
     if cfg.channels_last:
         net.to(memory_format=torch.channels_last)
     # The L1 term's own parameters get no weight decay: decay would fight the sparsity it induces.
@@ -249,7 +258,9 @@ def train(
                 lr = cfg.lr * lr_factor(step, total_steps, cfg)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                losses = _step(ddp, net, batch, detector, norm, dev, cfg, opt, scaler, regularizer, use_amp)
+                losses = _step(
+                    ddp, net, batch, detector, norm, dev, cfg, opt, scaler, regularizer, use_amp, distill
+                )
                 for k, v in losses.items():
                     epoch_sums[k] = epoch_sums.get(k, 0.0) + v
                     win_sums[k] = win_sums.get(k, 0.0) + v
@@ -374,6 +385,7 @@ def _step(
     scaler: torch.amp.GradScaler,
     regularizer: Callable[[nn.Module], Tensor] | None,
     use_amp: bool,
+    distill: Distillation | None = None,
 ) -> dict[str, Tensor]:
     """One optimizer step; returns detached losses still on the device (no host sync)."""
     mf = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -394,7 +406,12 @@ def _step(
             x = x.to(dev, non_blocking=True).contiguous(memory_format=mf)
             if norm is not None:
                 x = (x - norm[0]) / norm[1]
-            loss_dict = {"classification": F.cross_entropy(ddp(x), y.to(dev, non_blocking=True))}
+            y = y.to(dev, non_blocking=True)
+            logits = ddp(x)
+            if distill is None:
+                loss_dict = {"classification": F.cross_entropy(logits, y)}
+            else:
+                loss_dict = distill.losses(logits, x, y)
     loss = sum(loss_dict.values())
     total = loss
     reg = None

@@ -11,8 +11,7 @@ pruned first (they are the likeliest to be most accurate), up to ``max_evals``.
 
 The second half serves the phase runner (:mod:`prunekit.prune.method`): the distinct selections a
 phase can make over (k, τ1, τ2, τ3) (:func:`selection_candidates`) and how one global budget is
-split into per-phase targets on the running total (:func:`phase_cost_weights`,
-:func:`cumulative_targets`).
+split into per-phase caps on each phase's own layers (:func:`phase_cost_weights`, :func:`set_caps`).
 """
 
 from __future__ import annotations
@@ -34,12 +33,12 @@ __all__ = [
     "BudgetResult",
     "SelectionCandidate",
     "channels_cost_fn",
-    "cumulative_targets",
     "estimate_latency",
     "param_grid",
     "phase_cost_weights",
     "search_budget",
     "selection_candidates",
+    "set_caps",
 ]
 
 log = logging.getLogger(__name__)
@@ -284,25 +283,23 @@ def phase_cost_weights(
     return out
 
 
-def cumulative_targets(target: float, weights: Sequence[float]) -> list[float]:
-    """Fraction of the original cost the whole model may still have after each phase.
+def set_caps(target: float, total: float, in_sets: float, rounds: int = 1) -> list[float]:
+    """Cap on every phase's own layer set after each round, as a fraction of the set's original cost.
 
-    The reduction ``1 - target`` is shared out in proportion to ``weights`` (each phase's share of
-    the original cost): after phase i the running total must be at most
-    ``1 - (1 - target) * W_{<=i} / W``, so every phase cuts its own layers by the same fraction and
-    the last phase that carries cost enforces ``target`` itself. Because the targets are on the
-    running total, a phase that overshoots eases the later ones and one that falls short leaves
-    them more to do.
+    Costs outside every set (``total - in_sets``: layers no phase prunes) stay, so the sets must
+    reach ``s = (target * total - fixed) / in_sets`` of their cost for the whole model to meet
+    ``target``; the reduction ``1 - s`` is reached in equal steps over ``rounds``, so a second
+    round is not left with nothing to do (or a first round with everything).
     """
     if not 0.0 < target <= 1.0:
         raise ValueError(f"budget target must be a fraction of the original in (0, 1], got {target}")
-    total = float(sum(weights))
-    if total <= 0:
-        return [target] * len(weights)
-    out: list[float] = []
-    acc = 0.0
-    last = max(i for i, w in enumerate(weights) if w > 0)
-    for i, w in enumerate(weights):
-        acc += float(w)
-        out.append(target if i >= last else 1.0 - (1.0 - target) * acc / total)
-    return out
+    if rounds < 1 or in_sets <= 0 or total < in_sets:
+        raise ValueError(f"need rounds >= 1 and 0 < in_sets <= total, got {rounds}, {in_sets}, {total}")
+    fixed = total - in_sets
+    s = (target * total - fixed) / in_sets
+    if s <= 0:
+        raise ValueError(
+            f"budget {target:.3f} cannot be met: the layers no phase prunes already cost "
+            f"{fixed / total:.3f} x the original"
+        )
+    return [1.0 - (1.0 - s) * (r + 1) / rounds for r in range(rounds)]

@@ -67,6 +67,11 @@ class PruneConfig:
     keep_detection_layers: int | None = None  # pruned-Kdet: cut before the phases, which retrain it
     fold_bn: bool = False  # fold BatchNorm into the convs first: the paper's BN-free setting
     stop_early: bool = True  # λ search stops at the first inadmissible λ
+    retrain_keep_better: bool = True  # a phase whose retraining lowers the val metric keeps the pruned model
+    # Knowledge distillation from the unpruned model in every training stage (classifiers only).
+    distill: bool = False
+    distill_alpha: float = 0.9  # weight of the soft-target term (1 - alpha on the labels)
+    distill_temperature: float = 4.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -115,6 +120,11 @@ class PruneConfig:
         if self.latency_batch < 1:
             raise ValueError(f"latency_batch must be >= 1, got {self.latency_batch}")
         tau_grid(self.budget_taus)  # validates the values
+        if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
+            raise ValueError(
+                f"need 0 <= distill_alpha <= 1 and distill_temperature > 0, got "
+                f"{self.distill_alpha}, {self.distill_temperature}"
+            )
 
     @property
     def budget(self) -> tuple[str, float] | None:
@@ -181,7 +191,11 @@ FIELD_HELP: dict[str, str] = {
     "budget_max_evals": "Candidates scored per phase in the budget search.",
     "keep_detection_layers": "pruned-Kdet: keep only the first K SSD feature maps, before the phases.",
     "stop_early": "Stop the λ search at the first inadmissible λ.",
+    "retrain_keep_better": "Keep the pruned model when it scores higher (BN re-estimated) than after its retraining.",
     "fold_bn": "Fold BatchNorm into the convs before phase 1 (the paper's BN-free setting; the L1 then goes on the weights).",
+    "distill": "Distil from the unpruned model in every training stage (soft targets; classifiers only).",
+    "distill_alpha": "Weight of the distillation term (1 - alpha on the labels).",
+    "distill_temperature": "Softmax temperature of the distillation term.",
     "seed": "Seed of every training stage.",
 }
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {

@@ -87,7 +87,9 @@ class DataTrainer:
     at lr 0.02: the λ = 0 control itself lost 4.7 points, and shrink 1 scored 66.5% against
     control 78.2%; annealed to zero, shrink 1 scored 81.0%). Retraining runs at ``retrain_lr``
     (default ``config.lr``) with ``config.schedule``.
-    ``recalibration_images`` training images refresh BN statistics.
+    ``recalibration_images`` training images refresh BN statistics. After :meth:`distill_from`
+    every stage (sparsity, its λ = 0 control, retraining) adds the teacher's soft targets, so the
+    ε1 comparison stays like for like.
     """
 
     def __init__(
@@ -110,6 +112,13 @@ class DataTrainer:
         self.recalibration_images, self.progress = recalibration_images, progress
         self.sparsity_schedule = sparsity_schedule
         self.epochs_trained = 0
+        self.distill: Any = None
+
+    def distill_from(self, teacher: nn.Module, alpha: float = 0.9, temperature: float = 4.0) -> None:
+        """Every later :meth:`train` call adds ``teacher``'s soft targets (a frozen copy) to the loss."""
+        from prunekit.distill import Distillation
+
+        self.distill = Distillation(teacher, alpha=alpha, temperature=temperature)
 
     def _cfg(self, epochs: int, sparse: bool) -> Any:
         if sparse:
@@ -126,7 +135,7 @@ class DataTrainer:
             "%s: %d epochs%s", tag, epochs, "" if sparsity is None else f" (sparsity λ={sparsity.lam:g})"
         )
         train(model, self.train_set, self._cfg(epochs, sparsity is not None), regularizer=sparsity,
-              progress=self.progress)  # fmt: skip
+              progress=self.progress, distill=self.distill)  # fmt: skip
         self.epochs_trained += epochs
 
     def evaluate(self, model: nn.Module) -> dict[str, Any]:

@@ -309,3 +309,23 @@ def test_a_retraining_that_lowers_the_metric_keeps_the_pruned_model(tmp_path, ca
     assert "pruned kept" in (tmp_path / "True" / "summary.md").read_text()
     off = json.loads((tmp_path / "False" / "summary.json").read_text())["records"][-1]
     assert off["retrain_kept"] == "retrained"
+
+
+@pytest.mark.parametrize("images, kept", [(100, "retrained"), (100_000, "pruned")])
+def test_keep_better_needs_more_than_a_standard_error(tmp_path, images, kept):
+    """At a metric of 0.5, a 2-point drop is a tie on 100 validation images (SE 5 points) and a loss
+    on 100,000 (SE 0.16)."""
+    model = _model()
+    toy = _Toy(model)
+
+    def train_fn(m, reg, epochs, tag):
+        toy.train(m, reg, epochs, tag)
+        if tag.endswith("/retrain"):
+            m._retrained = True
+
+    def eval_fn(m):
+        return {"top1": 0.5 - (0.02 if getattr(m, "_retrained", False) else 0.0), "num_images": images}
+
+    run_phases(model, "vgg16", FnTrainer(train_fn, eval_fn), _hp(align=1, eps1=10, eps2=10), tmp_path)
+    records = json.loads((tmp_path / "summary.json").read_text())["records"]
+    assert {r["retrain_kept"] for r in records} == {kept}

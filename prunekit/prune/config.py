@@ -67,7 +67,7 @@ class PruneConfig:
     keep_detection_layers: int | None = None  # pruned-Kdet: cut before the phases, which retrain it
     fold_bn: bool = False  # fold BatchNorm into the convs first: the paper's BN-free setting
     stop_early: bool = True  # λ search stops at the first inadmissible λ
-    retrain_keep_better: bool = True  # a phase whose retraining lowers the val metric keeps the pruned model
+    retrain_keep_better: bool = True  # retraining that loses > 1 SE of val metric: keep the pruned model
     # Knowledge distillation from the unpruned model in every training stage (classifiers only).
     distill: bool = False
     distill_alpha: float = 0.9  # weight of the soft-target term (1 - alpha on the labels)
@@ -191,7 +191,7 @@ FIELD_HELP: dict[str, str] = {
     "budget_max_evals": "Candidates scored per phase in the budget search.",
     "keep_detection_layers": "pruned-Kdet: keep only the first K SSD feature maps, before the phases.",
     "stop_early": "Stop the λ search at the first inadmissible λ.",
-    "retrain_keep_better": "Keep the pruned model when it scores higher (BN re-estimated) than after its retraining.",
+    "retrain_keep_better": "Keep the pruned model when it scores more than one standard error above its retrained self.",
     "fold_bn": "Fold BatchNorm into the convs before phase 1 (the paper's BN-free setting; the L1 then goes on the weights).",
     "distill": "Distil from the unpruned model in every training stage (soft targets; classifiers only).",
     "distill_alpha": "Weight of the distillation term (1 - alpha on the labels).",

@@ -652,10 +652,11 @@ def run_phase(
         table("retrained", retrained, metric)
     record["retrained_metric"] = metric
     record["retrain_kept"] = "retrained"
-    if before is not None and metric < pruned_metric:
+    margin = runner.se(metric) or 0.0  # within one standard error the two are a tie: keep the trained one
+    if before is not None and metric < pruned_metric - margin:
         # Measured on CIFAR-10 VGG16 (fcs.r2, distilled): 83.18 pruned, 80.48 after three epochs.
         kept = runner.recalibrated_metric(before)
-        if kept > metric:
+        if kept > metric + margin:
             log.warning(
                 "phase %s: retraining lowered the validation metric from %.4f (the pruned model, BN "
                 "statistics re-estimated) to %.4f%s; keeping the pruned model (--no-retrain-keep-better "

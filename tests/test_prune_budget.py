@@ -71,8 +71,8 @@ def test_macs_budget_is_met_with_the_most_accurate_scored_candidate(tmp_path):
     b = summary["budget"]
     assert b["met"] and b["kind"] == "macs" and b["final_ratio"] <= 0.5
     assert b["final_cost"] == final["macs"] and b["original_cost"] == orig["macs"]
-    # every phase caps its own layers at 0.5 of their cost; the last one enforces 0.5 on the total
-    assert b["phase_targets"] == [0.5, 0.5] and b["enforcing_phase"] == 1
+    # every phase caps its own layers at 0.5 of their cost; the convs (the biggest set) enforce 0.5
+    assert b["phase_targets"] == [0.5, 0.5] and b["enforcing_phase"] == 0
     assert b["phase_layers"][0][0] == "conv1_1" and "fc6" in b["phase_layers"][1]
     for rec in summary["records"]:
         rb = rec["budget"]
@@ -272,11 +272,11 @@ def test_two_round_budget_caps_every_phase_on_its_own_layers():
     assert plan.targets == pytest.approx([0.7, 0.7, 0.4, 0.4])
     assert plan.layers[0] == plan.layers[2] and plan.layers[1] == plan.layers[3]
     assert sum(plan.weights[:2]) == pytest.approx(plan.original_cost)  # the two sets cover every layer
-    assert plan.final_index == 3
-    # the enforcing phase gets what the global target leaves: here, with nothing cut, 0.4 of the
-    # total minus the convs' full cost is below zero, so it is told to reach the floor
-    assert plan.phase_target(3, model) == pytest.approx(1e-6)
-    assert plan.phase_target(1, model) == pytest.approx(0.7)
+    assert plan.final_index == 2  # round two's conv phase: the largest set, not the last phase
+    # the enforcing phase gets what the global target leaves after the other layers' current cost
+    w_conv, w_fc = plan.weights[0], plan.weights[1]
+    assert plan.phase_target(2, model) == pytest.approx((0.4 * plan.original_cost - w_fc) / w_conv)
+    assert plan.phase_target(1, model) == pytest.approx(0.7) and plan.phase_target(3, model) == 0.4
 
 
 def test_a_retraining_that_lowers_the_metric_keeps_the_pruned_model(tmp_path, caplog):

@@ -22,6 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def check_settings(alpha: float, temperature: float) -> None:
+    """The one validation of the two knobs (PruneConfig checks them at parse time, the loss again)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distillation alpha must be in [0, 1], got {alpha}")
+    if temperature <= 0:
+        raise ValueError(f"distillation temperature must be > 0, got {temperature}")
+
+
 @dataclass
 class Distillation:
     """Soft targets from ``teacher`` (a private frozen copy is kept; the caller's model is untouched)."""
@@ -31,10 +39,7 @@ class Distillation:
     temperature: float = 4.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"distillation alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise ValueError(f"distillation temperature must be > 0, got {self.temperature}")
+        check_settings(self.alpha, self.temperature)
         self.teacher = copy.deepcopy(self.teacher).eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)

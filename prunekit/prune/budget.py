@@ -34,6 +34,7 @@ __all__ = [
     "SelectionCandidate",
     "channels_cost_fn",
     "estimate_latency",
+    "owned_layers",
     "param_grid",
     "phase_cost_weights",
     "search_budget",
@@ -268,19 +269,25 @@ def selection_candidates(
     return list(found.values()), std
 
 
-def phase_cost_weights(
-    layer_costs: Mapping[str, float], phase_layers: Sequence[Sequence[str]]
-) -> list[float]:
-    """The original cost each phase carries: the sum over its layers (``l1_layers``: the producers
-    it prunes and the heads they feed), a layer listed by several phases counted in the first.
-    Pass an empty list for a phase that prunes nothing."""
+def owned_layers(phase_layers: Sequence[Sequence[str]]) -> list[list[str]]:
+    """Each phase's layers without those an earlier phase already lists (a layer belongs to the
+    first phase that lists it), so the sets partition the layers and their costs add up."""
     seen: set[str] = set()
     out = []
     for layers in phase_layers:
         own = [n for n in layers if n not in seen]
         seen.update(own)
-        out.append(float(sum(layer_costs.get(n, 0.0) for n in own)))
+        out.append(own)
     return out
+
+
+def phase_cost_weights(
+    layer_costs: Mapping[str, float], phase_layers: Sequence[Sequence[str]]
+) -> list[float]:
+    """The original cost each phase carries: the sum over its layers (``l1_layers``: the producers
+    it prunes and the heads they feed), a layer listed by several phases counted in the first
+    (:func:`owned_layers`). Pass an empty list for a phase that prunes nothing."""
+    return [float(sum(layer_costs.get(n, 0.0) for n in own)) for own in owned_layers(phase_layers)]
 
 
 def set_caps(target: float, total: float, in_sets: float, rounds: int = 1) -> list[float]:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from prunekit.distill import check_settings as check_distill_settings
 from prunekit.prune.selection import MIN_KEEP_FRACTION, TAU1, TAU2, TAU3, check_taus, tau_grid
 from prunekit.prune.threshold import DEFAULT_K_RANGE
 
@@ -120,11 +121,7 @@ class PruneConfig:
         if self.latency_batch < 1:
             raise ValueError(f"latency_batch must be >= 1, got {self.latency_batch}")
         tau_grid(self.budget_taus)  # validates the values
-        if not 0.0 <= self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
-            raise ValueError(
-                f"need 0 <= distill_alpha <= 1 and distill_temperature > 0, got "
-                f"{self.distill_alpha}, {self.distill_temperature}"
-            )
+        check_distill_settings(self.distill_alpha, self.distill_temperature)
 
     @property
     def budget(self) -> tuple[str, float] | None:

@@ -277,7 +277,7 @@ def _budget_plan(
     budget = hp.budget
     if budget is None:
         return None
-    from prunekit.prune.budget import phase_cost_weights, set_caps
+    from prunekit.prune.budget import owned_layers, phase_cost_weights, set_caps
     from prunekit.prune.cost import config_macs
     from prunekit.prune.profile import layer_latency_estimates
 
@@ -296,12 +296,7 @@ def _budget_plan(
         rp = resolve(p, graph, already)
         already |= set(rp.prune_layers)
         sets.append(rp.l1_layers if rp.prune_layers else [])
-    first = {n for layers in sets for n in layers}
-    owned: list[list[str]] = []  # a layer listed by several phases belongs to the first
-    for layers in sets:
-        own = [n for n in layers if n in first]
-        first -= set(own)
-        owned.append(own)
+    owned = owned_layers(sets)
     weights = phase_cost_weights(per_layer, owned)
     total = float(sum(per_layer.values()))
     if sum(weights) <= 0:

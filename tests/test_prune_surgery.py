@@ -125,3 +125,33 @@ def test_keep_detection_layers_keeps_the_first_anchors_exactly(k):
     torch.testing.assert_close(part[1], full[1][:, :n], atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="1..6"):
         keep_detection_layers(model, 7)
+
+
+def test_dropout_after_a_cut_linear_follows_hans_rule_and_survives_save_and_load(tmp_path):
+    model = prunekit.vgg16(10, variant="imagenet", width=0.0625).eval()  # fc6 6272... -> 256, fc7 256
+    fc6, fc7 = model.classifier[0], model.classifier[3]
+    keep = {"conv5_3": range(8), "fc6": range(64), "fc7": range(16)}
+    pruned = prune_channels(model, keep)
+    r6 = (8 * 49 * 64) / fc6.weight.numel()  # conv5_3 32 -> 8 channels of 7x7, fc6 256 -> 64 units
+    r7 = (64 * 16) / fc7.weight.numel()
+    assert pruned.classifier[2].p == pytest.approx(0.5 * r6**0.5, abs=1e-6)
+    assert pruned.classifier[5].p == pytest.approx(0.5 * r7**0.5, abs=1e-6)
+    again = prune_channels(pruned, {"fc7": range(4)})  # rates compose over repeated cuts
+    assert again.classifier[5].p == pytest.approx(0.5 * ((64 * 4) / fc7.weight.numel()) ** 0.5, abs=1e-6)
+    assert again.classifier[2].p == pruned.classifier[2].p
+    loaded = prunekit.load(prunekit.save(again, tmp_path / "p.pt"))
+    assert [m.p for m in loaded.modules() if isinstance(m, nn.Dropout)] == [
+        again.classifier[2].p,
+        again.classifier[5].p,
+    ]
+    kept = prune_channels(model, keep, dropout_rule="keep")
+    assert kept.classifier[2].p == kept.classifier[5].p == 0.5
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():  # eval outputs do not depend on the rule
+        torch.testing.assert_close(pruned.eval()(x), kept.eval()(x), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="dropout_rule"):
+        prune_channels(model, keep, dropout_rule="scale")
+    bad = get_config(pruned)
+    bad.dropout = {"features.0": 0.1}
+    with pytest.raises(ValueError, match="not a Dropout module"):
+        prunekit.models.build_model(bad)

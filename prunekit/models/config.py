@@ -42,6 +42,10 @@ class ArchConfig:
     variant: str | None = None  # vgg16: "imagenet" | "cifar"
     batch_norm: bool = False
     class_names: list[str] = field(default_factory=list)
+    # Dropout rate by module path, where pruning changed it from the architecture's default
+    # (Han et al.'s rule, :func:`prunekit.prune.surgery.scaled_dropout`): a dropout of 0.5 sized
+    # for 1,024 units starves a layer cut to 48.
+    dropout: dict[str, float] = field(default_factory=dict)
     # Detector post-processing defaults (torchvision SSD's), carried so exports and the
     # torch-free runtime decode exactly as the PyTorch model does.
     score_thresh: float = 0.01

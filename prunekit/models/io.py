@@ -37,10 +37,19 @@ def get_config(model: nn.Module) -> ArchConfig:
 def build_model(cfg: ArchConfig) -> nn.Module:
     """Rebuild a model (stock or pruned) from its config, with freshly initialised weights."""
     if cfg.is_detector:
-        return build_ssd(cfg)
-    if cfg.arch == "vgg16":
-        return VGG(cfg)
-    raise ValueError(f"unknown architecture {cfg.arch!r}; expected one of {ARCHS}")
+        model = build_ssd(cfg)
+    elif cfg.arch == "vgg16":
+        model = VGG(cfg)
+    else:
+        raise ValueError(f"unknown architecture {cfg.arch!r}; expected one of {ARCHS}")
+    for path, p in cfg.dropout.items():
+        m = dict(model.named_modules()).get(path)
+        if not isinstance(m, nn.Dropout):
+            raise ValueError(
+                f"{cfg.arch} config sets a dropout rate on {path!r}, which is not a Dropout module"
+            )
+        m.p = float(p)
+    return model
 
 
 def default_config(name: str, num_classes: int, width: float = 1.0, **kw: Any) -> ArchConfig:

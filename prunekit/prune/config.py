@@ -14,6 +14,7 @@ from typing import Any
 
 from prunekit.distill import check_settings as check_distill_settings
 from prunekit.prune.selection import MIN_KEEP_FRACTION, TAU1, TAU2, TAU3, check_taus, tau_grid
+from prunekit.prune.surgery import DROPOUT_RULES
 from prunekit.prune.threshold import DEFAULT_K_RANGE
 
 
@@ -45,6 +46,7 @@ class PruneConfig:
     min_keep: int = 1
     min_keep_fraction: float = MIN_KEEP_FRACTION  # a layer keeps at least this share of its filters
     fold_bias: bool = True  # constant outputs of removed channels folded into the consumers' biases
+    dropout_rule: str = "han"  # "han": dropout after a cut Linear scaled by sqrt(connections kept) | "keep"
     eps_pruned: float = 5.0  # pruned (before retraining) may lose at most this many points vs Θ_L1
     align: int = 8  # round kept counts to multiples of this (1 = the paper exactly)
     epochs_sparsity: int = 10
@@ -93,6 +95,8 @@ class PruneConfig:
             )
         if not 0.0 <= self.min_keep_fraction <= 1.0:
             raise ValueError(f"min_keep_fraction must be in [0, 1], got {self.min_keep_fraction}")
+        if self.dropout_rule not in DROPOUT_RULES:
+            raise ValueError(f"dropout_rule must be one of {DROPOUT_RULES}, got {self.dropout_rule!r}")
         if self.eps_pruned < 0:
             raise ValueError(f"eps_pruned must be >= 0 points, got {self.eps_pruned}")
         if self.align < 1 or self.min_keep < 1:
@@ -166,6 +170,7 @@ FIELD_HELP: dict[str, str] = {
     "min_keep": "Filters every layer keeps at least.",
     "min_keep_fraction": "Share of its filters every layer keeps at least.",
     "fold_bias": "Fold removed channels' constant outputs (bias, BN beta) into the consumers' biases.",
+    "dropout_rule": "han: rescale the dropout after a cut Linear to p sqrt(connections kept) (Han et al. 2015); keep: leave it.",
     "eps_pruned": "Allowed drop of the pruned model (before retraining) below Θ_L1, points; else smaller k.",
     "align": "Round kept filters to multiples of N (1 = the paper exactly).",
     "epochs_sparsity": "Epochs of each sparsity-induction run.",
@@ -202,6 +207,7 @@ FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "threshold_scale": ("layer", "global", "raw"),
     "cost_aware": ("macs", "latency"),
     "cost_per": ("weight", "layer"),
+    "dropout_rule": DROPOUT_RULES,
     "latency_backend": ("ort-cpu", "torch"),
     "latency_precision": ("fp32", "fp16"),
 }

@@ -566,7 +566,7 @@ def land_on_budget(
     def meets(sel: dict[str, torch.Tensor]) -> bool:
         if not sel:
             return False
-        new = prune_channels(model, sel, graph, fold_bias=hp.fold_bias)
+        new = prune_channels(model, sel, graph, fold_bias=hp.fold_bias, dropout_rule=hp.dropout_rule)
         return all(fn(new) <= target for _, target, fn in budget)
 
     if not meets(keep):
@@ -650,7 +650,7 @@ def _prune_point(
             _commit_book(tdir, book)
             return model
         book.d["best_metric"] = m0 if best is None else max(best, m0)
-    new = prune_channels(model, keep, graph, fold_bias=hp.fold_bias)
+    new = prune_channels(model, keep, graph, fold_bias=hp.fold_bias, dropout_rule=hp.dropout_rule)
     after = model_stats(new)
     rec.update(params_after=after["params"], macs_after=after["macs"], predicted_params=predict_params(model, keep, graph),
                removed=_removed(model, new))  # fmt: skip

@@ -358,7 +358,9 @@ def _budget_search(
         return prices[key]
 
     def eval_fn(c: SelectionCandidate) -> float:
-        return runner.recalibrated_metric(prune_channels(sparse, c.keep, graph, fold_bias=hp.fold_bias))
+        return runner.recalibrated_metric(
+            prune_channels(sparse, c.keep, graph, fold_bias=hp.fold_bias, dropout_rule=hp.dropout_rule)
+        )
 
     target = plan.phase_target(index, sparse) if own is not None else 1.0
     res = search_budget(
@@ -594,7 +596,9 @@ def run_phase(
                 th_model, rp.prune_layers, graph, tau1, tau2, tau3, min_keep=hp.min_keep, align=hp.align,
                 min_keep_fraction=hp.min_keep_fraction, fold_bn=fold,
             )  # fmt: skip
-            pruned = prune_channels(sparse, result.keep, graph, fold_bias=hp.fold_bias)
+            pruned = prune_channels(
+                sparse, result.keep, graph, fold_bias=hp.fold_bias, dropout_rule=hp.dropout_rule
+            )
             pruned_metric = runner.recalibrated_metric(pruned) if scored is None else float(scored)
             cut = {
                 n: f"{st['filters']}->{st['kept']}"

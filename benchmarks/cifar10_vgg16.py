@@ -230,7 +230,7 @@ def stage_ort(b: Stages) -> None:
 
 
 def write_result(b: Stages) -> None:
-    keys = ("params", "macs", "top1", "top1_se", "val_top1", "epochs", "wall_s", "cpu_s", "filters")
+    keys = ("params", "macs", "top1", "top1_se", "val_top1", "epochs", "wall_s", "cpu_s", "filters", "dropout")
     res: dict[str, Any] = {
         "benchmark": "cifar10_vgg16",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -179,6 +179,7 @@ class Stages:
             f"val_{self.primary}": val[self.primary],
             "checkpoint": str(path),
             "filters": {r["layer"]: r["filters_after"] for r in layer_table(model)},
+            "dropout": {n: m.p for n, m in model.named_modules() if isinstance(m, nn.Dropout)},
             "wall_s": round(time.perf_counter() - wall0, 1),
             "cpu_s": round(time.process_time() - cpu0, 1),
             "loadavg_end": list(os.getloadavg()),

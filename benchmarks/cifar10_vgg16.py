@@ -84,6 +84,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--sparsity-epochs", type=int, default=1)
     ap.add_argument("--retrain-epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=2, help="passes over the phases (convs, fcs)")
+    ap.add_argument(
+        "--final-epochs", type=int, default=0,
+        help="epochs of fine-tuning of the finished paper model (distilled with --distill); the control, "
+        "l1norm and random get them too",
+    )  # fmt: skip
     ap.add_argument("--prune-lr", type=float, default=0.02, help="sparsity-induction lr (cosine to 0)")
     ap.add_argument("--retrain-lr", type=float, default=0.02, help="retraining lr (cosine)")
     ap.add_argument("--lam-grid", default="", help="absolute λ values (override --shrink-grid)")
@@ -167,7 +172,7 @@ def _hp(b: Stages) -> PruneConfig:
 
 def lineage_epochs(b: Stages) -> int:
     """Epochs on the path baseline -> paper (each phase: its chosen sparsity run + retraining)."""
-    return b.args.rounds * 2 * (b.args.sparsity_epochs + b.args.retrain_epochs)
+    return b.args.rounds * 2 * (b.args.sparsity_epochs + b.args.retrain_epochs) + b.args.final_epochs
 
 
 def stage_paper(b: Stages) -> None:
@@ -182,17 +187,38 @@ def stage_paper(b: Stages) -> None:
     b.stamp(f"paper: prunekit default method, {hp.to_dict()}")
     pruned = run_phases(baseline, "vgg16", trainer, hp, b.out / "paper", resume=True)
     summary = json.loads((b.out / "paper" / "summary.json").read_text())
+    extra: dict[str, Any] = {}
+    if a.final_epochs:
+        extra["val_top1_before_final"] = b.score(pruned, b.val_set)["top1"]
+        b.stamp(f"paper: {a.final_epochs} final epochs from val top-1 {extra['val_top1_before_final']:.2f}")
+        distill = (
+            Distillation(baseline, alpha=a.distill_alpha, temperature=a.distill_temperature)
+            if a.distill
+            else None
+        )
+        train(pruned, b.train_set, b.tcfg(a.final_epochs, a.retrain_lr), progress=False, distill=distill)
     b.record("paper", pruned, cpu0, wall0, epochs=lineage_epochs(b), epochs_all=trainer.epochs_trained,
-             phases=phase_rows(summary), prune_config=hp.to_dict())  # fmt: skip
+             phases=phase_rows(summary), prune_config=hp.to_dict(), final_epochs=a.final_epochs,
+             **extra)  # fmt: skip
 
 
 def stage_control(b: Stages) -> None:
     a = b.args
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    model = copy.deepcopy(b.model("baseline"))
     epochs = lineage_epochs(b)
     b.stamp(f"control: {epochs} more epochs of the unpruned baseline")
-    train(model, b.train_set, b.tcfg(epochs, a.retrain_lr), progress=False)
+    # The same shape as paper's lineage: the phases' epochs, then the final epochs as a second
+    # cosine cycle (its first part is saved as control_phases.pt and reused when present).
+    first = b.out / "control_phases.pt"
+    if a.final_epochs and first.is_file():
+        model = prunekit.load(first).to(a.device)
+    else:
+        model = copy.deepcopy(b.model("baseline"))
+        train(model, b.train_set, b.tcfg(epochs - a.final_epochs, a.retrain_lr), progress=False)
+        if a.final_epochs:
+            prunekit.save(model, first)
+    if a.final_epochs:
+        train(model, b.train_set, b.tcfg(a.final_epochs, a.retrain_lr), progress=False)
     b.record("control", model, cpu0, wall0, epochs=a.epochs * a.baseline_cycles + epochs)
 
 
@@ -230,7 +256,20 @@ def stage_ort(b: Stages) -> None:
 
 
 def write_result(b: Stages) -> None:
-    keys = ("params", "macs", "top1", "top1_se", "val_top1", "epochs", "wall_s", "cpu_s", "filters", "dropout")
+    keys = (
+        "params",
+        "macs",
+        "top1",
+        "top1_se",
+        "val_top1",
+        "epochs",
+        "wall_s",
+        "cpu_s",
+        "filters",
+        "dropout",
+        "final_epochs",
+        "val_top1_before_final",
+    )
     res: dict[str, Any] = {
         "benchmark": "cifar10_vgg16",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

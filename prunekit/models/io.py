@@ -42,8 +42,9 @@ def build_model(cfg: ArchConfig) -> nn.Module:
         model = VGG(cfg)
     else:
         raise ValueError(f"unknown architecture {cfg.arch!r}; expected one of {ARCHS}")
+    modules = dict(model.named_modules()) if cfg.dropout else {}
     for path, p in cfg.dropout.items():
-        m = dict(model.named_modules()).get(path)
+        m = modules.get(path)
         if not isinstance(m, nn.Dropout):
             raise ValueError(
                 f"{cfg.arch} config sets a dropout rate on {path!r}, which is not a Dropout module"

@@ -14,7 +14,7 @@ from typing import Any
 
 from prunekit.distill import check_settings as check_distill_settings
 from prunekit.prune.selection import MIN_KEEP_FRACTION, TAU1, TAU2, TAU3, check_taus, tau_grid
-from prunekit.prune.surgery import DROPOUT_RULES
+from prunekit.prune.surgery import DROPOUT_RULES, check_dropout_rule
 from prunekit.prune.threshold import DEFAULT_K_RANGE
 
 
@@ -95,8 +95,7 @@ class PruneConfig:
             )
         if not 0.0 <= self.min_keep_fraction <= 1.0:
             raise ValueError(f"min_keep_fraction must be in [0, 1], got {self.min_keep_fraction}")
-        if self.dropout_rule not in DROPOUT_RULES:
-            raise ValueError(f"dropout_rule must be one of {DROPOUT_RULES}, got {self.dropout_rule!r}")
+        check_dropout_rule(self.dropout_rule)
         if self.eps_pruned < 0:
             raise ValueError(f"eps_pruned must be >= 0 points, got {self.eps_pruned}")
         if self.align < 1 or self.min_keep < 1:

@@ -240,6 +240,12 @@ def fold_constants(model: nn.Module, deltas: Mapping[str, Tensor]) -> None:
 DROPOUT_RULES = ("han", "keep")
 
 
+def check_dropout_rule(rule: str) -> None:
+    """One check for :class:`~prunekit.prune.config.PruneConfig` and :func:`prune_channels`."""
+    if rule not in DROPOUT_RULES:
+        raise ValueError(f"dropout_rule must be one of {DROPOUT_RULES}, got {rule!r}")
+
+
 def scaled_dropout(before: nn.Module, after: nn.Module) -> dict[str, float]:
     """Dropout rates for ``after`` (a cut copy of ``before``, same module paths) by Han et al.'s
     rule (NIPS 2015, sec. 3.4): D_r = D_o sqrt(C_r / C_o), C the connections of the Linear whose
@@ -259,9 +265,8 @@ def scaled_dropout(before: nn.Module, after: nn.Module) -> dict[str, float]:
             last = path, m
         elif type(m) is nn.Dropout and last is not None and isinstance(old.get(last[0]), nn.Linear):
             c_old, c_new = old[last[0]].weight.numel(), last[1].weight.numel()
-            p0 = float(getattr(old.get(path), "p", m.p))
-            p = round(p0 * (c_new / c_old) ** 0.5, 6) if c_old else p0
-            if p != p0:
+            p = round(m.p * (c_new / c_old) ** 0.5, 6) if c_old else m.p
+            if p != m.p:
                 rates[path] = p
     return rates
 
@@ -286,8 +291,7 @@ def prune_channels(
     ``dropout_rule="han"`` rescales the dropout after each cut Linear (:func:`scaled_dropout`);
     ``"keep"`` leaves the rates as they were. Neither changes the model's outputs in eval mode.
     """
-    if dropout_rule not in DROPOUT_RULES:
-        raise ValueError(f"dropout_rule must be one of {DROPOUT_RULES}, got {dropout_rule!r}")
+    check_dropout_rule(dropout_rule)
     graph = graph or build_dependency_graph(model)
     work = copy.deepcopy(model)
     if fold_bias:

@@ -75,7 +75,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--val-images", type=int, default=5000)
     ap.add_argument("--epochs", type=int, default=25, help="baseline epochs (per cycle)")
     ap.add_argument(
-        "--baseline-cycles", type=int, default=1,
+        "--baseline-cycles", type=int, default=3,
         help="cosine cycles of --epochs for the baseline, each restarting at --lr from the last "
         "(warm restarts; one cycle of 25 epochs left it at 82.3%%, not converged)",
     )  # fmt: skip
@@ -95,14 +95,20 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--shrink-grid", default="1,2,4,8,16,32", help="total L1 shrink per sparsity stage, comma list"
     )
-    ap.add_argument("--eps1", type=float, default=5.0, help="points; see the module docstring")
+    ap.add_argument(
+        "--lam-search",
+        default="bisect",
+        choices=("bisect", "ascending"),
+        help="λ search over the grid (prunekit --lam-search); v7 and earlier: ascending",
+    )
+    ap.add_argument("--eps1", type=float, default=2.0, help="points; see the module docstring")
     ap.add_argument("--eps2", type=float, default=15.0)
     ap.add_argument(
-        "--target-flops", type=float, default=None,
+        "--target-flops", type=float, default=0.38,
         help="MAC budget for paper, a fraction of the baseline's (prunekit --target-flops)",
     )  # fmt: skip
     ap.add_argument(
-        "--distill", action="store_true",
+        "--distill", action=argparse.BooleanOptionalAction, default=True,
         help="paper, l1norm and random retrain with soft targets from the baseline (prunekit --distill); "
         "the control does not (it is the unpruned model given the same epochs)",
     )  # fmt: skip
@@ -164,7 +170,7 @@ def _hp(b: Stages) -> PruneConfig:
     extra = {"lam_grid": [float(x) for x in a.lam_grid.split(",") if x]} if a.lam_grid else {}
     shrink = [float(x) for x in a.shrink_grid.split(",") if x]
     return PruneConfig(
-        eps1=a.eps1, eps2=a.eps2, shrink_grid=shrink, epochs_sparsity=a.sparsity_epochs,
+        eps1=a.eps1, eps2=a.eps2, shrink_grid=shrink, lam_search=a.lam_search, epochs_sparsity=a.sparsity_epochs,
         epochs_retrain=a.retrain_epochs, rounds=a.rounds, seed=a.seed, target_flops=a.target_flops,
         distill=a.distill, distill_alpha=a.distill_alpha, distill_temperature=a.distill_temperature, **extra,
     )  # fmt: skip

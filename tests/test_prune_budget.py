@@ -254,7 +254,9 @@ def test_sparsity_trials_are_scored_after_bn_recalibration(tmp_path):
     run_phases(_model(), "vgg16", FnTrainer(train_fn, eval_fn, recal), hp, tmp_path)
     sp = json.loads((tmp_path / "p1" / "record.json").read_text())["sparsity"]
     assert sp["lam"] == pytest.approx(0.3)  # as trained, λ = 0.1 already scores 0.8 < 0.85
-    assert [t["metric"] for t in sp["trials"]] == pytest.approx([0.9] * 4)  # control + 3 λ
+    # the λ = 0 control, then the bisection of the grid: 0.2, then 0.3, every one recalibrated
+    assert [t["lam"] for t in sp["trials"]] == pytest.approx([0.0, 0.2, 0.3])
+    assert [t["metric"] for t in sp["trials"]] == pytest.approx([0.9] * 3)
 
 
 def test_two_round_budget_caps_every_phase_on_its_own_layers():

@@ -187,6 +187,40 @@ def test_lambda_search_keeps_the_largest_lambda_within_eps1():
     assert torch.equal(res.model[0].weight, net[0].weight)
 
 
+@pytest.mark.parametrize(
+    ("last_ok", "tried", "kept"),
+    [
+        (5, [4.0, 16.0, 32.0], 32.0),
+        (0, [4.0, 1.0, 2.0], 1.0),
+        (1, [4.0, 1.0, 2.0], 2.0),
+        (2, [4.0, 16.0, 8.0], 4.0),
+        (-1, [4.0, 1.0], 0.0),
+    ],
+    ids=["all-pass", "first-only", "second", "third", "none"],
+)
+def test_bisecting_lambda_search_tries_log2_of_the_grid_and_keeps_the_largest_admissible(
+    last_ok, tried, kept
+):
+    grid = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    net = _toy_net()
+
+    def eval_fn(m):  # the trial's λ is stamped on the model by train_fn; admissible up to grid[last_ok]
+        lam = m.lam
+        return 0.9 if lam == 0 or (last_ok >= 0 and lam <= grid[last_ok]) else 0.5
+
+    def train_fn(m, reg):
+        m.lam = reg.lam
+
+    res = induce_sparsity(
+        net, ["0"], grid, train_fn, eval_fn, eps1=2.0, baseline_metric=0.9, reference="control", search="bisect",
+        make_regularizer=lambda m, lam: l1_regularizer(m, ["0"], lam),
+    )  # fmt: skip
+    assert [t["lam"] for t in res.trials] == [0.0, *tried]  # the λ = 0 control, then the bisection
+    assert res.lam == kept and res.admissible == (kept > 0)
+    with pytest.raises(ValueError, match="'ascending' or 'bisect'"):
+        induce_sparsity(net, ["0"], grid, train_fn, eval_fn, 2.0, 0.9, search="descending")
+
+
 # -- phases -------------------------------------------------------------------------------------
 
 

@@ -69,7 +69,8 @@ class PruneConfig:
     budget_max_evals: int | None = 8  # evaluations per phase in the budget search
     keep_detection_layers: int | None = None  # pruned-Kdet: cut before the phases, which retrain it
     fold_bn: bool = False  # fold BatchNorm into the convs first: the paper's BN-free setting
-    stop_early: bool = True  # λ search stops at the first inadmissible λ
+    stop_early: bool = True  # ascending λ search stops at the first inadmissible λ
+    lam_search: str = "bisect"  # "bisect": ⌈log2(n+1)⌉ trials over the sorted grid | "ascending"
     retrain_keep_better: bool = True  # retraining that loses > 1 SE of val metric: keep the pruned model
     # Knowledge distillation from the unpruned model in every training stage (classifiers only).
     distill: bool = False
@@ -87,6 +88,8 @@ class PruneConfig:
             raise ValueError("lam_grid / shrink_grid and k_range must not be empty")
         if self.sparsity_target not in ("bn", "weights"):
             raise ValueError(f"sparsity_target must be 'bn' or 'weights', got {self.sparsity_target!r}")
+        if self.lam_search not in ("bisect", "ascending"):
+            raise ValueError(f"lam_search must be 'bisect' or 'ascending', got {self.lam_search!r}")
         if self.eps1_reference not in ("control", "before"):
             raise ValueError(f"eps1_reference must be 'control' or 'before', got {self.eps1_reference!r}")
         if self.threshold_scale not in ("layer", "global", "raw"):
@@ -191,7 +194,8 @@ FIELD_HELP: dict[str, str] = {
     "budget_taus": "τ values the budget search combines.",
     "budget_max_evals": "Candidates scored per phase in the budget search.",
     "keep_detection_layers": "pruned-Kdet: keep only the first K SSD feature maps, before the phases.",
-    "stop_early": "Stop the λ search at the first inadmissible λ.",
+    "stop_early": "Stop the ascending λ search at the first inadmissible λ.",
+    "lam_search": "bisect: bisect the sorted λ grid (assumes the metric falls as λ grows); ascending: try each in turn.",
     "retrain_keep_better": "Keep the pruned model when it scores more than one standard error above its retrained self.",
     "fold_bn": "Fold BatchNorm into the convs before phase 1 (the paper's BN-free setting; the L1 then goes on the weights).",
     "distill": "Distil from the unpruned model in every training stage (soft targets; classifiers only).",
@@ -202,6 +206,7 @@ FIELD_HELP: dict[str, str] = {
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "sparsity_target": ("bn", "weights"),
     "eps1_reference": ("control", "before"),
+    "lam_search": ("bisect", "ascending"),
     "threshold_search": ("scan", "bisect"),
     "threshold_scale": ("layer", "global", "raw"),
     "cost_aware": ("macs", "latency"),

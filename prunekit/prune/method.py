@@ -527,6 +527,7 @@ def run_phase(
             model, rp.l1_layers, lams, train_sparse, runner.recalibrated_metric, hp.eps1, before_metric, weights,
             stop_early=hp.stop_early, make_regularizer=lambda m, lam: Sparsity(lam, targets, hp.proximal),
             reference=hp.eps1_reference, strict=hp.strict, se=runner.se(before_metric), name=phase.name,
+            search=hp.lam_search,
         )  # fmt: skip
         for t in res.trials:
             t["shrink"] = t["lam"] * lr_sum

@@ -54,6 +54,7 @@ from prunekit.evaluate import evaluate
 from prunekit.fileio import atomic_write_json, atomic_write_text
 from prunekit.prune.baselines import prune_baseline
 from prunekit.prune.method import PruneConfig, phase_rows, run_phases
+from prunekit.prune.sparsity import LAM_SEARCHES
 from prunekit.prune.trainer import DataTrainer
 from prunekit.train import train
 
@@ -98,7 +99,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument(
         "--lam-search",
         default="bisect",
-        choices=("bisect", "ascending"),
+        choices=LAM_SEARCHES,
         help="λ search over the grid (prunekit --lam-search); v7 and earlier: ascending",
     )
     ap.add_argument("--eps1", type=float, default=2.0, help="points; see the module docstring")

@@ -14,6 +14,7 @@ from typing import Any
 
 from prunekit.distill import check_settings as check_distill_settings
 from prunekit.prune.selection import MIN_KEEP_FRACTION, TAU1, TAU2, TAU3, check_taus, tau_grid
+from prunekit.prune.sparsity import LAM_SEARCHES, check_lam_search
 from prunekit.prune.surgery import DROPOUT_RULES, check_dropout_rule
 from prunekit.prune.threshold import DEFAULT_K_RANGE
 
@@ -88,8 +89,7 @@ class PruneConfig:
             raise ValueError("lam_grid / shrink_grid and k_range must not be empty")
         if self.sparsity_target not in ("bn", "weights"):
             raise ValueError(f"sparsity_target must be 'bn' or 'weights', got {self.sparsity_target!r}")
-        if self.lam_search not in ("bisect", "ascending"):
-            raise ValueError(f"lam_search must be 'bisect' or 'ascending', got {self.lam_search!r}")
+        check_lam_search(self.lam_search)
         if self.eps1_reference not in ("control", "before"):
             raise ValueError(f"eps1_reference must be 'control' or 'before', got {self.eps1_reference!r}")
         if self.threshold_scale not in ("layer", "global", "raw"):
@@ -206,7 +206,7 @@ FIELD_HELP: dict[str, str] = {
 FIELD_CHOICES: dict[str, tuple[str, ...]] = {
     "sparsity_target": ("bn", "weights"),
     "eps1_reference": ("control", "before"),
-    "lam_search": ("bisect", "ascending"),
+    "lam_search": LAM_SEARCHES,
     "threshold_search": ("scan", "bisect"),
     "threshold_scale": ("layer", "global", "raw"),
     "cost_aware": ("macs", "latency"),

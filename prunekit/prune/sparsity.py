@@ -181,6 +181,15 @@ class SparsityResult:
         }
 
 
+LAM_SEARCHES = ("bisect", "ascending")
+
+
+def check_lam_search(search: str) -> None:
+    """One check for :class:`~prunekit.prune.config.PruneConfig` and :func:`induce_sparsity`."""
+    if search not in LAM_SEARCHES:
+        raise ValueError(f"lam_search must be one of {LAM_SEARCHES}, got {search!r}")
+
+
 class NoAdmissibleLambda(RuntimeError):
     """Raised under ``strict`` when every λ of the grid loses more than ε1."""
 
@@ -221,6 +230,7 @@ def induce_sparsity(
     """
     if not lam_grid:
         raise ValueError("λ grid is empty")
+    check_lam_search(search)
     if reference not in ("before", "control"):
         raise ValueError(f"eps1 reference must be 'before' or 'control', got {reference!r}")
     make = make_regularizer or (lambda m, lam: l1_regularizer(m, layers, lam, layer_weights))
@@ -248,7 +258,7 @@ def induce_sparsity(
             "%s sparsity λ=%g: metric %.4f against floor %.4f (reference %.4f - ε1 %.2f points)%s: %s",
             name, lam, metric, floor, ref_metric, eps1, se_text(se), "ok" if ok else "too low",
         )  # fmt: skip
-        if ok and (best is None or lam > best.lam):
+        if ok:  # both searches try an admissible λ only above every admissible one before it
             best = SparsityResult(trial, lam, metric, True)
         return ok
 
@@ -257,12 +267,10 @@ def induce_sparsity(
         while hi - lo > 1:
             mid = (lo + hi) // 2
             lo, hi = (mid, hi) if trial_at(grid[mid]) else (lo, mid)
-    elif search == "ascending":
+    else:
         for lam in grid:
             if not trial_at(lam) and stop_early:
                 break
-    else:
-        raise ValueError(f"λ search must be 'ascending' or 'bisect', got {search!r}")
     if best is None:
         msg = (
             f"{name + ': ' if name else ''}NO λ admissible: every λ tried loses more than ε1 = {eps1:g} points "

@@ -1,6 +1,6 @@
 """VGG16 (the paper's Table 8 layout, BN, width 0.25) on all of CIFAR-10: prunekit against its controls.
 
-    python benchmarks/cifar10_vgg16.py                      # every stage, CPU (~2 h on 2 cores with the baseline)
+    python benchmarks/cifar10_vgg16.py                      # every stage, CPU (3-4 h on 2 cores, 1-1.5 h the baseline)
     python benchmarks/cifar10_vgg16.py --stages baseline    # one stage; later runs reuse it (--out)
     python benchmarks/cifar10_vgg16.py --smoke              # plumbing only: a few hundred images
 
@@ -14,14 +14,21 @@ Stages, each a checkpoint in ``--out`` that a later invocation reuses:
   compressed model is judged against (the short baseline is not converged).
 * ``l1norm`` / ``random``: Li et al.'s filter L1-norm ranking and random removal, cut from the
   baseline to ``paper``'s parameter count and retrained for the same epochs.
+* ``extend`` (with ``--extend-epochs E``): ``control``, ``paper``, ``l1norm`` and ``random`` each go
+  on for E more epochs from their checkpoints, so all four are judged again at a longer budget
+  without a new lineage; each row keeps its earlier numbers under ``before_extension``.
 * ``ort``: ONNX Runtime CPU throughput at batch 1 of ``paper`` against ``baseline``, one run.
 
-Method settings: two rounds over the two phases (``--rounds 2``), one-epoch sparsity stages
-annealed to zero (cosine, peak lr 0.02), shrink grid 1..32 (the largest within ε1 = 5 points of
-the λ = 0 control is kept), three retraining epochs per phase. ε1 is 5 points, not the paper's 1:
-a one-epoch stage scores Θ_L1 before it has re-converged (measured: shrink 1 scored 81.2% against
-the control's 82.8%, shrink 2 74.5%). The final model is judged against the control at the issue's
-1-point tolerance. An earlier run at a constant sparsity lr and one round compressed 2.2x.
+Method settings (the defaults, run v8): three rounds over the two phases (``--rounds 3``), so the
+MAC budget is reached in three cuts (caps 0.793, 0.587 and 0.38 of each set's MACs) instead of
+two (v7's first cut, to 0.69, scored 50.2 before retraining; v8's first scored 82.2); one-epoch
+sparsity stages annealed to zero (cosine, peak lr 0.02); a bisected λ search over the shrink grid
+1, 1.5, 2, 3, 4, 8, 16, 32 (the largest within ε1 = 2 points of the λ = 0 control is kept, in
+⌈log2(n+1)⌉ one-epoch trials); three retraining epochs per phase, then 8 final epochs
+(``--final-epochs``) that the control and the baselines get too. ε1 is 2 points, not the paper's
+1: a one-epoch stage scores Θ_L1 before it has re-converged, and the 5,000-image validation set's
+standard error is 0.5 points. The final model is judged against the control at the issue's
+1-point tolerance.
 
 ``--target-flops R`` gives ``paper`` a MAC budget (prunekit's ``--target-flops``: each phase's
 selection is the most accurate candidate within its share of the budget), and ``--distill``
@@ -61,7 +68,8 @@ from prunekit.train import train
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, RESULTS, Stages, load_cifar, machine_info, make_vgg, render_tail, run_stages  # noqa: E402
 
-STAGES = ("baseline", "paper", "control", "l1norm", "random", "ort")
+STAGES = ("baseline", "paper", "control", "l1norm", "random", "extend", "ort")
+COMPARED = ("control", "paper", "l1norm", "random")  # the stages judged at one epoch budget
 log = logging.getLogger("cifar10_vgg16")
 
 
@@ -84,17 +92,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--sparsity-epochs", type=int, default=1)
     ap.add_argument("--retrain-epochs", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=2, help="passes over the phases (convs, fcs)")
+    ap.add_argument("--rounds", type=int, default=3, help="passes over the phases (convs, fcs)")
     ap.add_argument(
-        "--final-epochs", type=int, default=0,
+        "--final-epochs", type=int, default=8,
         help="epochs of fine-tuning of the finished paper model (distilled with --distill); the control, "
         "l1norm and random get them too",
+    )  # fmt: skip
+    ap.add_argument(
+        "--extend-epochs", type=int, default=0,
+        help="the extend stage: control, paper, l1norm and random each get this many more epochs (one "
+        "more cosine cycle, distilled where their training was); each row keeps its numbers from before",
     )  # fmt: skip
     ap.add_argument("--prune-lr", type=float, default=0.02, help="sparsity-induction lr (cosine to 0)")
     ap.add_argument("--retrain-lr", type=float, default=0.02, help="retraining lr (cosine)")
     ap.add_argument("--lam-grid", default="", help="absolute λ values (override --shrink-grid)")
     ap.add_argument(
-        "--shrink-grid", default="1,2,4,8,16,32", help="total L1 shrink per sparsity stage, comma list"
+        "--shrink-grid", default="1,1.5,2,3,4,8,16,32", help="total L1 shrink per sparsity stage, comma list"
     )
     ap.add_argument(
         "--lam-search",
@@ -258,6 +271,51 @@ def stage_random(b: Stages) -> None:
     _matched(b, "random", "random")
 
 
+def stage_extend(b: Stages) -> None:
+    """Judge every compared stage at a longer budget without a new lineage: each continues from its
+    checkpoint for ``--extend-epochs`` more epochs. Why: a cut model recovers over more epochs than
+    the unpruned control gains from them (v7: 8 more epochs, paper +0.75 test, control -0.30), so
+    the gap at one budget says little about the gap at another. The earlier model is kept as
+    ``<stage>_before_extend.pt`` and its numbers as the row's ``before_extension``."""
+    a = b.args
+    if a.extend_epochs <= 0:
+        b.stamp("extend: nothing to do (--extend-epochs 0)")
+        return
+    missing = [s for s in COMPARED if s not in b.done]
+    if missing:
+        raise SystemExit(f"the extend stage needs the stages {missing} first (add them to --stages)")
+    for stage in COMPARED:
+        row = b.done[stage]
+        done = row.get("extend_epochs", 0)
+        if done == a.extend_epochs:
+            b.stamp(f"extend: {stage} already extended by {done} epochs")
+            continue
+        if done:
+            raise SystemExit(
+                f"{b.saved}: {stage} was extended by {done} epochs, not --extend-epochs {a.extend_epochs}"
+            )
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        model = b.model(stage)
+        prunekit.save(model, b.out / f"{stage}_before_extend.pt")
+        distill = (
+            Distillation(b.model("baseline"), alpha=a.distill_alpha, temperature=a.distill_temperature)
+            if a.distill and stage != "control" else None
+        )  # fmt: skip
+        b.stamp(f"extend: {stage}, {a.extend_epochs} more epochs from test top-1 {row['top1']:.2f}")
+        train(model, b.train_set, b.tcfg(a.extend_epochs, a.retrain_lr), progress=False, distill=distill)
+        before = {k: row[k] for k in ("top1", "top1_se", "val_top1", "epochs", "wall_s", "cpu_s") if k in row}
+        kept = {k: v for k, v in row.items() if k not in ("top1", "top1_se", "val_top1", "wall_s", "cpu_s",
+                                                          "loadavg_end", "checkpoint")}  # fmt: skip
+        kept.update(
+            epochs=row["epochs"] + a.extend_epochs, extend_epochs=a.extend_epochs, before_extension=before
+        )
+        new = b.record(stage, model, cpu0, wall0, **kept)
+        new["extend_wall_s"], new["extend_cpu_s"] = new["wall_s"], new["cpu_s"]
+        new["wall_s"] = round(new["wall_s"] + row["wall_s"], 1)
+        new["cpu_s"] = round(new["cpu_s"] + row["cpu_s"], 1)
+        atomic_write_json(b.saved, b.done)
+
+
 def stage_ort(b: Stages) -> None:
     b.ort_ratio(("baseline", "paper"), rounds=10 if b.args.smoke else 200)
 
@@ -276,6 +334,8 @@ def write_result(b: Stages) -> None:
         "dropout",
         "final_epochs",
         "val_top1_before_final",
+        "extend_epochs",
+        "before_extension",
     )
     res: dict[str, Any] = {
         "benchmark": "cifar10_vgg16",
@@ -318,6 +378,9 @@ def write_result(b: Stages) -> None:
         for other in ("l1norm", "random"):
             if other in res:
                 t[f"paper_2_above_{other}"] = paper["top1"] - res[other]["top1"] >= 2
+        if "before_extension" in paper and "control" in res and "before_extension" in res["control"]:
+            gap = res["control"]["before_extension"]["top1"] - paper["before_extension"]["top1"]
+            t["paper_within_1_of_control_before_extension"] = gap <= 1.0
     atomic_write_json(b.args.result, res)
     atomic_write_text(b.args.result.with_suffix(".md"), render(res))
 
@@ -348,6 +411,20 @@ def render(r: dict[str, Any]) -> str:
             f"{base['params'] / x['params']:.1f} | {base['macs'] / x['macs']:.2f} | {x.get('epochs', '-')} | "
             f"{x.get('wall_s', '-')} | {x.get('cpu_s', '-')} |"
         )
+    ext = {s: r[s]["before_extension"] for s in COMPARED if s in r and "before_extension" in r[s]}
+    if ext:
+        lines += ["", f"Extended stages (`--extend-epochs {r['paper'].get('extend_epochs', '-')}`): each went on "
+                  "from its checkpoint; before that, at the shorter budget:", "",
+                  "| model | top-1 (%) | ± SE | val top-1 | epochs |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for stage, x in ext.items():
+            lines.append(
+                f"| {stage} | {x['top1']:.2f} | {x['top1_se']:.2f} | {x['val_top1']:.2f} | {x['epochs']} |"
+            )
+        if "control" in r:
+            gaps = [f"{r['control']['top1'] - r['paper']['top1']:.2f} after"]
+            if "control" in ext and "paper" in ext:
+                gaps.insert(0, f"{ext['control']['top1'] - ext['paper']['top1']:.2f} before")
+            lines += ["", "Control minus paper (test top-1): " + ", ".join(gaps) + " the extension."]
     lines += render_tail(r, "baseline", "paper", ("baseline", "paper", "l1norm", "random"), "top-1")
     return "\n".join(lines) + "\n"
 

@@ -1,0 +1,81 @@
+"""benchmarks/cifar10_vgg16.py end to end on generated CIFAR-shaped archives: every stage, the
+extension of the compared stages, and the result's keys and bookkeeping."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+CLASSES = ("cat", "dog", "ship")
+
+
+def _archive(path: Path, split: str, per_class: int, seed: int) -> None:
+    """A ``folder:`` archive like ``cifar10-jpg-<split>.tar.gz``: <split>/<class>/NNNN.jpg."""
+    g = torch.Generator().manual_seed(seed)
+    with tarfile.open(path, "w:gz") as tf:
+        for c, name in enumerate(CLASSES):
+            for i in range(per_class):
+                # each class a different mean colour, so a few epochs can learn something
+                px = (torch.rand(32, 32, 3, generator=g) * 80 + 60 * c).clamp(0, 255).to(torch.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(px.numpy()).save(buf, format="JPEG", quality=90)
+                info = tarfile.TarInfo(f"{split}/{name}/{i:04d}.jpg")
+                info.size = buf.tell()
+                buf.seek(0)
+                tf.addfile(info, buf)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("cifar")
+    _archive(d / "cifar10-jpg-train.tar.gz", "train", 24, 0)
+    _archive(d / "cifar10-jpg-test.tar.gz", "test", 8, 1)
+    return d
+
+
+def test_every_stage_then_extension(data_dir: Path, tmp_path: Path) -> None:
+    import cifar10_vgg16 as bench
+
+    common = [
+        "--data-dir", str(data_dir), "--out", str(tmp_path / "run"), "--result", str(tmp_path / "r.json"),
+        "--train-images", "48", "--val-images", "24", "--width", "0.125", "--epochs", "1",
+        "--baseline-cycles", "1", "--rounds", "1", "--retrain-epochs", "1", "--final-epochs", "1",
+        "--shrink-grid", "1", "--target-flops", "0.6", "--batch-size", "16", "--threads", "1",
+    ]  # fmt: skip
+    bench.main([*common, "--stages", "baseline,paper,control,l1norm,random,extend"])
+    first = json.loads((tmp_path / "r.json").read_text())
+    lineage = 1 * 2 * (1 + 1) + 1  # rounds x phases x (sparsity + retrain) + final
+    assert first["paper"]["epochs"] == lineage == first["l1norm"]["epochs"] == first["random"]["epochs"]
+    assert first["control"]["params"] == first["baseline"]["params"]
+    assert first["paper"]["params"] < first["baseline"]["params"]
+    for m in ("l1norm", "random"):  # matched to paper's parameter count
+        assert abs(first[m]["params"] - first["paper"]["params"]) <= 0.05 * first["paper"]["params"]
+    assert "extend_epochs" not in first["paper"]  # --extend-epochs 0: the extend stage did nothing
+
+    bench.main([*common, "--stages", "extend", "--extend-epochs", "2"])
+    res = json.loads((tmp_path / "r.json").read_text())
+    for stage in bench.COMPARED:
+        row, before = res[stage], first[stage]
+        assert row["extend_epochs"] == 2
+        assert row["epochs"] == before["epochs"] + 2
+        assert row["before_extension"]["top1"] == before["top1"]
+        assert row["params"] == before["params"] and row["macs"] == before["macs"]
+        assert row["wall_s"] > before["wall_s"]
+        assert (tmp_path / "run" / f"{stage}_before_extend.pt").is_file()
+    assert "paper_within_1_of_control_before_extension" in res["targets"]
+    assert "Control minus paper" in (tmp_path / "r.md").read_text()
+
+    # the same extension again is a no-op; a different one is refused, naming the file
+    bench.main([*common, "--stages", "extend", "--extend-epochs", "2"])
+    assert json.loads((tmp_path / "r.json").read_text())["paper"]["top1"] == res["paper"]["top1"]
+    with pytest.raises(SystemExit, match="stages.json: control was extended by 2 epochs"):
+        bench.main([*common, "--stages", "extend", "--extend-epochs", "3"])

@@ -211,15 +211,19 @@ def stage_paper(b: Stages) -> None:
     if a.final_epochs:
         extra["val_top1_before_final"] = b.score(pruned, b.val_set)["top1"]
         b.stamp(f"paper: {a.final_epochs} final epochs from val top-1 {extra['val_top1_before_final']:.2f}")
-        distill = (
-            Distillation(baseline, alpha=a.distill_alpha, temperature=a.distill_temperature)
-            if a.distill
-            else None
-        )
+        distill = _distillation(b, baseline)
         train(pruned, b.train_set, b.tcfg(a.final_epochs, a.retrain_lr), progress=False, distill=distill)
     b.record("paper", pruned, cpu0, wall0, epochs=lineage_epochs(b), epochs_all=trainer.epochs_trained,
              phases=phase_rows(summary), prune_config=hp.to_dict(), final_epochs=a.final_epochs,
              **extra)  # fmt: skip
+
+
+def _distillation(b: Stages, teacher: nn.Module) -> Distillation | None:
+    """Soft targets from the unpruned baseline for the pruned stages, under ``--distill``."""
+    a = b.args
+    return (
+        Distillation(teacher, alpha=a.distill_alpha, temperature=a.distill_temperature) if a.distill else None
+    )
 
 
 def stage_control(b: Stages) -> None:
@@ -254,10 +258,7 @@ def _matched(b: Stages, stage: str, method: str) -> None:
     b.stamp(
         f"{stage}: {info['params']:,} params (paper {target:,}), val top-1 before retraining {before:.2f}"
     )
-    distill = (
-        Distillation(b.model("baseline"), alpha=a.distill_alpha, temperature=a.distill_temperature)
-        if a.distill else None
-    )  # fmt: skip
+    distill = _distillation(b, b.model("baseline"))  # a fresh copy: prune_baseline cut the other
     train(model, b.train_set, b.tcfg(epochs, a.retrain_lr), progress=False, distill=distill)
     b.record(stage, model, cpu0, wall0, epochs=epochs, val_top1_before_retrain=before, ratio=info["ratio"],
              distilled=distill is not None)  # fmt: skip
@@ -284,6 +285,7 @@ def stage_extend(b: Stages) -> None:
     missing = [s for s in COMPARED if s not in b.done]
     if missing:
         raise SystemExit(f"the extend stage needs the stages {missing} first (add them to --stages)")
+    teacher = b.model("baseline")  # loaded once for the three pruned stages
     for stage in COMPARED:
         row = b.done[stage]
         done = row.get("extend_epochs", 0)
@@ -294,13 +296,12 @@ def stage_extend(b: Stages) -> None:
             raise SystemExit(
                 f"{b.saved}: {stage} was extended by {done} epochs, not --extend-epochs {a.extend_epochs}"
             )
-        cpu0, wall0 = time.process_time(), time.perf_counter()
+        # The row's wall and CPU seconds are the stage's totals: start the clocks where the earlier
+        # run's would have been (the extension's own share is those minus before_extension's).
+        cpu0, wall0 = time.process_time() - row["cpu_s"], time.perf_counter() - row["wall_s"]
         model = b.model(stage)
         prunekit.save(model, b.out / f"{stage}_before_extend.pt")
-        distill = (
-            Distillation(b.model("baseline"), alpha=a.distill_alpha, temperature=a.distill_temperature)
-            if a.distill and stage != "control" else None
-        )  # fmt: skip
+        distill = None if stage == "control" else _distillation(b, teacher)
         b.stamp(f"extend: {stage}, {a.extend_epochs} more epochs from test top-1 {row['top1']:.2f}")
         train(model, b.train_set, b.tcfg(a.extend_epochs, a.retrain_lr), progress=False, distill=distill)
         before = {k: row[k] for k in ("top1", "top1_se", "val_top1", "epochs", "wall_s", "cpu_s") if k in row}
@@ -309,11 +310,7 @@ def stage_extend(b: Stages) -> None:
         kept.update(
             epochs=row["epochs"] + a.extend_epochs, extend_epochs=a.extend_epochs, before_extension=before
         )
-        new = b.record(stage, model, cpu0, wall0, **kept)
-        new["extend_wall_s"], new["extend_cpu_s"] = new["wall_s"], new["cpu_s"]
-        new["wall_s"] = round(new["wall_s"] + row["wall_s"], 1)
-        new["cpu_s"] = round(new["cpu_s"] + row["cpu_s"], 1)
-        atomic_write_json(b.saved, b.done)
+        b.record(stage, model, cpu0, wall0, **kept)
 
 
 def stage_ort(b: Stages) -> None:

@@ -18,17 +18,24 @@ Stages, each a checkpoint in ``--out`` that a later invocation reuses:
   on for E more epochs from their checkpoints, so all four are judged again at a longer budget
   without a new lineage; each row keeps its earlier numbers under ``before_extension``.
 * ``ort``: ONNX Runtime CPU throughput at batch 1 of ``paper`` against ``baseline``, one run.
+* ``paired``: ``paper`` against ``control``, ``l1norm`` and ``random`` on the same 10,000 test
+  images: the difference and its paired standard error, sd(correct_a - correct_b) / sqrt(n). Each
+  model's own ± SE (~0.35) overstates how well a difference is known, since both models are
+  right on most of the same images.
 
-Method settings (the defaults, run v8): three rounds over the two phases (``--rounds 3``), so the
-MAC budget is reached in three cuts (caps 0.793, 0.587 and 0.38 of each set's MACs) instead of
-two (v7's first cut, to 0.69, scored 50.2 before retraining; v8's first scored 82.2); one-epoch
-sparsity stages annealed to zero (cosine, peak lr 0.02); a bisected λ search over the shrink grid
-1, 1.5, 2, 3, 4, 8, 16, 32 (the largest within ε1 = 2 points of the λ = 0 control is kept, in
-⌈log2(n+1)⌉ one-epoch trials); three retraining epochs per phase, then 8 final epochs
+Method settings (the defaults, run v9): three rounds over the two phases (``--rounds 3``), so the
+MAC budget is reached in three cuts (caps 0.8, 0.6 and 0.4 of each set's MACs) instead of two
+(v7's first cut, to 0.69, scored 50.2 before retraining; the three-round first cut scored 82.2);
+one-epoch sparsity stages annealed to zero (cosine, peak lr 0.02); a bisected λ search over the
+shrink grid 1, 1.5, 2, 3, 4, 8, 16, 32 (the largest within ε1 = 2 points of the λ = 0 control is
+kept, in ⌈log2(n+1)⌉ one-epoch trials); three retraining epochs per phase, then 8 final epochs
 (``--final-epochs``) that the control and the baselines get too. ε1 is 2 points, not the paper's
 1: a one-epoch stage scores Θ_L1 before it has re-converged, and the 5,000-image validation set's
 standard error is 0.5 points. The final model is judged against the control at the issue's
-1-point tolerance.
+1-point tolerance. The MAC budget is the issue's own bound, 0.40 (2.5x), as a hard ceiling
+(``--budget-eps 0``): v8 ran at 0.38 with prunekit's default tolerance of 0.01 and its last
+conv cut (to 0.358 of the MACs) cost 1.24 validation points; at 0.40 that cut is a few channels
+(0.396 in all) and the pruned model scores 0.42 test points higher.
 
 ``--target-flops R`` gives ``paper`` a MAC budget (prunekit's ``--target-flops``: each phase's
 selection is the most accurate candidate within its share of the budget), and ``--distill``
@@ -68,7 +75,7 @@ from prunekit.train import train
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, RESULTS, Stages, load_cifar, machine_info, make_vgg, render_tail, run_stages  # noqa: E402
 
-STAGES = ("baseline", "paper", "control", "l1norm", "random", "extend", "ort")
+STAGES = ("baseline", "paper", "control", "l1norm", "random", "extend", "ort", "paired")
 COMPARED = ("control", "paper", "l1norm", "random")  # the stages judged at one epoch budget
 log = logging.getLogger("cifar10_vgg16")
 
@@ -118,8 +125,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eps1", type=float, default=2.0, help="points; see the module docstring")
     ap.add_argument("--eps2", type=float, default=15.0)
     ap.add_argument(
-        "--target-flops", type=float, default=0.38,
+        "--target-flops", type=float, default=0.40,
         help="MAC budget for paper, a fraction of the baseline's (prunekit --target-flops)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--budget-eps", type=float, default=0.0,
+        help="how far over --target-flops a phase may land, a fraction of the baseline's MACs "
+        f"(prunekit's default is {PruneConfig.budget_eps}; 0 here so that 0.40 means at least 2.5x)",
     )  # fmt: skip
     ap.add_argument(
         "--distill", action=argparse.BooleanOptionalAction, default=True,
@@ -186,6 +198,7 @@ def _hp(b: Stages) -> PruneConfig:
     return PruneConfig(
         eps1=a.eps1, eps2=a.eps2, shrink_grid=shrink, lam_search=a.lam_search, epochs_sparsity=a.sparsity_epochs,
         epochs_retrain=a.retrain_epochs, rounds=a.rounds, seed=a.seed, target_flops=a.target_flops,
+        budget_eps=a.budget_eps,
         distill=a.distill, distill_alpha=a.distill_alpha, distill_temperature=a.distill_temperature, **extra,
     )  # fmt: skip
 
@@ -317,6 +330,29 @@ def stage_ort(b: Stages) -> None:
     b.ort_ratio(("baseline", "paper"), rounds=10 if b.args.smoke else 200)
 
 
+def stage_paired(b: Stages) -> None:
+    from paired import paired_classification
+
+    models = {s: b.out / f"{s}.pt" for s in COMPARED if s in b.done and (b.out / f"{s}.pt").is_file()}
+    if "paper" not in models or len(models) < 2:
+        raise SystemExit(
+            f"{b.out}: the paired stage needs paper.pt and another of {COMPARED} (run them first)"
+        )
+    res = paired_classification(models, b.test_set, "paper")
+    for s in models:  # the same images and models as the stage rows, or the comparison is of something else
+        if abs(res[s]["top1"] - b.done[s]["top1"]) > 0.01:
+            raise SystemExit(
+                f"{b.saved}: {s} scores {res[s]['top1']:.2f} here but {b.done[s]['top1']:.2f} in its row"
+            )
+    b.done["paired"] = res
+    atomic_write_json(b.saved, b.done)
+    for s in models:
+        if s != "paper":
+            b.stamp(
+                f"paired: paper - {s} = {res[s]['diff_reference_minus_this']:+.2f} ± {res[s]['diff_se']:.2f}"
+            )
+
+
 def write_result(b: Stages) -> None:
     keys = (
         "params",
@@ -361,6 +397,8 @@ def write_result(b: Stages) -> None:
     if "ort" in b.done:
         res["ort_cpu_fps_ratio_b1"] = b.done["ort"]["fps_ratio_b1"]
         res["ort_timing"] = b.done["ort"]["timing"]
+    if "paired" in b.done:
+        res["paired"] = b.done["paired"]
     if "baseline" in res and "paper" in res:
         base, paper = res["baseline"], res["paper"]
         res["targets"] = t = {
@@ -422,6 +460,12 @@ def render(r: dict[str, Any]) -> str:
             if "control" in ext and "paper" in ext:
                 gaps.insert(0, f"{ext['control']['top1'] - ext['paper']['top1']:.2f} before")
             lines += ["", "Control minus paper (test top-1): " + ", ".join(gaps) + " the extension."]
+    if "paired" in r:
+        pr = r["paired"]
+        lines += ["", f"Paired on the same {pr['images']:,} test images (paper minus each; SE = sd of the "
+                  "per-image difference / sqrt(n)):", ""]  # fmt: skip
+        lines += [f"- paper - {s}: {pr[s]['diff_reference_minus_this']:+.2f} ± {pr[s]['diff_se']:.2f}"
+                  for s in COMPARED if s != "paper" and s in pr]  # fmt: skip
     lines += render_tail(r, "baseline", "paper", ("baseline", "paper", "l1norm", "random"), "top-1")
     return "\n".join(lines) + "\n"
 

@@ -265,11 +265,12 @@ def render_tail(
 
 def run_stages(b: Stages, names: list[str], known: tuple[str, ...], fns: dict[str, Any], write: Any) -> None:
     """Run the stages ``names`` in order (``fns["stage_<name>"](b)``), skipping the done ones (the
-    ``ort`` timing always reruns), and rewrite the result after each."""
+    measurements of other stages' models, ``ort`` and ``paired``, always rerun: those models may
+    have changed since), and rewrite the result after each."""
     for stage in names:
         if stage not in known:
             raise SystemExit(f"unknown stage {stage!r}; choose from {known}")
-        if stage in b.done and stage != "ort":
+        if stage in b.done and stage not in ("ort", "paired"):
             b.stamp(f"{stage}: reused from {b.saved}")
             continue
         fns[f"stage_{stage}"](b)

@@ -49,9 +49,9 @@ def test_every_stage_then_extension(data_dir: Path, tmp_path: Path) -> None:
         "--data-dir", str(data_dir), "--out", str(tmp_path / "run"), "--result", str(tmp_path / "r.json"),
         "--train-images", "48", "--val-images", "24", "--width", "0.125", "--epochs", "1",
         "--baseline-cycles", "1", "--rounds", "1", "--retrain-epochs", "1", "--final-epochs", "1",
-        "--shrink-grid", "1", "--target-flops", "0.6", "--batch-size", "16", "--threads", "1",
+        "--shrink-grid", "1", "--target-flops", "0.6", "--budget-eps", "0", "--batch-size", "16", "--threads", "1",
     ]  # fmt: skip
-    bench.main([*common, "--stages", "baseline,paper,control,l1norm,random,extend"])
+    bench.main([*common, "--stages", "baseline,paper,control,l1norm,random,extend,paired"])
     first = json.loads((tmp_path / "r.json").read_text())
     lineage = 1 * 2 * (1 + 1) + 1  # rounds x phases x (sparsity + retrain) + final
     assert first["paper"]["epochs"] == lineage == first["l1norm"]["epochs"] == first["random"]["epochs"]
@@ -59,6 +59,16 @@ def test_every_stage_then_extension(data_dir: Path, tmp_path: Path) -> None:
     assert first["paper"]["params"] < first["baseline"]["params"]
     for m in ("l1norm", "random"):  # matched to paper's parameter count
         assert abs(first[m]["params"] - first["paper"]["params"]) <= 0.05 * first["paper"]["params"]
+    assert first["settings"]["budget_eps"] == 0.0  # --budget-eps 0: a hard MAC ceiling
+    assert first["paper"]["macs"] <= 0.6 * first["baseline"]["macs"]
+    pr = first["paired"]  # paper against each on the same images; its top-1s are the rows' own
+    assert pr["images"] == first["data"]["test_images"] and pr["reference"] == "paper"
+    for m in ("control", "l1norm", "random"):
+        assert pr[m]["top1"] == pytest.approx(first[m]["top1"], abs=0.01)
+        assert pr[m]["diff_reference_minus_this"] == pytest.approx(
+            first["paper"]["top1"] - first[m]["top1"], abs=0.02
+        )
+        assert pr[m]["diff_se"] >= 0
     assert "extend_epochs" not in first["paper"]  # --extend-epochs 0: the extend stage did nothing
 
     bench.main([*common, "--stages", "extend", "--extend-epochs", "2"])

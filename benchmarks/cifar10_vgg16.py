@@ -331,6 +331,8 @@ def stage_ort(b: Stages) -> None:
 
 
 def stage_paired(b: Stages) -> None:
+    """Why paired: the models are right on mostly the same images, so the SE of their difference
+    (~0.3 here) is smaller than either model's own (~0.35) and says whether a gap is real."""
     from paired import paired_classification
 
     models = {s: b.out / f"{s}.pt" for s in COMPARED if s in b.done and (b.out / f"{s}.pt").is_file()}

@@ -89,3 +89,14 @@ def test_every_stage_then_extension(data_dir: Path, tmp_path: Path) -> None:
     assert json.loads((tmp_path / "r.json").read_text())["paper"]["top1"] == res["paper"]["top1"]
     with pytest.raises(SystemExit, match="stages.json: control was extended by 2 epochs"):
         bench.main([*common, "--stages", "extend", "--extend-epochs", "3"])
+
+    # paired reruns on the extended models; a checkpoint that no longer scores its row is refused
+    bench.main([*common, "--stages", "paired", "--extend-epochs", "2"])
+    after = json.loads((tmp_path / "r.json").read_text())
+    assert after["paired"]["control"]["top1"] == pytest.approx(after["control"]["top1"], abs=0.01)
+    saved = tmp_path / "run" / "stages.json"
+    rows = json.loads(saved.read_text())
+    rows["random"]["top1"] += 50.0
+    saved.write_text(json.dumps(rows))
+    with pytest.raises(SystemExit, match=r"stages.json: random scores .* in its row"):
+        bench.main([*common, "--stages", "paired", "--extend-epochs", "2"])

@@ -263,14 +263,17 @@ def render_tail(
     return lines
 
 
-def run_stages(b: Stages, names: list[str], known: tuple[str, ...], fns: dict[str, Any], write: Any) -> None:
-    """Run the stages ``names`` in order (``fns["stage_<name>"](b)``), skipping the done ones (the
-    measurements of other stages' models, ``ort`` and ``paired``, always rerun: those models may
+def run_stages(
+    b: Stages, names: list[str], known: tuple[str, ...], fns: dict[str, Any], write: Any,
+    rerun: tuple[str, ...] = ("ort",),
+) -> None:  # fmt: skip
+    """Run the stages ``names`` in order (``fns["stage_<name>"](b)``), skipping the done ones except
+    ``rerun`` (measurements of other stages' models, such as the ``ort`` timing: those models may
     have changed since), and rewrite the result after each."""
     for stage in names:
         if stage not in known:
             raise SystemExit(f"unknown stage {stage!r}; choose from {known}")
-        if stage in b.done and stage not in ("ort", "paired"):
+        if stage in b.done and stage not in rerun:
             b.stamp(f"{stage}: reused from {b.saved}")
             continue
         fns[f"stage_{stage}"](b)

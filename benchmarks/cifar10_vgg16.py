@@ -35,7 +35,9 @@ standard error is 0.5 points. The final model is judged against the control at t
 1-point tolerance. The MAC budget is the issue's own bound, 0.40 (2.5x), as a hard ceiling
 (``--budget-eps 0``): v8 ran at 0.38 with prunekit's default tolerance of 0.01 and its last
 conv cut (to 0.358 of the MACs) cost 1.24 validation points; at 0.40 that cut is a few channels
-(0.396 in all) and the pruned model scores 0.42 test points higher.
+(0.396 in all) and the pruned model scores 0.42 test points higher. Four rounds (run v10, caps 0.85 to 0.40)
+scored no better (84.32 against 84.49, paired −0.17 ± 0.26): the candidates are discrete, so the
+caps did not make the conv cuts smaller (``benchmarks/results/cifar10_vgg16_v10_rounds4.md``).
 
 ``--target-flops R`` gives ``paper`` a MAC budget (prunekit's ``--target-flops``: each phase's
 selection is the most accurate candidate within its share of the budget), and ``--distill``

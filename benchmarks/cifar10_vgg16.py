@@ -38,6 +38,9 @@ conv cut (to 0.358 of the MACs) cost 1.24 validation points; at 0.40 that cut is
 (0.396 in all) and the pruned model scores 0.42 test points higher. Four rounds (run v10, caps 0.85 to 0.40)
 scored no better (84.32 against 84.49, paired −0.17 ± 0.26): the candidates are discrete, so the
 caps did not make the conv cuts smaller (``benchmarks/results/cifar10_vgg16_v10_rounds4.md``).
+A k grid twice as fine (v12, ``--k-range``) gave v9's model to the bit, and cost-aware sparsity
+(v11, ``--cost-aware macs --cost-alpha 0.5``) fell 3.3 validation points behind v9 by round two
+(``cifar10_vgg16_v12_fine_k.md``, ``cifar10_vgg16_v11_cost_aware.md``).
 
 ``--target-flops R`` gives ``paper`` a MAC budget (prunekit's ``--target-flops``: each phase's
 selection is the most accurate candidate within its share of the budget), and ``--distill``
@@ -125,6 +128,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         choices=LAM_SEARCHES,
         help="λ search over the grid (prunekit --lam-search); v7 and earlier: ascending",
     )
+    ap.add_argument(
+        "--k-range", default="",
+        help="threshold multiples k the τ rule is read at, comma list (default: prunekit's, 0.25..16 by √2)",
+    )  # fmt: skip
     ap.add_argument("--eps1", type=float, default=2.0, help="points; see the module docstring")
     ap.add_argument("--eps2", type=float, default=15.0)
     ap.add_argument(
@@ -140,6 +147,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--distill", action=argparse.BooleanOptionalAction, default=True,
         help="paper, l1norm and random retrain with soft targets from the baseline (prunekit --distill); "
         "the control does not (it is the unpruned model given the same epochs)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--cost-aware", choices=("macs",), default=None,
+        help="weight the sparsity term of each layer by its MACs per weight (prunekit --cost-aware)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--cost-alpha", type=float, default=PruneConfig.cost_alpha,
+        help="0 = uniform L1 (the paper) .. 1 = fully cost-proportional (prunekit --cost-alpha)",
     )  # fmt: skip
     ap.add_argument("--distill-alpha", type=float, default=0.9)
     ap.add_argument("--distill-temperature", type=float, default=4.0)
@@ -196,12 +211,14 @@ def stage_baseline(b: Stages) -> None:
 
 def _hp(b: Stages) -> PruneConfig:
     a = b.args
-    extra = {"lam_grid": [float(x) for x in a.lam_grid.split(",") if x]} if a.lam_grid else {}
+    extra: dict[str, Any] = {"lam_grid": [float(x) for x in a.lam_grid.split(",") if x]} if a.lam_grid else {}
+    if a.k_range:
+        extra["k_range"] = [float(x) for x in a.k_range.split(",") if x]
     shrink = [float(x) for x in a.shrink_grid.split(",") if x]
     return PruneConfig(
         eps1=a.eps1, eps2=a.eps2, shrink_grid=shrink, lam_search=a.lam_search, epochs_sparsity=a.sparsity_epochs,
         epochs_retrain=a.retrain_epochs, rounds=a.rounds, seed=a.seed, target_flops=a.target_flops,
-        budget_eps=a.budget_eps,
+        budget_eps=a.budget_eps, cost_aware=a.cost_aware, cost_alpha=a.cost_alpha,
         distill=a.distill, distill_alpha=a.distill_alpha, distill_temperature=a.distill_temperature, **extra,
     )  # fmt: skip
 

@@ -100,3 +100,16 @@ def test_every_stage_then_extension(data_dir: Path, tmp_path: Path) -> None:
     saved.write_text(json.dumps(rows))
     with pytest.raises(SystemExit, match=r"stages.json: random scores .* in its row"):
         bench.main([*common, "--stages", "paired", "--extend-epochs", "2"])
+
+
+def test_method_flags_reach_prune_config() -> None:
+    """Runs v11 and v12 changed only these flags; a flag the script dropped would record a v9 rerun."""
+    from types import SimpleNamespace
+
+    import cifar10_vgg16 as bench
+
+    args = bench.parse(["--cost-aware", "macs", "--cost-alpha", "0.5", "--k-range", "0.5,1,1.189"])
+    hp = bench._hp(SimpleNamespace(args=args))
+    assert (hp.cost_aware, hp.cost_alpha, hp.k_range) == ("macs", 0.5, [0.5, 1.0, 1.189])
+    default = bench._hp(SimpleNamespace(args=bench.parse([])))
+    assert default.cost_aware is None and default.k_range == bench.PruneConfig().k_range

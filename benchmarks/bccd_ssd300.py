@@ -55,7 +55,7 @@ from prunekit.prune.trainer import DataTrainer
 from prunekit.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, RESULTS, Stages, load_bccd, machine_info, render_tail, run_stages  # noqa: E402
+from common import DEFAULT_DATA, RESULTS, Stages, float_list, load_bccd, machine_info, render_tail, run_stages  # noqa: E402
 
 STAGES = ("original", "paper", "control", "l1norm", "ort")
 log = logging.getLogger("bccd_ssd300")
@@ -135,7 +135,7 @@ def stage_paper(b: Stages) -> None:
         eval_batch_size=8, recalibration_images=256,
     )  # fmt: skip
     hp = PruneConfig(
-        eps1=a.eps1, eps2=a.eps2, shrink_grid=[float(x) for x in a.shrink_grid.split(",") if x],
+        eps1=a.eps1, eps2=a.eps2, shrink_grid=float_list(a.shrink_grid),
         epochs_sparsity=a.sparsity_epochs, epochs_retrain=a.retrain_epochs, rounds=a.rounds, seed=a.seed,
     )  # fmt: skip
     b.stamp(f"paper: prunekit default method, {hp.to_dict()}")

@@ -78,7 +78,17 @@ from prunekit.prune.trainer import DataTrainer
 from prunekit.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, RESULTS, Stages, load_cifar, machine_info, make_vgg, render_tail, run_stages  # noqa: E402
+from common import (  # noqa: E402
+    DEFAULT_DATA,
+    RESULTS,
+    Stages,
+    float_list,
+    load_cifar,
+    machine_info,
+    make_vgg,
+    render_tail,
+    run_stages,
+)
 
 STAGES = ("baseline", "paper", "control", "l1norm", "random", "extend", "ort", "paired")
 COMPARED = ("control", "paper", "l1norm", "random")  # the stages judged at one epoch budget
@@ -211,12 +221,9 @@ def stage_baseline(b: Stages) -> None:
 
 def _hp(b: Stages) -> PruneConfig:
     a = b.args
-    extra: dict[str, Any] = {"lam_grid": [float(x) for x in a.lam_grid.split(",") if x]} if a.lam_grid else {}
-    if a.k_range:
-        extra["k_range"] = [float(x) for x in a.k_range.split(",") if x]
-    shrink = [float(x) for x in a.shrink_grid.split(",") if x]
+    extra = {k: float_list(v) for k, v in (("lam_grid", a.lam_grid), ("k_range", a.k_range)) if v}
     return PruneConfig(
-        eps1=a.eps1, eps2=a.eps2, shrink_grid=shrink, lam_search=a.lam_search, epochs_sparsity=a.sparsity_epochs,
+        eps1=a.eps1, eps2=a.eps2, shrink_grid=float_list(a.shrink_grid), lam_search=a.lam_search, epochs_sparsity=a.sparsity_epochs,
         epochs_retrain=a.retrain_epochs, rounds=a.rounds, seed=a.seed, target_flops=a.target_flops,
         budget_eps=a.budget_eps, cost_aware=a.cost_aware, cost_alpha=a.cost_alpha,
         distill=a.distill, distill_alpha=a.distill_alpha, distill_temperature=a.distill_temperature, **extra,

@@ -33,6 +33,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+def float_list(text: str) -> list[float]:
+    """A comma list flag (``--shrink-grid 1,1.5,2``); kept a string in argparse so settings record it as typed."""
+    return [float(x) for x in text.split(",") if x]
+
+
 def standard_error(pct: float, n: int) -> float:
     """Binomial standard error, in points, of an accuracy of ``pct`` percent measured on ``n`` items."""
     p = pct / 100.0

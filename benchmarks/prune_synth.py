@@ -38,12 +38,11 @@ from prunekit.prune.report import layer_table, model_stats
 from prunekit.prune.trainer import FnTrainer
 from prunekit.train import TrainConfig, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import float_list  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("map50", "map", "voc07_ap")
-
-
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
 
 
 def _source(args: argparse.Namespace) -> tuple[Path, Path]:
@@ -63,7 +62,6 @@ def _source(args: argparse.Namespace) -> tuple[Path, Path]:
             )
         return Path(r["checkpoint"]), Path(r["data"]["dir"])
     print(f"{record} not found: training the starting model with benchmarks/train_synth.py", flush=True)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import train_synth
 
     r = train_synth.main(["--out", str(args.out / "train"), "--epochs", str(args.train_epochs)])
@@ -141,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"original: {rows['original']}", flush=True)
 
     hp = PruneConfig(
-        eps1=args.eps1, eps2=args.eps2, lam_grid=_floats(args.lam_grid), k_range=_floats(args.k_range),
+        eps1=args.eps1, eps2=args.eps2, lam_grid=float_list(args.lam_grid), k_range=float_list(args.k_range),
         threshold_search="bisect", tau1=args.tau1, tau2=args.tau2, tau3=args.tau3,
         epochs_sparsity=1, epochs_retrain=1, align=args.align, seed=args.seed,
     )  # fmt: skip

@@ -108,8 +108,11 @@ def test_method_flags_reach_prune_config() -> None:
 
     import cifar10_vgg16 as bench
 
-    args = bench.parse(["--cost-aware", "macs", "--cost-alpha", "0.5", "--k-range", "0.5,1,1.189"])
+    args = bench.parse(
+        ["--cost-aware", "macs", "--cost-alpha", "0.5", "--k-range", "0.5,1,1.189", "--align", "4"]
+    )
     hp = bench._hp(SimpleNamespace(args=args))
-    assert (hp.cost_aware, hp.cost_alpha, hp.k_range) == ("macs", 0.5, [0.5, 1.0, 1.189])
+    assert (hp.cost_aware, hp.cost_alpha, hp.k_range, hp.align) == ("macs", 0.5, [0.5, 1.0, 1.189], 4)
     default = bench._hp(SimpleNamespace(args=bench.parse([])))
     assert default.cost_aware is None and default.k_range == bench.PruneConfig().k_range
+    assert default.align == bench.PruneConfig().align

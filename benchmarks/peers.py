@@ -1,7 +1,7 @@
 """prunekit side by side with Torch-Pruning: same checkpoint, parameter budget, trainer and epochs.
 
     pip install -e ".[peers]"                                # torch-pruning, benchmark-only
-    python benchmarks/peers.py --task cifar10_vgg16          # from runs/cifar10_v3 (its baseline + paper)
+    python benchmarks/peers.py --task cifar10_vgg16          # from runs/cifar10_v14 (its baseline + paper)
     python benchmarks/peers.py --task bccd_ssd300            # from runs/bccd_v3 (its original + paper)
     python benchmarks/peers.py --smoke --out /tmp/peers      # plumbing: a tiny VGG, a few images
 
@@ -17,6 +17,12 @@ ends at prunekit's parameter count (``--match macs``: its MACs) within ``--toler
   fine-tuning;
 * ``tp_groupnorm``: ``GroupNormPruner`` + ``GroupMagnitudeImportance(p=2)`` (DepGraph's group
   sparsity), the same schedule as ``tp_bnscale``.
+
+Where the source's ``paper`` retrained with soft targets from the unpruned model (``distill`` in
+its prune config: run v14 does), every Torch-Pruning lineage is distilled from the same unpruned
+model with the same alpha and temperature, sparse training included (``--distill`` /
+``--no-distill`` override): prunekit's sparsity stages, retraining and final epochs were all distilled,
+and a peer fine-tuned on the labels alone would be compared under a weaker trainer.
 
 ``S`` is the source run's sparsity epochs (phases x rounds x sparsity epochs), so every lineage
 has the same number of epochs and the same share of them under a sparsity term. Torch-Pruning
@@ -70,7 +76,7 @@ METHODS = ("tp_magnitude", "tp_bnscale", "tp_groupnorm")
 # it a global threshold above every channel of a layer makes Torch-Pruning skip that layer whole, and
 # no ratio reaches the budget (measured on the smoke model: BN-scale stuck at +81% parameters).
 MAX_RATIO = 0.875
-TASKS = {"cifar10_vgg16": ("runs/cifar10_v3", "baseline"), "bccd_ssd300": ("runs/bccd_v3", "original")}
+TASKS = {"cifar10_vgg16": ("runs/cifar10_v14", "baseline"), "bccd_ssd300": ("runs/bccd_v3", "original")}
 log = logging.getLogger("peers")
 
 
@@ -86,6 +92,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--reg", type=float, default=5e-4, help="Torch-Pruning sparse-training coefficient")
     ap.add_argument(
         "--round-to", type=int, default=1, help="Torch-Pruning round_to (1: none; 8 misses a 5%% budget)"
+    )
+    ap.add_argument(
+        "--distill",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="distil every peer from the unpruned model (default: as the source's paper was)",
     )
     ap.add_argument("--ort-rounds", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
@@ -256,8 +268,8 @@ class TPRegularizer:
 # --- the benchmark ------------------------------------------------------------------------------
 
 
-def source_stages(args: argparse.Namespace) -> tuple[Stages, int, int]:
-    """(the peers' stages, epochs E, sparse epochs S)."""
+def source_stages(args: argparse.Namespace) -> tuple[Stages, int, int, dict[str, float] | None]:
+    """(the peers' stages, epochs E, sparse epochs S, the source paper's distillation settings)."""
     if args.smoke:
         return smoke_stages(args)
     source = args.source or Path(TASKS[args.task][0])
@@ -274,14 +286,17 @@ def source_stages(args: argparse.Namespace) -> tuple[Stages, int, int]:
     b = task.make_stages(targs)
     cfg = done["paper"].get("prune_config", {})
     sparse = len(done["paper"].get("phases", [])) * int(cfg.get("epochs_sparsity", 1))
+    distill = None
+    if cfg.get("distill"):
+        distill = {"alpha": float(cfg["distill_alpha"]), "temperature": float(cfg["distill_temperature"])}
     for stage, name in ((unpruned, "unpruned"), ("paper", "prunekit")):
         dst = args.out / f"{name}.source.pt"
         if not dst.is_file():
             shutil.copyfile(source / f"{stage}.pt", dst)
-    return b, int(done["paper"]["epochs"]), sparse
+    return b, int(done["paper"]["epochs"]), sparse, distill
 
 
-def smoke_stages(args: argparse.Namespace) -> tuple[Stages, int, int]:
+def smoke_stages(args: argparse.Namespace) -> tuple[Stages, int, int, dict[str, float] | None]:
     """A tiny VGG trained and pruned by prunekit here, on generated, learnable images."""
     from common import make_vgg
 
@@ -315,7 +330,18 @@ def smoke_stages(args: argparse.Namespace) -> tuple[Stages, int, int]:
                          epochs_retrain=1, k_range=[0.5, 1.0, 2.0])  # fmt: skip
         pruned = run_phases(model, "vgg16", trainer, hp, args.out / "prunekit_run", allow_vacuous=True)
         prunekit.save(pruned, args.out / "prunekit.source.pt")
-    return b, 2, 1
+    return b, 2, 1, None
+
+
+def distillation_settings(
+    args: argparse.Namespace, source: dict[str, float] | None
+) -> dict[str, float] | None:
+    """The peers' soft-target settings: the source paper's, unless ``--distill`` / ``--no-distill`` says."""
+    if args.distill is None:
+        return source
+    if not args.distill:
+        return None
+    return source or {"alpha": 0.9, "temperature": 4.0}  # prunekit's --distill defaults
 
 
 def run_method(
@@ -326,16 +352,20 @@ def run_method(
     epochs: int,
     sparse: int,
     args: argparse.Namespace,
+    distill: dict[str, float] | None = None,
 ) -> None:
+    from prunekit.distill import Distillation
+
     cpu0, wall0 = time.process_time(), time.perf_counter()
     lr = getattr(b.args, "retrain_lr", 0.02)
     start = copy.deepcopy(original)
-    info: dict[str, Any] = {"sparse_epochs": 0}
+    teacher = Distillation(original, **distill) if distill else None
+    info: dict[str, Any] = {"sparse_epochs": 0, "distilled": teacher is not None}
     if method != "tp_magnitude" and sparse > 0:
         # sparse training on the full model, with the pruner that owns the regulariser
         pruner = make_pruner(method, start, 0.5, args.reg, args.round_to)
         b.stamp(f"{method}: {sparse} epochs of Torch-Pruning sparse training (reg {args.reg:g})")
-        _train(b, start, sparse, lr, TPRegularizer(pruner, start))
+        _train(b, start, sparse, lr, TPRegularizer(pruner, start), teacher)
         info["sparse_epochs"] = sparse
     pruned, found = prune_to(method, start, target, args)
     info.update(found)
@@ -343,22 +373,31 @@ def run_method(
     rest = epochs - info["sparse_epochs"]
     b.stamp(f"{method}: {model_stats(pruned)['params']:,} params at {found['scope']} ratio {found['ratio']:.3f} "
             f"(budget {found['budget_off_pct']:+.1f}%), val {b.primary} {before:.2f} before {rest} epochs of fine-tuning")  # fmt: skip
-    _train(b, pruned, rest, lr, None)
+    _train(b, pruned, rest, lr, None, teacher)
     b.record(method, pruned, cpu0, wall0, epochs=epochs, val_before_finetune=before, **info)
 
 
-def _train(b: Stages, model: nn.Module, epochs: int, lr: float, regularizer: Any) -> None:
+def _train(
+    b: Stages, model: nn.Module, epochs: int, lr: float, regularizer: Any, distill: Any = None
+) -> None:
     from prunekit.train import train
 
     if epochs <= 0:
         return
     kw = {"grad_clip": 10.0} if model.prunekit_config.is_detector else {}
-    train(model, b.train_set, b.tcfg(epochs, lr, **kw), regularizer=regularizer, progress=False)
+    train(
+        model, b.train_set, b.tcfg(epochs, lr, **kw), regularizer=regularizer, progress=False, distill=distill
+    )
     model.to(memory_format=torch.contiguous_format)
 
 
 def write_result(
-    b: Stages, args: argparse.Namespace, timing: dict[str, Any], epochs: int, sparse: int
+    b: Stages,
+    args: argparse.Namespace,
+    timing: dict[str, Any],
+    epochs: int,
+    sparse: int,
+    distill: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     primary = b.primary
     rows = {}
@@ -369,7 +408,7 @@ def write_result(
         rows[n] = {k: r[k] for k in ("params", "macs", primary, f"{primary}_se", f"val_{primary}", "wall_s", "cpu_s")
                    if k in r}  # fmt: skip
         rows[n].update({k: r[k] for k in ("ratio", "scope", "budget_off_pct", "sparse_epochs", "val_before_finetune",
-                                          "epochs", "filters") if k in r})  # fmt: skip
+                                          "epochs", "distilled", "filters") if k in r})  # fmt: skip
         if n in timing:
             rows[n]["fps_b1"] = timing[n]["fps"]
             rows[n]["latency_ms_median"] = timing[n]["latency_ms_median"]
@@ -378,6 +417,7 @@ def write_result(
         "match": args.match,
         "epochs": epochs,
         "sparse_epochs": sparse,
+        "distillation": distill,
         "tp_settings": {
             "pruning": "global; local where no global ratio meets the budget (the method's 'scope')",
             "round_to": args.round_to,
@@ -423,7 +463,9 @@ def render(whole: dict[str, Any]) -> str:
                   f"{r['epochs']} epochs per lineage ({r['sparse_epochs']} of them under a sparsity term for "
                   f"prunekit, tp_bnscale and tp_groupnorm); Torch-Pruning {r['tp_settings']}. Test split; "
                   "ORT CPU batch 1, all models in one interleaved run. CPU s: process CPU of the method's stage in "
-                  "this run (prunekit's model comes from its source run, whose result file gives its cost).", "",
+                  "this run (prunekit's model comes from its source run, whose result file gives its cost). "
+                  + (f"Every lineage distilled from the unpruned model ({r['distillation']}), as prunekit's was."
+                     if r.get("distillation") else "No distillation."), "",
                   f"| method | params | MACs | {primary} | ± SE | val before fine-tune | img/s b1 | ratio | CPU s |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for n in ("unpruned", "prunekit", *METHODS):
@@ -477,9 +519,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     args.out = args.out or Path("runs/peers") / args.task
     args.out.mkdir(parents=True, exist_ok=True)
-    b, epochs, sparse = source_stages(args)
+    b, epochs, sparse, source_distill = source_stages(args)
+    distill = distillation_settings(args, source_distill)
     b.stamp(f"peers: {args.task if not args.smoke else 'smoke'}, load average {os.getloadavg()}, "
-            f"E = {epochs} epochs, S = {sparse}")  # fmt: skip
+            f"E = {epochs} epochs, S = {sparse}, distillation {distill}")  # fmt: skip
     for name in ("unpruned", "prunekit"):
         if name not in b.done:
             cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -492,10 +535,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if method in b.done:
             b.stamp(f"{method}: reused")
             continue
-        run_method(b, method, original, target, epochs, sparse, args)
+        run_method(b, method, original, target, epochs, sparse, args, distill)
     names = [n for n in ("unpruned", "prunekit", *METHODS) if n in b.done]
     timing = b.ort_timing(names, args.ort_rounds if not args.smoke else 5)
-    res = write_result(b, args, timing, epochs, sparse)
+    res = write_result(b, args, timing, epochs, sparse, distill)
     b.stamp("done: " + ", ".join(f"{n} {res[n][b.primary]:.2f} ({res[n]['params']:,})" for n in names))
     return res
 

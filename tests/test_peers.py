@@ -64,3 +64,17 @@ def test_torch_pruning_prunes_ssd300_behind_its_heads(method):
     with torch.no_grad():
         out = pruned([torch.rand(3, 300, 300)])
     assert set(out[0]) == {"boxes", "scores", "labels"}
+
+
+def test_peers_distil_as_the_source_paper_did(tmp_path):
+    """A distilled prunekit lineage is compared with distilled peers: same teacher settings, recorded."""
+    source = {"alpha": 0.8, "temperature": 3.0}
+    ns = argparse.Namespace
+    assert peers.distillation_settings(ns(distill=None), source) == source
+    assert peers.distillation_settings(ns(distill=None), None) is None
+    assert peers.distillation_settings(ns(distill=False), source) is None
+    assert peers.distillation_settings(ns(distill=True), None) == {"alpha": 0.9, "temperature": 4.0}
+    res = peers.main(["--smoke", "--out", str(tmp_path), "--threads", "1", "--methods", "tp_magnitude", "--distill"])
+    assert res["distillation"] == {"alpha": 0.9, "temperature": 4.0}
+    assert res["tp_magnitude"]["distilled"] is True
+    assert "distilled from the unpruned model" in (tmp_path / "peers.md").read_text()

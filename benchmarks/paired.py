@@ -2,6 +2,7 @@
 
     python benchmarks/paired.py --task bccd_ssd300 --run runs/peers/bccd_ssd300
     python benchmarks/paired.py --task cifar10_vgg16 --run runs/peers/cifar10_vgg16
+    python benchmarks/paired.py --task cifar10_vgg16 --run runs/peers/cifar10_v14_macs --key cifar10_vgg16@macs
 
 Each model's standard error (``± SE`` in every table) answers "how well is this one accuracy
 known"; on BCCD's 72 test images it is ~3.8 AP50 points, larger than any gap between the pruned
@@ -189,6 +190,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--result", type=Path, default=RESULTS / "peers.json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--key",
+        default=None,
+        help="the peers.json entry to write into (default: --task; e.g. cifar10_vgg16@macs)",
+    )
     return ap.parse_args(argv)
 
 
@@ -207,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res = paired_classification(models, test, a.reference)
     res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
     whole = json.loads(a.result.read_text()) if a.result.is_file() else {}
-    whole.setdefault(a.task, {})["paired"] = res
+    whole.setdefault(a.key or a.task, {})["paired"] = res
     atomic_write_json(a.result, whole)
     import peers
 

@@ -74,7 +74,9 @@ def test_peers_distil_as_the_source_paper_did(tmp_path):
     assert peers.distillation_settings(ns(distill=None), None) is None
     assert peers.distillation_settings(ns(distill=False), source) is None
     assert peers.distillation_settings(ns(distill=True), None) == {"alpha": 0.9, "temperature": 4.0}
-    res = peers.main(["--smoke", "--out", str(tmp_path), "--threads", "1", "--methods", "tp_magnitude", "--distill"])
+    res = peers.main(
+        ["--smoke", "--out", str(tmp_path), "--threads", "1", "--methods", "tp_magnitude", "--distill"]
+    )
     assert res["distillation"] == {"alpha": 0.9, "temperature": 4.0}
     assert res["tp_magnitude"]["distilled"] is True
     assert "distilled from the unpruned model" in (tmp_path / "peers.md").read_text()

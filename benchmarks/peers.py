@@ -341,7 +341,9 @@ def distillation_settings(
         return source
     if not args.distill:
         return None
-    return source or {"alpha": 0.9, "temperature": 4.0}  # prunekit's --distill defaults
+    from prunekit.prune.config import PruneConfig
+
+    return source or {"alpha": PruneConfig.distill_alpha, "temperature": PruneConfig.distill_temperature}
 
 
 def run_method(

@@ -112,7 +112,11 @@ def synth_cmd(
     help="Accept a set with bad inputs (they are skipped); exit 0 if nothing else is wrong.",
 )
 @click.option(
-    "--decode", type=int, default=8, show_default=True, help="Images to decode as a check (-1 = all)."
+    "--decode",
+    type=int,
+    default=8,
+    show_default=True,
+    help="Images to decode fully as a check (-1 = all); every image's header is read regardless.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option(
@@ -146,7 +150,9 @@ def check_cmd(
     SPEC is e.g. voc:../shared/data/BCCD, yolo:data/signs/data.yaml or
     folder:data/cifar10-jpg-{split}.tar.gz. Every bad input is listed (the set is read with
     skipping on); the exit code is 1 when something is wrong, unless --skip-bad accepts skipped
-    inputs.
+    inputs. Every image's header is read to report the encodings converted to 8-bit RGB on
+    decoding (16-bit, palette, grayscale, alpha, CMYK, EXIF rotation) and unreadable files; the
+    --decode images are decoded and must give float RGB in [0, 1].
     """
     from prunekit.data.build import build_dataset, parse_spec
     from prunekit.data.check import format_summary, summarize

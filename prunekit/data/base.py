@@ -28,6 +28,10 @@ from torch.utils.data import Dataset
 
 from prunekit.data.errors import DatasetError
 
+# The deploy runtime (torch-free, numpy + PIL) owns the pixel rules, so that a file decodes to the
+# same pixels in training and on the edge device.
+from prunekit.deploy.runtime import exif_orientation, load_image
+
 # Formats torchvision decodes natively (libjpeg/libpng); everything else (.ppm, .bmp...) goes via PIL.
 _TV_DECODABLE = {".jpg", ".jpeg", ".png"}
 
@@ -36,25 +40,41 @@ ImageTransform = Callable[[Tensor], Tensor]
 
 
 def decode_image_bytes(data: bytes, name: str) -> Tensor:
-    """Decode an encoded image to uint8 RGB [3, H, W]; ``name`` is only for the error message."""
+    """Decode an encoded image to uint8 RGB [3, H, W], whatever its encoding.
+
+    The pixels are those the torch-free deploy runtime gives for the same file
+    (:func:`prunekit.deploy.runtime.load_image`, which documents the rules): EXIF orientation
+    applied, 16-bit samples reduced to their high byte, alpha dropped (not composited), grayscale,
+    palette and CMYK converted to RGB. JPEG and PNG are decoded by torchvision (libjpeg-turbo /
+    libpng: fast, and bit-identical to PIL for them); other formats, and JPEG flavours libjpeg
+    rejects, go through PIL. ``name`` is only for the error message.
+    """
     suffix = os.path.splitext(name)[1].lower()
     if suffix in _TV_DECODABLE:
         from torchvision.io import ImageReadMode, decode_image
 
         try:
-            return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+            img = decode_image(
+                torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                mode=ImageReadMode.RGB,
+                apply_exif_orientation=True,
+            )
         except RuntimeError:
-            pass  # some JPEG flavours (CMYK, arithmetic coding) only PIL reads; try it before failing
+            pass  # some JPEG flavours (arithmetic coding...) only PIL reads; try it before failing
+        else:
+            if img.dtype == torch.uint16:  # 16-bit PNG; uint16 has no shift op, hence via int32
+                img = (img.to(torch.int32) >> 8).to(torch.uint8)
+            return img
     try:
         with Image.open(io.BytesIO(data)) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+            arr = load_image(im)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{name}: cannot decode image ({e})") from e
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
 def read_image(path: str | os.PathLike) -> Tensor:
-    """Read an image file as uint8 RGB [3, H, W]."""
+    """Read an image file as uint8 RGB [3, H, W] (see :func:`decode_image_bytes` for the rules)."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -64,18 +84,66 @@ def read_image(path: str | os.PathLike) -> Tensor:
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(width, height) from the file header only (cheap: no pixel decoding)."""
+    """(width, height) as decoded, i.e. after the EXIF orientation, from the file header only."""
     try:
         with Image.open(path) as im:
-            return im.size
+            w, h = im.size
+            # Orientations 5..8 rotate by 90 degrees: the decoded image is h x w.
+            return (h, w) if exif_orientation(im) >= 5 else (w, h)
     except FileNotFoundError as e:
         raise DatasetError(f"{path}: image file not found") from e
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DatasetError(f"{path}: cannot read image header ({e})") from e
 
 
+def image_conversions(source: str | os.PathLike | bytes, name: str | None = None) -> list[str]:
+    """What decoding must do to an image beyond plain 8-bit RGB, from its header only (cheap).
+
+    Tags: ``16-bit``, ``palette``, ``grayscale``, ``with alpha (dropped)``, ``CMYK``, ``EXIF-rotated``,
+    or ``mode X`` for other PIL modes; ``[]`` for 8-bit RGB as stored. Raises :class:`DatasetError`
+    for an unreadable header and for images that cannot become RGB in [0, 1] (float pixels).
+    ``source`` is a path or the encoded bytes; ``name`` (default: the path) is for messages.
+    """
+    if name is None:
+        name = "image" if isinstance(source, bytes) else str(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+            mode = im.mode
+            # PIL opens 16-bit colour PNGs as 8-bit modes; the tile's raw mode tells (RGB;16B...).
+            args = im.tile[0][-1] if im.tile else ""
+            rawmode = (
+                args if isinstance(args, str) else str(args[0]) if isinstance(args, tuple) and args else ""
+            )
+            transparent = "transparency" in im.info
+            orientation = exif_orientation(im)
+    except FileNotFoundError as e:
+        raise DatasetError(f"{name}: image file not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f"{name}: cannot read image header ({e})") from e
+    if mode == "F":
+        raise DatasetError(f"{name}: floating-point image (mode F), unknown value range")
+    tags = []
+    if mode == "I" or mode.startswith("I;16") or ";16" in rawmode:
+        tags.append("16-bit")
+    if mode in ("P", "PA"):
+        tags.append("palette")
+    if mode in ("1", "L", "LA", "I") or mode.startswith("I;16") or rawmode.startswith("LA"):
+        tags.append("grayscale")
+    if "A" in mode or transparent:
+        tags.append("with alpha (dropped)")
+    if mode == "CMYK":
+        tags.append("CMYK")
+    if mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "I") and not mode.startswith("I;16"):
+        tags.append(f"mode {mode}")
+    if orientation != 1:
+        tags.append("EXIF-rotated")
+    return tags
+
+
 def to_float(image: Tensor) -> Tensor:
-    """uint8 [3, H, W] -> float32 in [0, 1]."""
+    """uint8 [3, H, W] -> float32 in [0, 1]; any other dtype is refused (it would leave [0, 1])."""
+    if image.dtype != torch.uint8:
+        raise TypeError(f"to_float expects a uint8 image, got {image.dtype}")
     return image.to(torch.float32).div_(255.0)
 
 
@@ -126,10 +194,18 @@ class DetectionDataset(Dataset):
         img = read_image(rec.path)
         h, w = img.shape[-2:]
         if (w, h) != (rec.width, rec.height):
+            hint = ""
+            if (h, w) == (rec.width, rec.height):
+                hint = " (rotated: images are decoded with their EXIF orientation applied)"
             raise DatasetError(
-                f"{rec.path}: image is {w}x{h} but its annotation says {rec.width}x{rec.height}"
+                f"{rec.path}: image is {w}x{h} but its annotation says {rec.width}x{rec.height}{hint}"
             )
         return img
+
+    def image_source(self, index: int) -> tuple[str, Path | bytes] | None:
+        """(name for messages, file path or encoded bytes) of item ``index``'s image."""
+        path = self.records[index].path
+        return str(path), path
 
     def annotation(self, index: int) -> dict[str, Any]:
         """Ground truth as numpy (``boxes``, ``labels``, ``difficult``, ``image_id``), no decoding."""
@@ -186,6 +262,11 @@ class ClassificationDataset(Dataset):
 
     def load_uint8(self, index: int) -> Tensor:
         raise NotImplementedError
+
+    def image_source(self, index: int) -> tuple[str, Path | bytes] | None:
+        """(name for messages, file path or encoded bytes) of item ``index``'s image, for header
+        checks; ``None`` where the set holds no encoded images (CIFAR arrays) or does not say."""
+        return None
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image = to_float(self.load_uint8(index))

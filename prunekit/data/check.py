@@ -6,17 +6,57 @@ from collections import Counter
 from typing import Any
 
 import numpy as np
+import torch
+from torch import Tensor
 from torch.utils.data import Dataset
 
-from prunekit.data.base import ClassificationDataset, DetectionDataset
+from prunekit.data.base import ClassificationDataset, DetectionDataset, image_conversions, to_float
 from prunekit.data.errors import DatasetError
+
+
+def _scan_headers(
+    dataset: DetectionDataset | ClassificationDataset, problems: list[str]
+) -> tuple[dict[str, Any], set[int]]:
+    """Every image's header (cheap: no pixel decoding): how many needed which conversion.
+
+    Unreadable headers go to ``problems``; their indices are returned so they are not decoded too.
+    """
+    conversions: Counter[str] = Counter()
+    read = 0
+    failed: set[int] = set()
+    for i in range(len(dataset)):
+        source = dataset.image_source(i)
+        if source is None:
+            continue
+        read += 1
+        try:
+            conversions.update(image_conversions(source[1], name=source[0]))
+        except DatasetError as e:
+            problems.append(str(e))
+            failed.add(i)
+    return {"headers_read": read, "conversions": dict(conversions.most_common())}, failed
+
+
+def _check_decoded(name: str, image: Tensor) -> str | None:
+    """A problem if the decoded image is not what the model must get: float RGB [3, H, W] in [0, 1]."""
+    if image.dtype != torch.uint8:
+        return f"{name}: decoded as {image.dtype}, not uint8"
+    if image.ndim != 3 or image.shape[0] != 3:
+        return f"{name}: decoded to shape {tuple(image.shape)}, not 3-channel [3, H, W]"
+    x = to_float(image)
+    lo, hi = float(x.min()), float(x.max())
+    if not (0.0 <= lo and hi <= 1.0):
+        return f"{name}: decoded values {lo:g}..{hi:g}, outside [0, 1]"
+    return None
 
 
 def summarize(dataset: Dataset, decode: int = 8) -> dict[str, Any]:
     """Counts per class, box/image size statistics, problems (broken inputs) and warnings.
 
-    ``decode`` images (evenly spread; -1 = all) are actually decoded, to catch unreadable or
-    mis-sized files that annotation parsing alone cannot see.
+    Every image's header is read (cheap) to count the encodings decoding converts to 8-bit RGB
+    (``conversions``: 16-bit, palette, grayscale, alpha, CMYK, EXIF rotation) and to catch
+    unreadable files. ``decode`` images (evenly spread; -1 = all) are fully decoded, to catch
+    mis-sized files and check that what reaches the model is float RGB [3, H, W] in [0, 1].
     """
     n = len(dataset)  # type: ignore[arg-type]
     out: dict[str, Any] = {
@@ -68,23 +108,39 @@ def summarize(dataset: Dataset, decode: int = 8) -> dict[str, Any]:
         if sides:
             q = np.percentile(sides, [0, 50, 100])
             out["box_min_side_px"] = {"min": float(q[0]), "median": float(q[1]), "max": float(q[2])}
+        headers, failed = _scan_headers(dataset, problems)
+        out.update(headers)
         for i in picks:
+            if int(i) in failed:  # already reported: an unreadable header fails decoding too
+                continue
             try:
-                dataset.load_image(int(i))
+                problem = _check_decoded(str(dataset.records[int(i)].path), dataset.load_image(int(i)))
             except DatasetError as e:
-                problems.append(str(e))
+                problem = str(e)
+            if problem:
+                problems.append(problem)
         missing = [c for c in dataset.classes if objects.get(c, 0) == 0]
         if missing:
             warnings.append(f"classes without objects in this split: {', '.join(missing)}")
     elif isinstance(dataset, ClassificationDataset):
         out["task"] = "classification"
         out["per_class"] = dataset.class_counts()
+        headers, failed = _scan_headers(dataset, problems)
+        out.update(headers)
         shapes = Counter()
         for i in picks:
+            if int(i) in failed:
+                continue
+            source = dataset.image_source(int(i))
+            name = source[0] if source is not None else f"image {int(i)}"
             try:
-                shapes[tuple(dataset.load_uint8(int(i)).shape)] += 1
+                image = dataset.load_uint8(int(i))
+                problem = _check_decoded(name, image)
+                shapes[tuple(image.shape)] += 1
             except DatasetError as e:
-                problems.append(str(e))
+                problem = str(e)
+            if problem:
+                problems.append(problem)
         out["image_shapes"] = {"x".join(map(str, s)): k for s, k in shapes.most_common(5)}
         empty = [c for c, k in out["per_class"].items() if k == 0]
         if empty:
@@ -128,7 +184,20 @@ def format_summary(summary: dict[str, Any]) -> str:
         for c, v in summary["per_class"].items():
             lines.append(f"  {c:<{width}}  {v:>7} images")
         lines.append("image shapes: " + ", ".join(f"{k} ({v})" for k, v in summary["image_shapes"].items()))
-    lines.append(f"decoded {summary['decoded']} image(s) to check them")
+    conv = summary.get("conversions", {})
+    if conv:
+        # "12 images 16-bit, 3 palette": an image can carry several tags (16-bit and with alpha).
+        (tag, k), *rest = conv.items()
+        parts = [f"{k} image{'s' if k != 1 else ''} {tag}"] + [f"{k} {tag}" for tag, k in rest]
+        lines.append("image encodings converted to 8-bit RGB: " + ", ".join(parts))
+    elif summary.get("headers_read"):
+        lines.append("image encodings: all 8-bit RGB")
+    if summary.get("headers_read"):
+        lines.append(
+            f"read {summary['headers_read']} image header(s), decoded {summary['decoded']} image(s) to check them"
+        )
+    else:
+        lines.append(f"decoded {summary['decoded']} image(s) to check them")
     if summary["skipped"]:
         lines.append(f"skipped {len(summary['skipped'])} bad input(s):")
         lines += [f"  {p}" for p in summary["skipped"][:20]]

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,50 @@ def resolve_coco(path: str | os.PathLike, images: str | os.PathLike | None, spli
     return p, Path(images)
 
 
+def _checked_ids(data: dict[str, Any], ann_file: Path, bad: BadInputs) -> dict[str, Any]:
+    """``data`` without what pycocotools' index would silently lose or mis-attribute.
+
+    Its index is a dict by id, so a duplicated image or annotation id keeps only the last entry,
+    and annotations of an image id absent from ``images`` are never looked at. Each such input is
+    reported through ``bad`` (an error, or skipped and counted with ``skip_bad``): a duplicated
+    image id drops every image with that id and their annotations (which one they belong to is
+    unknowable), a duplicated annotation id every annotation with it. Duplicated category ids are
+    always an error: the class list itself would be ambiguous.
+    """
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list) or not all(isinstance(x, dict) for x in data[key]):
+            raise DatasetError(f"{ann_file}: '{key}' must be a list of objects")
+    cat_names: dict[Any, list[str]] = defaultdict(list)
+    for c in data["categories"]:
+        cat_names[c.get("id")].append(str(c.get("name")))
+    for cid, names in cat_names.items():
+        if len(names) > 1:
+            raise DatasetError(
+                f"{ann_file}: category id {cid} appears {len(names)} times (names {', '.join(names)})"
+            )
+    files: dict[Any, list[str]] = defaultdict(list)
+    for img in data["images"]:
+        files[img.get("id")].append(str(img.get("file_name")))
+    dup_images = {i for i, f in files.items() if len(f) > 1}
+    for i in sorted(dup_images, key=str):
+        bad.report(f"{ann_file}: image id {i} appears {len(files[i])} times (files {', '.join(files[i])})")
+    ann_count = Counter(a.get("id") for a in data["annotations"])
+    reported: set[Any] = set()
+    anns = []
+    for a in data["annotations"]:
+        aid, iid = a.get("id"), a.get("image_id")
+        if iid not in files:
+            bad.report(f"{ann_file}: annotation id {aid} refers to image id {iid}, which is not in 'images'")
+        elif ann_count[aid] > 1:
+            if aid not in reported:
+                reported.add(aid)
+                bad.report(f"{ann_file}: annotation id {aid} appears {ann_count[aid]} times")
+        elif iid not in dup_images:  # the duplicated image's report covers its annotations
+            anns.append(a)
+    images = [img for img in data["images"] if img.get("id") not in dup_images]
+    return {**data, "images": images, "annotations": anns}
+
+
 class COCODetection(DetectionDataset):
     """COCO-format detection set: ``ann_file`` (instances JSON) + ``image_dir``."""
 
@@ -77,6 +122,8 @@ class COCODetection(DetectionDataset):
         if not isinstance(data, dict) or "images" not in data or "categories" not in data:
             raise DatasetError(f"{ann_file}: not a COCO instances file (needs 'images' and 'categories')")
         data.setdefault("annotations", [])
+        bad = BadInputs(skip_bad, ann_file)
+        data = _checked_ids(data, ann_file, bad)
         coco = COCO()
         coco.dataset = data
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress to stdout
@@ -102,7 +149,6 @@ class COCODetection(DetectionDataset):
             class_list = [names.get(i, f"__unused_{i}__") for i in range(1, max_id + 1)]
         self.label_to_cat = {v: k for k, v in self.cat_to_label.items()}
 
-        bad = BadInputs(skip_bad, ann_file)
         records = []
         for img_id in sorted(coco.imgs):
             info = coco.imgs[img_id]
@@ -119,9 +165,10 @@ class COCODetection(DetectionDataset):
             for ann in coco.imgToAnns.get(img_id, []):
                 where = f"{ann_file}: annotation id {ann.get('id')} (image {fname})"
                 cat = ann.get("category_id")
+                if cat not in coco.cats:
+                    bad.report(f"{where}: unknown category_id {cat} (not in 'categories')")
+                    continue
                 if cat not in self.cat_to_label:
-                    if classes is None:
-                        bad.report(f"{where}: unknown category_id {cat}")
                     continue  # an explicit class subset drops the other categories on purpose
                 crowd = bool(ann.get("iscrowd", 0))
                 if crowd and not keep_crowd:

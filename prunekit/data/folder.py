@@ -186,6 +186,11 @@ class ImageFolder(ClassificationDataset):
             img = read_image(self.files[index])
         return self._resize(img) if self._resize is not None else img
 
+    def image_source(self, index: int) -> tuple[str, Path | bytes]:
+        if self._blobs is not None:
+            return f"{self.root}:{self.files[index]}", self._blobs[index]
+        return str(self.files[index]), Path(self.files[index])
+
     def uint8_arrays(self, progress: bool = False) -> tuple[Tensor, Tensor]:
         """Decode everything into uint8 [N, 3, H, W] + labels (batched JPEG decoding where possible)."""
         from tqdm import tqdm
@@ -202,7 +207,8 @@ class ImageFolder(ClassificationDataset):
                 assert self._blobs is not None
                 data = [torch.frombuffer(bytearray(self._blobs[i]), dtype=torch.uint8) for i in idx]
                 try:
-                    out = decode_jpeg(data, mode=ImageReadMode.RGB)
+                    # EXIF orientation applied, as the per-image path (decode_image_bytes) does.
+                    out = decode_jpeg(data, mode=ImageReadMode.RGB, apply_exif_orientation=True)
                     part = [self._resize(o) if self._resize is not None else o for o in out]
                 except RuntimeError:  # one odd file: fall back to per-image decoding with its name
                     part = [self.load_uint8(i) for i in idx]

@@ -27,14 +27,20 @@ def image_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def load_image_file(path: str | os.PathLike) -> np.ndarray:
-    """One image file -> [3, H, W] float32 in [0, 1] (RGB)."""
-    from PIL import Image
+    """One image file -> [3, H, W] float32 in [0, 1] (RGB).
+
+    Decoded by the runtime's :func:`prunekit.deploy.runtime.load_image` (EXIF orientation applied,
+    16-bit reduced to 8, alpha dropped), so these are the pixels both the training loader and the
+    deployed runtime see for this file.
+    """
+    from prunekit.deploy.runtime import load_image
 
     try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+        arr = load_image(path)
     except OSError as e:
         raise ValueError(f"{path}: not a readable image ({e})") from e
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
 
 

@@ -178,10 +178,87 @@ def resize_bilinear(chw: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return rows[:, :, x0] * (1 - fx)[None, None, :] + rows[:, :, x1] * fx[None, None, :]
 
 
+# PIL transposes that undo each EXIF orientation (2..8), as PIL.ImageOps.exif_transpose uses.
+_EXIF_TRANSPOSE = {
+    2: "FLIP_LEFT_RIGHT",
+    3: "ROTATE_180",
+    4: "FLIP_TOP_BOTTOM",
+    5: "TRANSPOSE",
+    6: "ROTATE_270",
+    7: "TRANSVERSE",
+    8: "ROTATE_90",
+}
+
+
+def exif_orientation(im: Any) -> int:
+    """EXIF orientation (1..8, 1 = as stored) of an opened PIL image, from its header only.
+
+    A PNG eXIf chunk after the pixel data is ignored, as libpng (hence torchvision) does, so that
+    training and deployment turn the same files; reading it would also mean decoding the pixels.
+    Malformed EXIF counts as 1, as the decoders treat it.
+    """
+    from PIL import Image
+
+    try:
+        if im.format == "PNG":  # PIL's getexif() on a PNG decodes the pixels to look past them
+            raw = im.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+        else:
+            exif = im.getexif()
+        orientation = int(exif.get(0x0112, 1))
+    except Exception:  # any EXIF parsing failure: decoders ignore the tag, so do we
+        return 1
+    return orientation if orientation in _EXIF_TRANSPOSE else 1
+
+
+def _pil_to_rgb(im: Any) -> np.ndarray:
+    from PIL import Image
+
+    orientation = exif_orientation(im)
+    if orientation != 1:
+        im = im.transpose(getattr(Image.Transpose, _EXIF_TRANSPOSE[orientation]))
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        # 16-bit grayscale (PNG, TIFF, PGM): PIL's own convert("RGB") would clip it at 255.
+        gray = np.asarray(im).astype(np.int64)
+        if gray.size and (gray.min() < 0 or gray.max() > 65535):
+            raise ValueError(f"{im.mode} image with values outside 0..65535: not a 16-bit image")
+        return np.repeat((gray >> 8).astype(np.uint8)[:, :, None], 3, axis=2)
+    if im.mode == "F":
+        raise ValueError("floating-point image (PIL mode F): unknown value range, convert it to 8/16-bit")
+    if im.mode in ("P", "PA"):
+        # Via RGBA: PIL warns when a palette with transparency goes straight to RGB. Same colours.
+        im = im.convert("RGBA")
+    return np.asarray(im.convert("RGB"))
+
+
 def load_image(image: Any) -> np.ndarray:
-    """A path, PIL image or HWC uint8 array -> HWC uint8 RGB array."""
+    """A path, PIL image or HWC array -> HWC uint8 RGB array: the pixels the model is fed.
+
+    Whatever the encoding, a file gives the same pixels as prunekit's training loader
+    (``prunekit.data.read_image``):
+
+    * the EXIF orientation is applied (as ``PIL.ImageOps.exif_transpose`` and torchvision's
+      ``decode_image(apply_exif_orientation=True)``), see :func:`exif_orientation`;
+    * 16-bit samples keep their high byte (``v >> 8``, within 1/255 of ``v / 65535``): what PIL
+      and libpng give for 16-bit colour PNGs, and so the one rule this torch-free file can apply
+      to every 16-bit image;
+    * alpha is dropped, not composited: a transparent pixel keeps its stored colour;
+    * grayscale is repeated to three channels; palette, CMYK, 1-bit... are converted by PIL.
+
+    Arrays may be uint8 or uint16 (high byte kept), HxW, HxWx3 or HxWx4 (alpha dropped).
+    Raises FileNotFoundError for a missing file and ValueError for what cannot be made RGB.
+    """
     if isinstance(image, np.ndarray):
         arr = image
+        if arr.dtype == np.uint16:
+            arr = (arr >> 8).astype(np.uint8)
+        elif arr.dtype != np.uint8:
+            raise ValueError(f"expected a uint8 (or uint16) image array, got {arr.dtype}")
+        if arr.ndim == 3 and arr.shape[2] == 4:
+            arr = arr[:, :, :3]
     else:
         from PIL import Image
 
@@ -190,9 +267,9 @@ def load_image(image: Any) -> np.ndarray:
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: image not found")
             with Image.open(p) as im:
-                arr = np.asarray(im.convert("RGB"))
+                arr = _pil_to_rgb(im)
         else:
-            arr = np.asarray(image.convert("RGB"))
+            arr = _pil_to_rgb(image)
     if arr.ndim == 2:
         arr = np.repeat(arr[:, :, None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] != 3:

@@ -353,7 +353,7 @@ def test_cli_train_prune_while_training(tmp_path):
     assert trace["config"]["lam"] == 3.0 and trace["config"]["tolerance"] == 100.0
     assert "pruned while training" in res.output and (out / "model.pt").is_file()
     res = CliRunner().invoke(main, args)  # the same folder again, without --resume
-    assert res.exit_code != 0 and "a joint run is already there" in res.output
+    assert res.exit_code != 0 and "exists and is not empty" in res.output
 
 
 def test_pipeline_schedule_is_joint_when_the_original_is_trained_here_long_enough(tmp_path):

@@ -89,6 +89,11 @@ def prune(
     model_path: Path, data: str, split: str, val_split: str, phases_spec: str | None, out_dir: Path, **kw: Any
 ) -> None:
     """Multi-layer pruning of a trained model; writes OUT/model.pt, OUT/phases/pN/*, OUT/layers.{json,md}."""
+    from prunekit.rundir import prepare_run_dir
+
+    # before any work: a non-empty OUT only with --resume, never the data's or the model's folder
+    prepare_run_dir(out_dir, resume=kw["resume"], data=data, inputs=[model_path], splits=[split, val_split],
+                    manifest=False)  # fmt: skip
     import prunekit
     from prunekit.models import get_config
     from prunekit.prune.cost import render_cost_markdown

@@ -215,6 +215,11 @@ def train(
                                                                if k not in given_names(JointConfig, "joint_")}),
                                        "seed": seed})  # fmt: skip
     D.init_distributed()
+    from prunekit.rundir import prepare_run_dir
+
+    # before any work: a non-empty OUT only with --resume, never the data's or the weights' folder
+    prepare_run_dir(out_dir, resume=resume, data=data, inputs=[weights], splits=[train_split, val_split],
+                    manifest=False)  # fmt: skip
     torch.manual_seed(seed)
     detector = model_name.startswith("ssd")
     train_set = _build_data(data, train_split, train=True)

@@ -39,6 +39,43 @@ def is_detector(model: nn.Module) -> bool:
     return isinstance(model, SSD)
 
 
+def _kind(detector: bool) -> str:
+    return "detector" if detector else "classifier"
+
+
+def check_task(
+    model: nn.Module, data: Any, model_name: str = "the model", data_name: str | None = None
+) -> None:
+    """Refuse a classifier with detection data, or a detector with classification data.
+
+    ``data`` is a dataset spec (checked without reading anything) or a prunekit dataset (any other
+    dataset is trusted). The ValueError names both, ``model_name`` and ``data_name`` (default: the
+    spec or the dataset's source), so the CLI prints it as one line.
+    """
+    from prunekit.data import dataset_task
+    from prunekit.data.build import is_detection_spec
+
+    detector = is_detector(model)
+    if isinstance(data, str):
+        task = "detection" if is_detection_spec(data) else "classification"
+        data_name = data_name or data
+    else:
+        inner = data.dataset if isinstance(data, Subset) else data
+        try:
+            task = dataset_task(inner)
+        except TypeError:
+            return  # a user-supplied dataset class: trust it
+        data_name = data_name or getattr(inner, "source", "") or type(inner).__name__
+    want = "detection" if detector else "classification"
+    if task != want:
+        cfg = getattr(D.unwrap(model), "prunekit_config", None)
+        arch = f" ({cfg.arch})" if cfg is not None else ""
+        raise ValueError(
+            f"{model_name} is a {_kind(detector)}{arch} but {data_name} is a {task} dataset; "
+            f"a {_kind(detector)} needs {want} data"
+        )
+
+
 def primary_metric(metrics: dict[str, Any]) -> float:
     """The number searches compare: ``map50`` for detection, ``top1`` for classification."""
     for key in ("map50", "top1"):
@@ -81,6 +118,7 @@ def evaluate(
     """
     D.init_distributed()
     net = D.unwrap(model)
+    check_task(net, dataset)  # a classifier on detection data would fail deep in a batch
     dev = D.resolve_device(device)
     n = len(dataset)  # type: ignore[arg-type]
     if max_images is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -12,12 +13,67 @@ from typing import Any
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
+_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# A writer that is not Python's own file I/O (torch.save's C++ zip writer) reports a full disk as a
+# RuntimeError; with less than this much space left beside the file, that is what it was.
+_FULL_BELOW_BYTES = 1 << 20
+
+
+class DiskFullError(OSError):
+    """No space left (or the quota exhausted) while writing ``filename``; one line, names the file.
+
+    An ``OSError`` with ``errno.ENOSPC``/``EDQUOT``, so code that handles OSErrors still does.
+    """
+
+    def __init__(self, path: str | os.PathLike, code: int = errno.ENOSPC) -> None:
+        what = "no space left on device" if code == errno.ENOSPC else "disk quota exceeded"
+        super().__init__(code, what, os.fspath(path))
+
+    def __str__(self) -> str:
+        return f"{self.strerror}: {self.filename}"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return type(self), (self.filename, self.errno)
+
+
+def _free_bytes(folder: Path) -> int | None:
+    try:
+        st = os.statvfs(folder)
+    except (OSError, AttributeError):  # no statvfs on Windows
+        return None
+    # root may fill the blocks reserved for it; everyone else stops at the available ones
+    blocks = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize
+
+
+def disk_full_error(e: BaseException, path: str | os.PathLike) -> DiskFullError | None:
+    """A :class:`DiskFullError` naming ``path`` if ``e`` (raised while writing it) means a full disk."""
+    if isinstance(e, DiskFullError):
+        return e
+    if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
+        return DiskFullError(path, e.errno)
+    if isinstance(e, RuntimeError):
+        free = _free_bytes(Path(path).parent)
+        if free is not None and free < _FULL_BELOW_BYTES:
+            return DiskFullError(path)
+    return None
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename it into place."""
+    """Call ``write(tmp_path)`` on a temp file beside ``path``, fsync it, then rename it into place.
+
+    On any failure the temp file is removed and ``path`` is left as it was; a full disk raises
+    :class:`DiskFullError` ("no space left on device: PATH") whichever writer hit it.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        full = disk_full_error(e, path)
+        if full is not None:
+            raise full from e
+        raise
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -26,8 +82,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as e:
+        full = disk_full_error(e, path) if isinstance(e, Exception) else None
         tmp_path.unlink(missing_ok=True)
+        if full is not None:
+            raise full from e
         raise
     return path
 

@@ -23,7 +23,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from prunekit import __version__
-from prunekit.fileio import atomic_write_json
+from prunekit.fileio import DiskFullError, atomic_write_json
 from prunekit.models.io import file_sha256
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,8 @@ class Manifest:
         rec = self.stages[name]
         rec.status = INTERRUPTED if interrupted else FAILED
         rec.ended = time.time()
-        rec.error = error
+        # A full disk reads "no space left on device: PATH" on its own; its class name adds nothing.
+        rec.error = error.removeprefix(f"{DiskFullError.__name__}: ")
         self._record_created()  # what a failed stage left behind is still prunekit's
         self.save()
 

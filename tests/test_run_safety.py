@@ -398,3 +398,24 @@ def test_train_refuses_a_non_empty_out_and_the_data_folder(world) -> None:
     # --resume continues a train run whatever it holds: train/prune keep no manifest
     prepare_run_dir(out, resume=True, data=f"voc:{world['data']}", manifest=False)
     assert tree_hash(out) == tree
+
+
+def test_a_stage_rerun_for_changed_inputs_does_not_resume_its_old_checkpoints(fake_run, monkeypatch) -> None:
+    """train/last.pt was trained with the old settings: a rerun for changed inputs starts it over,
+    while a rerun of an interrupted stage with the same inputs resumes it."""
+    out, cfg, calls = fake_run
+    seen: list[bool] = []
+    original = Pipeline.stage_train
+
+    def spy(self: Pipeline):
+        seen.append((self.out / "train" / "last.pt").is_file())
+        return original(self)
+
+    monkeypatch.setattr(Pipeline, "stage_train", spy)
+    run_pipeline(dataclasses.replace(cfg, lr=0.02), out, resume=True)
+    assert seen == [False]  # the old epoch checkpoint was removed before the stage ran
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["stages"]["train"]["status"] = "interrupted"  # killed mid-stage, same inputs
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    run_pipeline(dataclasses.replace(cfg, lr=0.02), out, resume=True)
+    assert seen == [False, True]  # resumed from its own checkpoint

@@ -126,6 +126,22 @@ def describe_model(label: str, path: str | os.PathLike) -> tuple[dict[str, Any],
     return entry, torch_model, meta
 
 
+def check_comparable(models: Mapping[str, tuple[str | os.PathLike, dict[str, Any]]]) -> None:
+    """Refuse comparing a classifier with a detector: ``{label: (path, runtime metadata)}``.
+
+    Their speed, size and accuracy are different quantities; the ValueError names both files.
+    """
+    kinds = {label: runtime.is_detector(meta) for label, (_, meta) in models.items()}
+    first = next(iter(kinds), None)
+    for label, detector in kinds.items():
+        if detector != kinds[first]:
+            a, b = (first, label) if kinds[first] else (label, first)
+            raise ValueError(
+                f"cannot compare a detector with a classifier: {models[a][0]} is a detector, "
+                f"{models[b][0]} a classifier"
+            )
+
+
 def _export(label: str, torch_model: Any, source: Path, out_dir: Path, form: str) -> Path:
     try:
         from prunekit.export import export_onnx
@@ -279,7 +295,6 @@ def run_benchmark(
         raise ValueError(f"reference {reference!r} is not one of the model labels {labels}")
     timing = timing or TimingConfig()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     specs = [parse_backend(b) for b in backends]
     batch_sizes = [int(b) for b in batch_sizes]
 
@@ -289,6 +304,17 @@ def run_benchmark(
     metas: dict[str, dict[str, Any]] = {}
     for label in labels:
         entries[label], torch_models[label], metas[label] = describe_model(label, models[label])
+    check_comparable({label: (models[label], metas[label]) for label in labels})
+    if data_spec:
+        from prunekit.data.build import is_detection_spec
+
+        detector = runtime.is_detector(metas[labels[0]])
+        if is_detection_spec(data_spec) != detector:
+            raise ValueError(
+                f"{models[labels[0]]} is a {'detector' if detector else 'classifier'} but --data "
+                f"{data_spec} is a {'classification' if detector else 'detection'} dataset"
+            )
+    out.mkdir(parents=True, exist_ok=True)  # after the inputs are checked: a refusal writes nothing
 
     samples: list[acc.EvalSample] = []
     data_desc = None

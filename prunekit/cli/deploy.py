@@ -127,7 +127,7 @@ def verify_cmd(
     Exit 0 when all backends are within the precision's tolerance, 1 when one is not (the
     message names the backend, the worst output and the worst image), 2 for bad input.
     """
-    from prunekit.deploy.verify import VerificationError, verify
+    from prunekit.deploy.verify import ModelMismatchError, VerificationError, verify
 
     names = [b.strip() for b in backends.split(",") if b.strip()] or None
     try:
@@ -144,6 +144,8 @@ def verify_cmd(
             batch_size=batch_size,
             engine_dir=engine_dir,
         )
+    except ModelMismatchError as e:  # two files that do not belong together: bad input, exit 2
+        raise UserError(str(e)) from e
     except VerificationError as e:
         raise click.ClickException(str(e)) from e
     for b, entry in report["backends"].items():
@@ -171,14 +173,23 @@ def detect_cmd(
     model: str, image: str, out: str | None, json_out: str | None, score: float, device: str
 ) -> None:
     """Run the torch-free runtime on one image (what `python -m prunekit.deploy.runtime` does)."""
-    from prunekit.deploy.runtime import Detector, detections_to_json, draw_detections, load_image
+    from prunekit.deploy.runtime import (
+        Detector,
+        check_output_path,
+        detections_to_json,
+        draw_detections,
+        load_image,
+        save_image_atomic,
+    )
     from prunekit.fileio import atomic_write_text
 
+    check_output_path(out, "--out", image=True)  # before any work: a typo is not a lost run
+    check_output_path(json_out, "--json")
+    img = load_image(image)
     try:
         det_model = Detector(model, device=device)
     except RuntimeError as e:
         raise UserError(str(e)) from e
-    img = load_image(image)
     det = det_model(img)
     if "boxes" not in det:
         raise UserError(f"{model}: a classifier; detect draws boxes for detectors only")
@@ -188,7 +199,7 @@ def detect_cmd(
     for d in records:
         click.echo(f"{d['name']}\t{d['score']:.3f}\t{d['box']}")
     if out:
-        draw_detections(img, det, det_model.names, det_model.num_classes).save(out)
+        save_image_atomic(draw_detections(img, det, det_model.names, det_model.num_classes), out)
     if json_out:
         atomic_write_text(json_out, json.dumps(records, indent=2) + "\n")
 

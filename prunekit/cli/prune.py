@@ -55,6 +55,26 @@ def _train_config(
     )
 
 
+def _load_for(model_path: Path, data: str) -> Any:
+    """The checkpoint, refused with one line naming both if it cannot use ``data`` (a classifier
+    with a detection set or the reverse); None where it cannot be read (reported once the --out
+    checks have run, as before)."""
+    import prunekit
+    from prunekit.data.build import parse_spec
+    from prunekit.evaluate import check_task
+    from prunekit.models.io import CheckpointError
+
+    try:
+        model = prunekit.load(model_path)
+        parse_spec(data)
+    except CheckpointError:
+        return None
+    except ValueError:  # a spec that does not parse is reported where the data is built
+        return model
+    check_task(model, data, str(model_path))
+    return model
+
+
 def _totals_line(stats: dict[str, Any]) -> str:
     return f"{stats['params']:,} params, {stats['size_mb']:.2f} MiB, {stats['macs'] / 1e9:.3f} GMACs"
 
@@ -89,12 +109,14 @@ def prune(
     model_path: Path, data: str, split: str, val_split: str, phases_spec: str | None, out_dir: Path, **kw: Any
 ) -> None:
     """Multi-layer pruning of a trained model; writes OUT/model.pt, OUT/phases/pN/*, OUT/layers.{json,md}."""
+    import prunekit
     from prunekit.rundir import prepare_run_dir
 
-    # before any work: a non-empty OUT only with --resume, never the data's or the model's folder
+    # before any work: a classifier with detection data (or the reverse) is refused; then a
+    # non-empty OUT only with --resume, never the data's or the model's folder
+    model = _load_for(model_path, data)
     prepare_run_dir(out_dir, resume=kw["resume"], data=data, inputs=[model_path], splits=[split, val_split],
                     manifest=False)  # fmt: skip
-    import prunekit
     from prunekit.models import get_config
     from prunekit.prune.cost import render_cost_markdown
     from prunekit.prune.method import cost_rows, load_table_for, run_phases
@@ -102,7 +124,8 @@ def prune(
     from prunekit.prune.report import model_stats, write_table
     from prunekit.prune.trainer import DataTrainer
 
-    model = prunekit.load(model_path)
+    if model is None:
+        model = prunekit.load(model_path)  # raises the checkpoint's own one-line error
     phases = resolve_phases(phases_spec or get_config(model).arch, model)
     hp = PruneConfig.from_dict({**collect(PruneConfig, kw), "seed": kw["seed"]})
     train_set, val_set = _datasets(data, split, val_split)
@@ -162,13 +185,18 @@ def prune(
 @friendly_errors
 def inspect(model_path: Path, original: Path | None, as_json: bool, graph: bool) -> None:
     """Per-layer filters, parameters and MACs of a saved model (like the paper's Table 1)."""
-    from prunekit.models.io import load_with_extra
+    from prunekit.models.io import get_config, load_with_extra
     from prunekit.prune.graph import build_dependency_graph
     from prunekit.prune.report import layer_table, model_stats, render_markdown
     from prunekit.prune.surgery import group_summary
 
     model, extra = load_with_extra(model_path)
     ref = load_with_extra(original)[0] if original else None
+    if ref is not None and get_config(ref).is_detector != get_config(model).is_detector:
+        det, cls = (model_path, original) if get_config(model).is_detector else (original, model_path)
+        raise UserError(
+            f"cannot compare a detector with a classifier: {det} is a detector, {cls} a classifier"
+        )
     rows = layer_table(model, original=ref, original_channels=None if ref else extra.get("original_channels"))
     totals: dict[str, Any] = {}
     if ref is not None:

@@ -318,13 +318,18 @@ def eval_cmd(
 ) -> None:
     """Evaluate a checkpoint: COCO mAP (AP@[.5:.95], AP50, AP75, per class) + VOC07 AP, or top-1."""
     from prunekit import distributed as D
-    from prunekit.evaluate import evaluate
+    from prunekit.evaluate import check_task, evaluate
     from prunekit.fileio import atomic_write_json
     from prunekit.models import load
     from prunekit.models.io import file_sha256
 
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {num_workers}")
     D.init_distributed()
     model = load(model_path)
+    check_task(model, data, str(model_path))  # before the data is read
     ds = _build_data(data, split, train=False)
     metrics = evaluate(
         model,

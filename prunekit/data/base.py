@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import os
+import struct
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -32,8 +34,22 @@ from prunekit.data.errors import DatasetError
 # same pixels in training and on the edge device.
 from prunekit.deploy.runtime import exif_orientation, load_image
 
-# Formats torchvision decodes natively (libjpeg/libpng); everything else (.ppm, .bmp...) goes via PIL.
-_TV_DECODABLE = {".jpg", ".jpeg", ".png"}
+# JPEG is decoded by torchvision (libjpeg-turbo); everything else (PNG, PPM, BMP...) goes via PIL.
+# Not PNG: torchvision's libpng error path crashes the process (SIGSEGV) on a corrupt PNG, e.g. one
+# flipped byte in IDAT (torchvision 0.29, 58 of 60 random byte mutations), where PIL raises an error.
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# What PIL raises for a corrupt file: OSError (UnidentifiedImageError, truncation, broken data),
+# SyntaxError (broken PNG chunks), ValueError (a PPM header's size), EOFError / struct.error (short
+# headers), zlib.error, and DecompressionBombError for a header that claims billions of pixels.
+_PIL_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
 
 DetectionTransform = Callable[[Tensor, dict[str, Any]], tuple[Tensor, dict[str, Any]]]
 ImageTransform = Callable[[Tensor], Tensor]
@@ -45,12 +61,14 @@ def decode_image_bytes(data: bytes, name: str) -> Tensor:
     The pixels are those the torch-free deploy runtime gives for the same file
     (:func:`prunekit.deploy.runtime.load_image`, which documents the rules): EXIF orientation
     applied, 16-bit samples reduced to their high byte, alpha dropped (not composited), grayscale,
-    palette and CMYK converted to RGB. JPEG and PNG are decoded by torchvision (libjpeg-turbo /
-    libpng: fast, and bit-identical to PIL for them); other formats, and JPEG flavours libjpeg
-    rejects, go through PIL. ``name`` is only for the error message.
+    palette and CMYK converted to RGB. JPEG is decoded by torchvision (libjpeg-turbo: fast, and
+    bit-identical to PIL); other formats, JPEG flavours libjpeg rejects and PNG go through PIL (a
+    corrupt PNG crashes torchvision's decoder instead of raising). ``name`` is only for the error
+    message.
     """
-    suffix = os.path.splitext(name)[1].lower()
-    if suffix in _TV_DECODABLE:
+    # By content, not by name: torchvision picks its decoder from the bytes, and a PNG named .jpg
+    # must not reach libpng through it.
+    if data[:3] == _JPEG_MAGIC:
         from torchvision.io import ImageReadMode, decode_image
 
         try:
@@ -62,15 +80,17 @@ def decode_image_bytes(data: bytes, name: str) -> Tensor:
         except RuntimeError:
             pass  # some JPEG flavours (arithmetic coding...) only PIL reads; try it before failing
         else:
-            if img.dtype == torch.uint16:  # 16-bit PNG; uint16 has no shift op, hence via int32
+            if img.dtype == torch.uint16:  # 12-bit JPEG; uint16 has no shift op, hence via int32
                 img = (img.to(torch.int32) >> 8).to(torch.uint8)
             return img
     try:
         with Image.open(io.BytesIO(data)) as im:
             arr = load_image(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DatasetError(f"{name}: cannot decode image ({e})") from e
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    except _PIL_ERRORS as e:
+        raise DatasetError(f"{name}: cannot decode image ({e or type(e).__name__})") from e
+    # a copy, always: PIL's array is read-only, and for a 1-pixel-wide image the transposed view is
+    # already contiguous (a read-only tensor would follow, which in-place transforms must not get)
+    return torch.from_numpy(np.array(arr.transpose(2, 0, 1), order="C"))
 
 
 def read_image(path: str | os.PathLike) -> Tensor:
@@ -92,7 +112,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
             return (h, w) if exif_orientation(im) >= 5 else (w, h)
     except FileNotFoundError as e:
         raise DatasetError(f"{path}: image file not found") from e
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except _PIL_ERRORS as e:
         raise DatasetError(f"{path}: cannot read image header ({e})") from e
 
 
@@ -118,7 +138,7 @@ def image_conversions(source: str | os.PathLike | bytes, name: str | None = None
             orientation = exif_orientation(im)
     except FileNotFoundError as e:
         raise DatasetError(f"{name}: image file not found") from e
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except _PIL_ERRORS as e:
         raise DatasetError(f"{name}: cannot read image header ({e})") from e
     if mode == "F":
         raise DatasetError(f"{name}: floating-point image (mode F), unknown value range")

@@ -13,6 +13,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -33,6 +34,45 @@ def load_json(path: Path) -> Any:
         raise DatasetError(f"{path}: annotation file not found") from e
     except json.JSONDecodeError as e:
         raise DatasetError(f"{path}: line {e.lineno}, column {e.colno}: unparsable JSON ({e.msg})") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except (ValueError, RecursionError) as e:  # an integer of more than 4300 digits, absurd nesting
+        raise DatasetError(f"{path}: unreadable JSON ({e})") from e
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    """A finite JSON number (not a bool, not NaN/Infinity, not an integer too large for a float)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # 10**400 is valid JSON
+        return False
+
+
+def _image_problem(img: dict[str, Any]) -> str | None:
+    """What makes an ``images`` entry unusable (None if nothing): the fields the reader relies on."""
+    if not _is_int(img.get("id")):
+        return f"'id' must be an integer, got {img.get('id')!r}"
+    name = img.get("file_name")
+    if not isinstance(name, str) or not name.strip():
+        return f"'file_name' must be a file name, got {name!r}"
+    for key in ("width", "height"):
+        v = img.get(key)
+        if v is not None and not (_is_number(v) and v == int(v)):
+            return f"'{key}' must be a whole number of pixels, got {v!r}"
+    return None
+
+
+def _annotation_problem(ann: dict[str, Any]) -> str | None:
+    for key in ("id", "image_id", "category_id"):
+        if not _is_int(ann.get(key)):
+            return f"'{key}' must be an integer, got {ann.get(key)!r}"
+    return None
 
 
 def resolve_coco(path: str | os.PathLike, images: str | os.PathLike | None, split: str) -> tuple[Path, Path]:
@@ -70,24 +110,45 @@ def _checked_ids(data: dict[str, Any], ann_file: Path, bad: BadInputs) -> dict[s
         if not isinstance(data[key], list) or not all(isinstance(x, dict) for x in data[key]):
             raise DatasetError(f"{ann_file}: '{key}' must be a list of objects")
     cat_names: dict[Any, list[str]] = defaultdict(list)
-    for c in data["categories"]:
-        cat_names[c.get("id")].append(str(c.get("name")))
+    for k, c in enumerate(data["categories"]):
+        # always an error: a category that cannot be named or indexed makes the class list unknowable
+        if not _is_int(c.get("id")):
+            raise DatasetError(f"{ann_file}: category {k}: 'id' must be an integer, got {c.get('id')!r}")
+        if not isinstance(c.get("name"), str) or not c["name"]:
+            raise DatasetError(
+                f"{ann_file}: category id {c['id']}: 'name' must be a string, got {c.get('name')!r}"
+            )
+        cat_names[c["id"]].append(c["name"])
     for cid, names in cat_names.items():
         if len(names) > 1:
             raise DatasetError(
                 f"{ann_file}: category id {cid} appears {len(names)} times (names {', '.join(names)})"
             )
+    usable_images = []
+    for k, img in enumerate(data["images"]):
+        problem = _image_problem(img)
+        if problem:
+            bad.report(f"{ann_file}: image {k} (id {img.get('id')!r}): {problem}")
+        else:
+            usable_images.append(img)
+    usable_anns = []
+    for k, a in enumerate(data["annotations"]):
+        problem = _annotation_problem(a)
+        if problem:
+            bad.report(f"{ann_file}: annotation {k} (id {a.get('id')!r}): {problem}")
+        else:
+            usable_anns.append(a)
     files: dict[Any, list[str]] = defaultdict(list)
-    for img in data["images"]:
-        files[img.get("id")].append(str(img.get("file_name")))
+    for img in usable_images:
+        files[img["id"]].append(img["file_name"])
     dup_images = {i for i, f in files.items() if len(f) > 1}
-    for i in sorted(dup_images, key=str):
+    for i in sorted(dup_images):
         bad.report(f"{ann_file}: image id {i} appears {len(files[i])} times (files {', '.join(files[i])})")
-    ann_count = Counter(a.get("id") for a in data["annotations"])
+    ann_count = Counter(a["id"] for a in usable_anns)
     reported: set[Any] = set()
     anns = []
-    for a in data["annotations"]:
-        aid, iid = a.get("id"), a.get("image_id")
+    for a in usable_anns:
+        aid, iid = a["id"], a["image_id"]
         if iid not in files:
             bad.report(f"{ann_file}: annotation id {aid} refers to image id {iid}, which is not in 'images'")
         elif ann_count[aid] > 1:
@@ -96,7 +157,7 @@ def _checked_ids(data: dict[str, Any], ann_file: Path, bad: BadInputs) -> dict[s
                 bad.report(f"{ann_file}: annotation id {aid} appears {ann_count[aid]} times")
         elif iid not in dup_images:  # the duplicated image's report covers its annotations
             anns.append(a)
-    images = [img for img in data["images"] if img.get("id") not in dup_images]
+    images = [img for img in usable_images if img["id"] not in dup_images]
     return {**data, "images": images, "annotations": anns}
 
 
@@ -157,7 +218,7 @@ class COCODetection(DetectionDataset):
             if path is None or (check_images and not path.is_file()):
                 bad.report(f"{ann_file}: image id {img_id}: image file {path} not found")
                 continue
-            w, h = int(info.get("width", 0)), int(info.get("height", 0))
+            w, h = int(info.get("width") or 0), int(info.get("height") or 0)
             if w <= 0 or h <= 0:
                 bad.report(f"{ann_file}: image id {img_id} ({fname}): missing width/height")
                 continue
@@ -174,8 +235,8 @@ class COCODetection(DetectionDataset):
                 if crowd and not keep_crowd:
                     continue
                 bb = ann.get("bbox")
-                if not isinstance(bb, list) or len(bb) != 4:
-                    bad.report(f"{where}: bbox must be [x, y, w, h], got {bb!r}")
+                if not isinstance(bb, list) or len(bb) != 4 or not all(_is_number(v) for v in bb):
+                    bad.report(f"{where}: bbox must be [x, y, w, h] (finite numbers), got {bb!r}")
                     continue
                 x, y, bw, bh = (float(v) for v in bb)
                 box, problem = check_box((x, y, x + bw, y + bh), w, h, where)

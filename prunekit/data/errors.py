@@ -9,12 +9,44 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 log = logging.getLogger(__name__)
 
+# How torch's DataLoader re-raises an exception from a worker: the same type, built from a message
+# that carries the worker's whole traceback (``ExceptionWrapper.reraise``).
+_WORKER_MESSAGE = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback", re.S)
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Warning)\w*: ")
+
+
+def worker_message(message: str) -> str:
+    """The original message of an exception a DataLoader worker raised (``message`` otherwise).
+
+    The last line of the formatted traceback is ``module.ExcType: message``; the prefix goes.
+    """
+    if not _WORKER_MESSAGE.match(message):
+        return message
+    lines = [ln for ln in message.splitlines() if ln.strip()]
+    return _EXCEPTION_LINE.sub("", lines[-1], count=1) if lines else message
+
+
+def one_line(message: str) -> str:
+    """``message`` on one line: a worker's traceback reduced to its message, line breaks to spaces."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", worker_message(message)).strip()
+
 
 class DatasetError(ValueError):
-    """A malformed dataset input; the message names the file and the line/object at fault."""
+    """A malformed dataset input; the message names the file and the line/object at fault.
+
+    The message is always one line: text quoted from a file (a YAML parser's excerpt, a class name
+    with a line break) is joined, and the error a DataLoader worker re-raises in the main process
+    (torch wraps the worker's traceback into the message) is reduced to the worker's message.
+    """
+
+    def __init__(self, *args: object) -> None:
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (one_line(args[0]),)
+        super().__init__(*args)
 
 
 class BadInputs:

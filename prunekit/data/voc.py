@@ -214,7 +214,7 @@ def parse_voc_xml(path: Path) -> tuple[ET.Element, list[_RawObject | str]]:
                 float(bb.findtext(t) or "nan") for t in ("xmin", "ymin", "xmax", "ymax")
             )
             difficult = bool(int(float((obj.findtext("difficult") or "0").strip() or 0)))
-        except ValueError as e:
+        except (ValueError, OverflowError) as e:  # OverflowError: int(float("inf"))
             objects.append(f"{where}: non-numeric value ({e})")
             continue
         if xmax <= xmin or ymax <= ymin:
@@ -230,7 +230,7 @@ def _xml_size(root: ET.Element) -> tuple[int, int] | None:
     try:
         w = int(float(root.findtext("size/width") or 0))
         h = int(float(root.findtext("size/height") or 0))
-    except ValueError:
+    except (ValueError, OverflowError):  # not a number, NaN or infinite: the image header tells
         return None
     return (w, h) if w > 0 and h > 0 else None
 

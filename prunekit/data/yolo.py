@@ -65,7 +65,11 @@ def read_data_yaml(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{path}: dataset YAML not found") from e
-    except yaml.YAMLError as e:
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        # ValueError: a value YAML types but cannot build (a date like 2024-13-01); the parser's
+        # message spans several lines (DatasetError joins them)
         raise DatasetError(f"{path}: unparsable YAML ({e})") from e
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: expected a mapping with train, val and names")
@@ -101,18 +105,25 @@ def yolo_class_names(data: dict[str, Any], where: Path) -> list[str]:
     return names
 
 
+def _expand(entry: str, where: Path) -> Path:
+    try:
+        return Path(entry).expanduser()
+    except RuntimeError as e:  # ~user of a user this machine does not have
+        raise DatasetError(f"{where}: cannot resolve {entry!r} ({e})") from e
+
+
 def _dataset_root(data: dict[str, Any], yaml_file: Path) -> Path:
     base = yaml_file.parent
     if not data.get("path"):
         return base
-    p = Path(str(data["path"])).expanduser()
+    p = _expand(str(data["path"]), yaml_file)
     if p.is_absolute() or (p.exists() and not (base / p).exists()):
         return p
     return base / p
 
 
 def _resolve_entry(root: Path, entry: str) -> Path:
-    p = Path(entry).expanduser()
+    p = _expand(entry, root)
     if p.is_absolute():
         return p
     if not (root / p).exists() and entry.startswith("../") and (root / entry[3:]).exists():

@@ -36,11 +36,9 @@ def load_image_file(path: str | os.PathLike) -> np.ndarray:
     from prunekit.deploy.runtime import load_image
 
     try:
-        arr = load_image(path)
-    except OSError as e:
-        raise ValueError(f"{path}: not a readable image ({e})") from e
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from e
+        arr = load_image(path)  # its ValueErrors name the file
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from e
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
 
 

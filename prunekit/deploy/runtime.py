@@ -20,11 +20,14 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import math
 import os
+import struct
 import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +143,10 @@ def class_names(meta: dict[str, Any]) -> list[str]:
 
 
 def is_detector(meta: dict[str, Any]) -> bool:
-    arch = _config(meta).get("arch", "")
-    return str(arch).startswith("ssd") or meta.get("form") in ("raw", "decoded", "trt")
+    arch = _config(meta).get("arch")
+    if arch:  # a classifier is exported in the "raw" form too: the architecture decides
+        return str(arch).startswith("ssd")
+    return meta.get("form") in ("raw", "decoded", "trt")
 
 
 def label_name(label: int, names: list[str], num_classes: int | None = None) -> str:
@@ -214,6 +219,19 @@ def exif_orientation(im: Any) -> int:
     return orientation if orientation in _EXIF_TRANSPOSE else 1
 
 
+class _NotRGB(ValueError):
+    """Pixels that cannot become 8-bit RGB (float, out-of-range 16-bit); a readable file."""
+
+
+_RGB_ERRORS = (_NotRGB,)
+# What PIL raises for a file it cannot read: UnidentifiedImageError (an OSError) for a non-image,
+# OSError for truncated or broken data, SyntaxError / ValueError / EOFError / struct.error for
+# broken headers, zlib.error (and DecompressionBombError for a header claiming billions of pixels).
+_PIL_ERRORS: tuple[type[BaseException], ...] = (
+    OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
+)  # fmt: skip
+
+
 def _pil_to_rgb(im: Any) -> np.ndarray:
     from PIL import Image
 
@@ -224,10 +242,10 @@ def _pil_to_rgb(im: Any) -> np.ndarray:
         # 16-bit grayscale (PNG, TIFF, PGM): PIL's own convert("RGB") would clip it at 255.
         gray = np.asarray(im).astype(np.int64)
         if gray.size and (gray.min() < 0 or gray.max() > 65535):
-            raise ValueError(f"{im.mode} image with values outside 0..65535: not a 16-bit image")
+            raise _NotRGB(f"{im.mode} image with values outside 0..65535: not a 16-bit image")
         return np.repeat((gray >> 8).astype(np.uint8)[:, :, None], 3, axis=2)
     if im.mode == "F":
-        raise ValueError("floating-point image (PIL mode F): unknown value range, convert it to 8/16-bit")
+        raise _NotRGB("floating-point image (PIL mode F): unknown value range, convert it to 8/16-bit")
     if im.mode in ("P", "PA"):
         # Via RGBA: PIL warns when a palette with transparency goes straight to RGB. Same colours.
         im = im.convert("RGBA")
@@ -266,8 +284,13 @@ def load_image(image: Any) -> np.ndarray:
             p = Path(image)
             if not p.is_file():
                 raise FileNotFoundError(f"{p}: image not found")
-            with Image.open(p) as im:
-                arr = _pil_to_rgb(im)
+            try:
+                with Image.open(p) as im:
+                    arr = _pil_to_rgb(im)
+            except _RGB_ERRORS as e:  # the pixels' own problem (float, out of range): name the file
+                raise ValueError(f"{p}: {e}") from e
+            except (*_PIL_ERRORS, Image.DecompressionBombError) as e:
+                raise ValueError(f"{p}: not a readable image ({e or type(e).__name__})") from e
         else:
             arr = _pil_to_rgb(image)
     if arr.ndim == 2:
@@ -749,8 +772,78 @@ class Detector:
 def _write_text_atomic(path: str, text: str) -> None:
     # prunekit.fileio is not available where this file is copied on its own.
     tmp = Path(f"{path}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: the file asked for is the one to name, not the temp file
+        tmp.unlink(missing_ok=True)
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _image_format(path: str) -> str:
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    Image.init()
+    if ext not in Image.EXTENSION:
+        raise ValueError(f"{path}: unknown image file extension {ext or '(none)'!r} (use .jpg or .png)")
+    return Image.EXTENSION[ext]
+
+
+def save_image_atomic(image: Any, path: str) -> None:
+    """``image.save(path)`` through a temp file beside it: a failed write leaves nothing behind."""
+    fmt = _image_format(path)
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    try:
+        image.save(tmp, format=fmt)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_output_path(path: str | None, what: str, image: bool = False) -> None:
+    """Refuse an output path that cannot be written (missing folder, a folder, read-only; for an
+    ``image``, an extension PIL cannot write) up front: ValueError naming ``path``, before any
+    model is loaded or run.
+    """
+    if not path:
+        return
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if p.is_dir():
+        raise ValueError(f"{what} {path}: is a folder; give a file name")
+    if image:
+        try:
+            _image_format(path)
+        except ValueError as e:
+            raise ValueError(f"{what} {e}") from None
+    if not parent.is_dir():
+        raise ValueError(f"{what} {path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: folder {parent} is not writable")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise ValueError(f"{what} {path}: file is not writable")
+
+
+def _os_error_message(e: OSError) -> str:
+    """One line naming the file: ``no space left on device: PATH`` (as prunekit says it), else
+    ``PATH: what went wrong``."""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device: {e.filename}" if e.filename else "no space left on device"
+    if e.filename is not None:
+        return f"{e.filename}: {(e.strerror or str(e)).lower()}"
+    return str(e)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -767,12 +860,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
-        det_model = Detector(args.model, device=args.device)
+        check_output_path(args.out, "--out", image=True)
+        check_output_path(args.json_out, "--json")
         img = load_image(args.image)
+        det_model = Detector(args.model, device=args.device)
         det = det_model(img)
     except (ValueError, FileNotFoundError, RuntimeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    try:
+        return _report(det, det_model, img, args)
+    except (OSError, ValueError) as e:  # a full disk, a file that vanished: one line, nothing left
+        print(f"error: {_os_error_message(e) if isinstance(e, OSError) else e}", file=sys.stderr)
+        return 2
+
+
+def _report(det: dict[str, np.ndarray], det_model: Detector, img: np.ndarray, args: Any) -> int:
     if "boxes" not in det:  # classifier
         for label, score in zip(det["labels"], det["scores"]):
             name = det_model.names[int(label)] if int(label) < len(det_model.names) else str(int(label))
@@ -783,7 +886,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in detections_to_json(det, det_model.names, det_model.num_classes):
         print(f"{d['name']}\t{d['score']:.3f}\t{d['box']}")
     if args.out:
-        draw_detections(img, det, det_model.names, det_model.num_classes).save(args.out)
+        save_image_atomic(draw_detections(img, det, det_model.names, det_model.num_classes), args.out)
     if args.json_out:
         _write_text_atomic(
             args.json_out,

@@ -31,12 +31,16 @@ class VerificationError(ValueError):
     """An engine's outputs are out of tolerance (or nothing could be verified)."""
 
 
+class ModelMismatchError(VerificationError):
+    """The ONNX model was not exported from the checkpoint: bad input, not a failed verification."""
+
+
 def _check_same_model(cfg: Any, meta: dict[str, Any], checkpoint: Path, onnx_path: Path) -> None:
     exported = meta.get("prunekit_config") or {}
     mine = cfg.to_dict()
     for key in ("arch", "num_classes", "input_size", "channels", "num_detection_layers"):
         if key in exported and exported[key] != mine.get(key):
-            raise VerificationError(
+            raise ModelMismatchError(
                 f"{onnx_path} was not exported from {checkpoint}: {key} {exported[key]!r} != {mine.get(key)!r}"
             )
 

@@ -32,9 +32,10 @@ from torch import nn
 
 import prunekit
 from prunekit import distributed as D
-from prunekit.fileio import atomic_write_text
+from prunekit.fileio import atomic_write_json, atomic_write_text
 from prunekit.manifest import DONE, Manifest
 from prunekit.models import create_model, get_config, load_weights
+from prunekit.models.io import ALIASES, ARCHS, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,15 @@ PIPELINE_PRUNE: dict[str, Any] = {"epochs_sparsity": 1, "epochs_retrain": 1}
 # the default tolerance of 5 undid it; the run recovers from it, and the end is judged against
 # the control. The term stops after the cut (prune_until): one more epoch of it cut to 6.1x, 88.4.
 PIPELINE_JOINT: dict[str, Any] = {"lam": 0.7, "prune_until": 0.45, "tolerance": 15.0}
-SCHEDULES = ("auto", "post", "joint")
-# The shortest run the joint schedule was measured to work on: the embedded set at lr 0.01, 12
-# epochs, 2.67x at AP50 95.7 against its control's 97.3 (BCCD, 40 epochs: 22.4x at +0.5 over
-# train-then-prune). At lr 0.05 the embedded set only became measurable when the lr had decayed,
-# too late for the L1 term.
-JOINT_MIN_EPOCHS = 12
+# "search" (the default, both flows): train (or take) the original, then the budget search
+# (prunekit.prune.search); "post": the paper's phases with fixed settings; "joint": prune while
+# training with a fixed λ (a knife edge across data and seeds: kept for study, not the default)
+SCHEDULES = ("search", "post", "joint")
 MIN_TRAIN_EPOCHS = 8  # the fewest epochs a step-sized schedule gives
+
+# the folders where a stage keeps its own resumable state (epoch checkpoints, search points)
+WORK_DIRS: dict[str, tuple[str, ...]] = {"train": ("train",), "prune": ("phases", "joint", "search"),
+                                         "control": ("control",)}  # fmt: skip
 
 STAGES = [
     "data",
@@ -78,6 +81,45 @@ class Interrupted(RuntimeError):
     pass
 
 
+PIPELINE_HELP: dict[str, str] = {
+    "model": "ssd300 | ssd512 | vgg16, or a prunekit checkpoint (.pt) to compress.",
+    "weights": "Plain state dict for a named model (e.g. torchvision's SSD300 COCO .pth).",
+    "width": "Channel width multiplier for a model built here.",
+    "batch_norm": "BatchNorm after every conv of a detector built here.",
+    "data": "synth | voc:DIR | yolo:DATA.yaml | coco:ANN.json,IMAGES | gtsdb:DIR | cifar10:DIR | folder:DIR",
+    "augment": "Detection training augmentation: ssd | light | flip | off (not given: flip on synth, else ssd).",
+    "skip_bad": "Skip malformed annotations (counted) instead of failing.",
+    "train_split": "Split the models train on.",
+    "val_split": "Split every check and selection scores on.",
+    "phases": "Phase preset (ssd300, ssd512, vgg16) or a YAML/JSON file of layer names (none: the model's).",
+    "schedule": "search: find the most compressed model within --max-drop of the control; post: the paper's "
+    "phases with fixed settings; joint: prune while training with a fixed λ.",
+    "epochs_train": "Epochs for an original trained here (none: sized by --train-steps, then restarts to a plateau).",
+    "train_steps": "Optimizer steps that size the schedule of an original trained here.",
+    "max_train_steps": "Cap on all steps, restarts included, while the validation metric still moves.",
+    "plateau": "Points between the last two epochs that count as settled.",
+    "batch_size": "Training batch size.",
+    "lr": "Peak learning rate.",
+    "prune_lr": "Sparsity stages' peak lr (none: --lr).",
+    "retrain_lr": "Retraining stages' peak lr (none: --lr).",
+    "max_val_images": "Validation images each check scores (none: all of them).",
+    "min_ap50": "AP50 (points) below which an original is near chance and refused.",
+    "force_compress": "Compress even an original whose validation metric is near chance.",
+    "control": "Train a control (the original given the compressed model's extra epochs) to judge against.",
+    "opset": "ONNX opset of the exports.",
+    "backends": "Comma-separated: ort-cpu,ort-cuda,ort-trt,trt,torch (none: every available one).",
+    "precision": "Comma-separated: fp32,fp16,int8.",
+    "int8_target": "INT8 layout: portable (int8 symmetric; ORT and TensorRT) or ort-cpu (uint8 activations; "
+    "faster on x86, not for TensorRT).",
+    "bench_batch": "Comma-separated batch sizes for the benchmark.",
+    "bench_min_time": "Seconds of timed runs per model and batch size, at least.",
+    "verify_images": "Real images run through PyTorch and every backend for the equivalence check.",
+    "device": "cpu | cuda | cuda:N",
+    "seed": "Seed of the model's initialisation, the data order and every search step.",
+}
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
 @dataclass
 class PipelineConfig:
     """Every option of ``compress-and-export`` (YAML keys = field names; the CLI overrides).
@@ -91,7 +133,7 @@ class PipelineConfig:
     width: float = 0.125
     batch_norm: bool = True  # for models trained here from scratch
     data: str = "synth"
-    augment: str | None = None  # "ssd" | "light" | "flip" | "none"; None: "flip" on synth, else "ssd"
+    augment: str | None = None  # "ssd" | "light" | "flip" | "off"; None: "flip" on synth, else "ssd"
     skip_bad: bool = False  # skip malformed annotations (with a warning count) instead of failing
     train_split: str = "train"
     val_split: str = "val"
@@ -99,11 +141,11 @@ class PipelineConfig:
     # the pruning method: a ``prune:`` section in YAML, ``--eps1`` etc. on the CLI; every field of
     # PruneConfig, its defaults except where the demo's short schedule needs its own (PIPELINE_PRUNE)
     prune: Any = None
-    # "post": train (or take) the original, then the phases; "joint": prune while training
-    # (:mod:`prunekit.prune.joint`), from the original's own initialisation when it is trained here,
-    # so the original is the control of the same epochs; "auto": joint when trained here for at
-    # least JOINT_MIN_EPOCHS epochs, else post
-    schedule: str = "auto"
+    # see SCHEDULES. "joint" prunes while training (:mod:`prunekit.prune.joint`), from the
+    # original's own initialisation when it is trained here, so the original is its control
+    schedule: str = "search"
+    # the budget: SearchConfig fields (a ``search:`` section in YAML; ``--max-drop``, ``--target``...)
+    search: Any = None
     joint: Any = None  # JointConfig fields (a ``joint:`` section in YAML, ``--joint-*`` on the CLI)
     # training budget, when the original is trained here. ``epochs_train`` None sizes the run by
     # steps: enough epochs for ``train_steps`` optimizer steps on this data and batch (at least
@@ -125,7 +167,9 @@ class PipelineConfig:
     # 100 val images, at lr 86.2 (control 94.1): the short stages need the full lr to recover.
     prune_lr: float | None = None
     retrain_lr: float | None = None
-    max_val_images: int | None = 50
+    # validation images every check scores (None: the whole split). A cap makes the checks noise:
+    # 50 images give AP50 a standard error of ~7 points against a budget of 1
+    max_val_images: int | None = None
     # an original whose metric is near chance is refused (AP50 below this many points, top-1
     # below 1.5 / classes) unless force_compress: pruning it measures nothing
     min_ap50: float = 5.0
@@ -148,12 +192,17 @@ class PipelineConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self)
+        check_ranges(self)
         from prunekit.prune.config import PruneConfig
         from prunekit.prune.joint import JointConfig
+        from prunekit.prune.search import SearchConfig
 
         if not isinstance(self.prune, PruneConfig):
             given = dict(self.prune or {})
             self.prune = PruneConfig.from_dict({**PIPELINE_PRUNE, "seed": self.seed, **given})
+        if not isinstance(self.search, SearchConfig):
+            self.search = SearchConfig(**_known(SearchConfig, dict(self.search or {}), "search"))
         if not isinstance(self.joint, JointConfig):
             self.joint = JointConfig.from_dict(dict(self.joint or {}), defaults=PIPELINE_JOINT)
         if self.schedule not in SCHEDULES:
@@ -175,13 +224,6 @@ class PipelineConfig:
         steps_per_epoch = max(1, train_items // self.batch_size)
         return max(MIN_TRAIN_EPOCHS, math.ceil(self.train_steps / steps_per_epoch))
 
-    def resolved_schedule(self, train_items: int) -> str:
-        """``auto``: joint when the original is trained here for at least ``JOINT_MIN_EPOCHS``."""
-        if self.schedule == "auto":
-            long_enough = self.planned_epochs(train_items) >= JOINT_MIN_EPOCHS
-            return "joint" if self.trains_here and long_enough else "post"
-        return self.schedule
-
     @classmethod
     def from_yaml(cls, path: str | Path) -> dict[str, Any]:
         path = Path(path)
@@ -197,7 +239,7 @@ class PipelineConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{path}: unknown option(s) {unknown}")
-        for section in ("prune", "joint"):
+        for section in ("prune", "joint", "search"):
             if section in data and not isinstance(data[section], dict):
                 raise ValueError(f"{path}: '{section}' must be a mapping of settings")
         return data
@@ -210,25 +252,19 @@ class PipelineConfig:
 # run directory safety
 
 
-def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
-    """Refuse to clobber an existing run unless asked; check we can write before any work."""
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if force:
-            if D.is_main_process():
-                log.warning("--force: removing the existing run directory %s", out)
-                shutil.rmtree(out)
-        elif not resume:
-            raise FileExistsError(f"{out}: output directory exists and is not empty; use --resume or --force")
-    D.barrier()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise PermissionError(f"{out}: output directory is not writable ({e.strerror})") from e
+def prepare_run_dir(out: Path, resume: bool, force: bool, cfg: PipelineConfig | None = None) -> None:
+    """Refuse to clobber an existing run or to write where the data or the model lives; clear a
+    previous run for ``force`` (only what prunekit wrote); check we can write. Before any work.
+
+    The rules are :func:`prunekit.rundir.prepare_run_dir`'s; ``cfg`` names what the run reads.
+    """
+    from prunekit.rundir import prepare_run_dir as prepare
+
+    if cfg is None:
+        prepare(out, resume=resume, force=force)
+        return
+    prepare(out, resume=resume, force=force, data=cfg.data, inputs=[cfg.model, cfg.weights],
+            splits=[cfg.train_split, cfg.val_split])  # fmt: skip
 
 
 @contextmanager
@@ -259,19 +295,38 @@ class Pipeline:
         self.resume = resume
         self.manifest = Manifest.load(self.out, STAGES) if resume else Manifest(self.out, STAGES)
         self.state: dict[str, Any] = {}
+        # what the run is made from (rundir.input_fingerprint), set by run(); None: not checked
+        self.fingerprint: dict[str, str] | None = None
+        self._rerunning = False  # a stage reran on resume: every later one reruns too
+        # ... and when it reran because what it was made from changed, the training stages' own
+        # checkpoints (train/, control/, phases/, joint/, search/) are of the old inputs: not resumed
+        self._inputs_changed = False
 
     # -- helpers -----------------------------------------------------------------------------
     def _run_stage(
         self, name: str, fn: Callable[[], tuple[dict[str, Path], dict[str, Any]]], all_ranks: bool = False
     ) -> None:
         m = self.manifest
-        if self.resume and m.reusable(name):
-            log.info("stage %-13s reused (outputs verified by hash)", name)
-            return
+        inputs = self._stage_inputs(name)
+        if self.resume and not self._rerunning:
+            why = m.stale(name, self.fingerprint, inputs)
+            if why is None:
+                log.info("stage %-13s reused (inputs and outputs verified by hash)", name)
+                return
+            # a later stage's record says nothing once an earlier one reran: they all rerun
+            self._rerunning = True
+            self._inputs_changed = self._changed_since(name)
+            log.warning("stage %s reruns, and every later stage with it: %s", name, why)
+        if self._inputs_changed and D.is_main_process():
+            for d in WORK_DIRS.get(name, ()):
+                if (self.out / d).is_dir():
+                    log.info("stage %s: removing %s, made from the old inputs", name, self.out / d)
+                    shutil.rmtree(self.out / d)
+            D.barrier()
         main = D.is_main_process()
         t0 = time.perf_counter()
         if main:
-            m.start(name, inputs=self._stage_inputs(name))
+            m.start(name, inputs=inputs, fingerprint=self.fingerprint)
         try:
             if all_ranks or main:
                 outputs, metrics = fn()
@@ -282,12 +337,24 @@ class Pipeline:
             raise
         except Exception as e:
             if main:
-                m.fail(name, f"{type(e).__name__}: {e}")
+                from prunekit.fileio import DiskFullError
+
+                m.fail(name, str(e) if isinstance(e, DiskFullError) else f"{type(e).__name__}: {e}")
             raise
         if main:
             m.finish(name, outputs, metrics)
         D.barrier()
         log.info("stage %-13s done in %.1f s", name, time.perf_counter() - t0)
+
+    def _changed_since(self, name: str) -> bool:
+        """Stage ``name`` (done or not) was started with other settings, model file or data."""
+        from prunekit.manifest import FINGERPRINTS, fingerprint_changes
+
+        rec = self.manifest.stages[name]
+        recorded = self.manifest.meta.get(FINGERPRINTS, {}).get(rec.fingerprint) if rec.fingerprint else None
+        if recorded is None:
+            return rec.status != "pending"  # no record of what it ran on: assume the worst
+        return bool(fingerprint_changes(recorded, self.fingerprint))
 
     def _stage_inputs(self, name: str) -> dict[str, Path]:
         """Upstream artifacts a stage consumes, hashed into the manifest."""
@@ -384,6 +451,9 @@ class Pipeline:
         dst = self.out / "original.pt"
         if Path(c.model).suffix in (".pt", ".pth") or Path(c.model).is_file():
             model = prunekit.load(c.model)
+            from prunekit.evaluate import check_task
+
+            check_task(model, train_set, str(c.model), c.data)
             _check_classes(model, train_set, Path(c.model))
             if D.is_main_process():
                 prunekit.save(model, dst, extra={"source": str(c.model)})
@@ -398,8 +468,11 @@ class Pipeline:
 
         epochs = c.planned_epochs(len(train_set))
         cap = c.max_train_steps if c.epochs_train is None else None  # an explicit count is obeyed
+        floor = chance_floor(get_config(model), c.min_ap50)
+        log.info("training the original here: %d epochs of %d steps (%s)", epochs,
+                 max(1, len(train_set) // c.batch_size), estimate_training_time(model, train_set, c, epochs))  # fmt: skip
         h = train_to_plateau(model, train_set, self._train_cfg(epochs), self.out / "train", val_set,
-                             plateau=c.plateau, max_steps=cap, progress=False)  # fmt: skip
+                             plateau=c.plateau, max_steps=cap, progress=False, floor=floor)  # fmt: skip
         curve = [round(100 * e["val_metric"], 2) for e in h["epochs"] if e.get("val_metric") is not None]
         info = {"trained_here": True, "epochs": h["epochs_total"], "cycles": h["cycles"], "steps": h["steps"],
                 "val_curve": curve, "plateau": h["plateau"], "plateau_change": h["plateau_change"],
@@ -439,8 +512,10 @@ class Pipeline:
         train_set, val_set = self._datasets()
         model = prunekit.load(self.out / "original.pt")
         phases = resolve_phases(c.phases or get_config(model).arch, model)
-        if c.resolved_schedule(len(train_set)) == "joint":
+        if c.schedule == "joint":
             return self._prune_joint(model, phases)
+        if c.schedule == "search":
+            return self._prune_search(model, phases)
         trainer = DataTrainer(
             train_set, val_set, self._train_cfg(1), sparsity_lr=c.prune_lr or c.lr,
             retrain_lr=c.retrain_lr or c.lr, eval_batch_size=16, max_val_images=c.max_val_images,
@@ -453,6 +528,74 @@ class Pipeline:
         if D.is_main_process():
             prunekit.save(pruned, dst, extra={"metrics": _headline(metrics)})
         return {"model": dst}, _headline(metrics) | {"params": prunekit.count_params(pruned)}
+
+    def _prune_search(self, original: nn.Module, phases: Any) -> tuple[dict[str, Path], dict[str, Any]]:
+        """The budget search from the original (trained here or given): the most compressed model
+        within ``--max-drop`` of the control, every candidate recorded (``search/search.json``)."""
+        from prunekit.prune.search import run_search
+        from prunekit.prune.trainer import DataTrainer
+
+        c = self.cfg
+        train_set, val_set = self._datasets()
+        from prunekit.prune.search import stage_epochs
+
+        steps_per_epoch = max(1, len(train_set) // c.batch_size)
+        stage = stage_epochs(steps_per_epoch, c.search.stage_steps) * steps_per_epoch
+        # a stage of a few dozen steps spent warming up would recover little: a tenth of it
+        cfg = dataclasses.replace(self._train_cfg(1), warmup_iters=max(1, stage // 10))
+        trainer = DataTrainer(
+            train_set, val_set, cfg, sparsity_lr=c.prune_lr or c.lr, retrain_lr=c.retrain_lr or c.lr,
+            eval_batch_size=16, max_val_images=c.max_val_images,
+        )  # fmt: skip
+        res = run_search(original, phases, trainer, c.prune, c.search, self.out / "search", steps_per_epoch,
+                         measure=self._latency_meter(original), control=c.control,
+                         key=file_sha256(self.out / "original.pt"))  # fmt: skip
+        if res.kept == 0:
+            log.warning("budget search: %s", res.message)
+        else:
+            log.info("budget search: %s", res.message)
+        if c.search.target and not res.target_met:
+            log.warning("budget search: the target %s was not reached within --max-drop %g (%s)",
+                        c.search.target, c.search.max_drop, res.message)  # fmt: skip
+        dst = self.out / "model.pt"
+        kept = res.points[res.kept]
+        if D.is_main_process():
+            prunekit.save(res.model, dst, extra={"search_point": res.kept, "metric": kept["metric"]})
+            if res.control is not None:
+                prunekit.save(res.control, self.out / "control.pt", extra={"control_depth": kept["depth"]})
+        short = res.kept == 0 or (c.search.target and not res.target_met)
+        if short and c.prune.strict:
+            raise PipelineError(f"{self.out / 'search' / 'search.json'}: {res.message} (--strict)")
+        outs = {"model": dst, "search": self.out / "search" / "search.json"}
+        if res.control is not None:
+            outs["control"] = self.out / "control.pt"
+        metrics = self._evaluate(res.model)
+        return outs, _headline(metrics) | {
+            "params": prunekit.count_params(res.model), "schedule": "search", "kept": res.kept,
+            "points_evaluated": len(res.points) - 1, "budget_met": res.budget_met, "target_met": res.target_met,
+            "compressed": res.kept != 0, "message": res.message,
+        }  # fmt: skip
+
+    def _latency_meter(self, original: nn.Module) -> Callable[[nn.Module], dict[str, float]]:
+        """``measure(model)``: ORT CPU latency at batch 1, timed interleaved with the original in the
+        same call, so every point's speed-up is a same-run ratio."""
+        from prunekit.bench.latency import ort_cpu_latency
+        from prunekit.export import export_onnx
+
+        tmp = self.out / "search" / "onnx"
+        tmp.mkdir(parents=True, exist_ok=True)
+        ref = tmp / "original.onnx"
+        if not ref.is_file():
+            export_onnx(original, ref, form="raw", opset=self.cfg.opset)
+
+        def measure(model: nn.Module) -> dict[str, float]:
+            path = tmp / "candidate.onnx"
+            export_onnx(model, path, form="raw", opset=self.cfg.opset)
+            t = ort_cpu_latency({"original": ref, "candidate": path})
+            return {"latency_ms": t["candidate"]["p50_ms"], "latency_ms_original": t["original"]["p50_ms"],
+                    "latency_ratio": t["original"]["p50_ms"] / t["candidate"]["p50_ms"]}  # fmt: skip
+
+        return measure
 
     def _prune_joint(self, original: nn.Module, phases: Any) -> tuple[dict[str, Path], dict[str, Any]]:
         """Prune while training: from the original's initialisation when it was trained here (same
@@ -498,7 +641,9 @@ class Pipeline:
         c = self.cfg
         train_set, _ = self._datasets()
         orig = self.manifest.stages["eval_original"].metrics
-        if c.resolved_schedule(len(train_set)) == "joint" and c.trains_here:
+        if c.schedule == "search":
+            return self._search_control(orig)
+        if c.schedule == "joint" and c.trains_here:
             epochs = self.manifest.stages["train"].metrics.get("epochs")
             note = f"the original itself (same initialisation, same {epochs} epochs; pruned while training)"
             return {}, {k: orig[k] for k in _HEADLINE if k in orig} | {"note": note, "epochs": 0}
@@ -530,6 +675,20 @@ class Pipeline:
             prunekit.save(model, dst, extra={"control_epochs": epochs})
         note = f"the original + {epochs} epochs (as many as the compressed model's sparsity and retraining)"
         return {"control": dst}, _headline(metrics) | {"note": note, "epochs": epochs}
+
+    def _search_control(self, orig: dict[str, Any]) -> tuple[dict[str, Path], dict[str, Any]]:
+        """The search trained its control in lockstep with the candidates: scored here like the others."""
+        path = self.out / "control.pt"
+        if not self.cfg.control or not path.is_file():
+            note = "not trained (--no-control): judged against the original" if not self.cfg.control else \
+                "the original itself (the kept point is the original: no extra epochs)"  # fmt: skip
+            return {}, {k: orig[k] for k in _HEADLINE if k in orig} | {"note": note, "epochs": 0}
+        state = json.loads((self.out / "search" / "search.json").read_text())
+        depth = state["points"][state["kept"]]["depth"]
+        epochs = state["controls"][str(depth)]["epochs"]
+        metrics = self._evaluate(prunekit.load(path))
+        note = f"the original + {epochs} epochs (the kept point's sparsity and retraining stages, at λ = 0)"
+        return {"control": path}, _headline(metrics) | {"note": note, "epochs": epochs}
 
     def stage_export(self) -> tuple[dict[str, Path], dict[str, Any]]:
         from prunekit.export import export_onnx
@@ -689,6 +848,15 @@ class Pipeline:
             render=False,
             progress=False,
         )
+        from prunekit.bench.points import load_points
+
+        state = load_points(self.out)
+        if state is not None and D.is_main_process():
+            # every point the search evaluated, beside the side-by-side figures of the kept one
+            bench = json.loads((self.out / "bench.json").read_text())
+            bench["operating_points"] = {k: state.get(k) for k in ("config", "kept", "stopped", "message",
+                                                                   "points", "controls")}  # fmt: skip
+            atomic_write_json(self.out / "bench.json", bench)
         return {"bench": self.out / "bench.json"}, {"comparisons": res.get("comparisons", {})}
 
     def stage_report(self) -> tuple[dict[str, Path], dict[str, Any]]:
@@ -704,6 +872,15 @@ class Pipeline:
                 json.loads(trace.read_text()), f"joint/{PLOT_FILE}" if plot.is_file() else None
             )
             atomic_write_text(report, Path(report).read_text() + "\n" + text)
+        from prunekit.bench.points import PLOT_FILE as POINTS_PLOT
+        from prunekit.bench.points import load_points, plot_points, points_markdown
+
+        state = load_points(self.out)
+        if state is not None:
+            label = "AP50" if get_config(prunekit.load(self.out / "model.pt")).is_detector else "top-1"
+            plot = plot_points(state, self.out / POINTS_PLOT, label)
+            text = points_markdown(state, label, POINTS_PLOT if plot else None)
+            atomic_write_text(report, Path(report).read_text() + "\n" + text)
         from prunekit.summary import render_summary, summary_data
 
         # the one-glance summary first: what a user reads before any table
@@ -713,15 +890,123 @@ class Pipeline:
 
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> Manifest:
+        from prunekit.rundir import input_fingerprint
+
+        c = self.cfg
+        # on every rank: each decides on its own which stages to reuse, from the same files
+        self.fingerprint = input_fingerprint(dataclasses.asdict(c), c.data, [c.train_split, c.val_split])
         if D.is_main_process():
-            atomic_write_text(self.out / "config.yaml", self.cfg.to_yaml())
             self.manifest.meta["config"] = dataclasses.asdict(self.cfg)
+            # the manifest first: a folder holding anything of a run holds its manifest (--force)
             self.manifest.save()
+            atomic_write_text(self.out / "config.yaml", self.cfg.to_yaml())
         with _signals_to_exceptions():
             for name in STAGES:
                 fn = getattr(self, f"stage_{name}")
                 self._run_stage(name, fn, all_ranks=name in ("data", "train", "prune", "control"))
         return self.manifest
+
+
+def check_types(cfg: Any) -> None:
+    """One-line errors for a value of the wrong type (a YAML ``epochs_train: "three"``), before any work.
+
+    ints are accepted where a float is declared; sections typed ``Any`` are checked by their own class.
+    """
+    import typing
+
+    hints = typing.get_type_hints(type(cfg))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    plural = {int: "integers", float: "numbers", str: "strings", bool: "booleans"}
+    for f in dataclasses.fields(cfg):
+        tp, value = hints[f.name], getattr(cfg, f.name)
+        args = typing.get_args(tp)
+        if tp is Any or value is None and type(None) in args:
+            continue
+        base = (
+            next((a for a in args if a is not type(None)), tp)
+            if args and typing.get_origin(tp) is not list
+            else tp
+        )
+        if typing.get_origin(base) is list:
+            (item,) = typing.get_args(base)
+            ok = isinstance(value, list) and all(_is(v, item) for v in value)
+            want = f"a list of {plural.get(item, item)}"
+        else:
+            ok, want = _is(value, base), names.get(base, str(base))
+        if not ok:
+            raise ValueError(f"{f.name}: expected {want}, got {value!r}")
+
+
+def _is(value: Any, tp: Any) -> bool:
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def check_ranges(c: PipelineConfig) -> None:
+    """The run's options in range and among their choices, checked before anything is read or trained."""
+    positive = {"width": c.width, "batch_size": c.batch_size, "lr": c.lr, "train_steps": c.train_steps,
+                "max_train_steps": c.max_train_steps, "verify_images": c.verify_images,
+                "epochs_train": c.epochs_train, "max_val_images": c.max_val_images, "prune_lr": c.prune_lr,
+                "retrain_lr": c.retrain_lr}  # fmt: skip
+    for name, v in positive.items():
+        if v is not None and v <= 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+    for name, v in {"plateau": c.plateau, "min_ap50": c.min_ap50, "bench_min_time": c.bench_min_time}.items():
+        if v < 0:
+            raise ValueError(f"{name} must be >= 0, got {v}")
+    bad = [p for p in c.precision if p not in PRECISIONS]
+    if bad or not c.precision:
+        raise ValueError(
+            f"precision: unknown {bad or 'empty list'}; expected some of {', '.join(PRECISIONS)}"
+        )
+    if not c.bench_batch or any(b < 1 for b in c.bench_batch):
+        raise ValueError(f"bench_batch: batch sizes must be >= 1, got {c.bench_batch}")
+    if c.backends is not None:
+        from prunekit.deploy import BACKENDS
+
+        unknown = [b for b in c.backends if b not in BACKENDS]
+        if unknown:
+            raise ValueError(f"backends: unknown {unknown}; expected some of {', '.join(BACKENDS)}")
+    if not 7 <= c.opset <= 23:
+        raise ValueError(f"opset must be in 7..23, got {c.opset}")
+    if not (
+        c.device == "cpu" or c.device == "cuda" or c.device.startswith("cuda:") and c.device[5:].isdigit()
+    ):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {c.device!r}")
+    for name in ("model", "weights"):
+        value = getattr(c, name)
+        if value is None or name == "model" and value in MODEL_NAMES:
+            continue
+        if Path(value).is_dir():
+            raise ValueError(
+                f"{name}: {value} is a folder; give a checkpoint file (.pt) or one of {', '.join(MODEL_NAMES)}"
+            )
+        if not Path(value).is_file():
+            raise FileNotFoundError(
+                f"{name}: {value}: no such checkpoint, and not one of {', '.join(MODEL_NAMES)}"
+            )
+    if c.augment is not None and c.augment not in AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {c.augment!r}")
+
+
+AUGMENTATIONS = ("ssd", "light", "flip", "off")
+MODEL_NAMES = (
+    *ARCHS,
+    *ALIASES,
+)  # the names a model is built from  # "off", not "none": none means "not given" in options
+RUN_CHOICES = {"schedule": SCHEDULES, "augment": AUGMENTATIONS, "int8_target": ("portable", "ort-cpu")}
+
+
+def _known(cls: type, given: dict[str, Any], section: str) -> dict[str, Any]:
+    """``given`` if every key is a field of ``cls``, else a one-line error naming the unknown ones."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"unknown {section} setting(s) {unknown}; known: {sorted(known)}")
+    return given
 
 
 def _augmentation(c: PipelineConfig) -> Any:
@@ -735,7 +1020,7 @@ def _augmentation(c: PipelineConfig) -> Any:
 
     aug = c.augment or ("flip" if c.data.split(":")[0] == "synth" else "ssd")
     choices = {"ssd": None, "light": [PhotometricDistort(), RandomHorizontalFlip()],
-               "flip": [RandomHorizontalFlip()], "none": []}  # fmt: skip
+               "flip": [RandomHorizontalFlip()], "off": []}  # fmt: skip
     if aug not in choices:
         raise ValueError(f"augment must be one of {sorted(choices)}, got {aug!r}")
     if not is_detection_spec(c.data) or choices[aug] is None:
@@ -760,6 +1045,46 @@ def _check_classes(model: nn.Module, dataset: Any, path: Path) -> None:
 
 class NearChanceError(ValueError):
     """The original model scores near chance: every tolerance check against it would pass."""
+
+
+def chance_floor(cfg: Any, min_ap50: float = 5.0) -> float:
+    """The metric value below which a model has not learned yet (AP50 ``min_ap50`` points, top-1
+    1.5 / classes): no plateau, no tolerance check and no compression is judged below it."""
+    return min_ap50 / 100 if cfg.is_detector else 1.5 / max(int(cfg.num_classes), 1)
+
+
+def estimate_training_time(model: nn.Module, train_set: Any, c: PipelineConfig, epochs: int) -> str:
+    """A rough CPU-time estimate printed before a long training starts: two timed training steps
+    of this model at this batch size (after one untimed), times the steps planned (restarts may add up to
+    ``max_train_steps``)."""
+    import copy
+
+    from prunekit.evaluate import collate_list, is_detector
+
+    steps = max(1, len(train_set) // c.batch_size) * epochs
+    try:
+        net = copy.deepcopy(model).train()
+        batch = [train_set[i] for i in range(min(c.batch_size, len(train_set)))]
+        opt = torch.optim.SGD(net.parameters(), lr=0.0)
+        t0 = 0.0
+        for i in range(3):  # the first step pays for allocations and kernel selection: not counted
+            if i == 1:
+                t0 = time.process_time()
+            if is_detector(net):
+                images, targets = collate_list(batch)
+                loss = sum(net(list(images), list(targets)).values())
+            else:
+                x = torch.stack([b[0] for b in batch])
+                y = torch.as_tensor([int(b[1]) for b in batch])
+                loss = nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        per_step = (time.process_time() - t0) / 2
+    except Exception as e:  # an estimate must never stop the run
+        log.debug("no training-time estimate: %s", e)
+        return "no estimate"
+    return f"about {per_step * steps / 60:.0f} CPU-minutes for {steps} steps, {per_step:.2f} CPU-s a step"
 
 
 def near_chance(metrics: dict[str, Any], cfg: Any, min_ap50: float = 5.0) -> str | None:
@@ -793,7 +1118,7 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, resume: bool = False, for
     """Run (or resume) the whole job into ``out``; returns the completed manifest."""
     out = Path(out)
     D.init_distributed()
-    prepare_run_dir(out, resume=resume, force=force)
+    prepare_run_dir(out, resume=resume, force=force, cfg=cfg)
     torch.manual_seed(cfg.seed)
     manifest = Pipeline(cfg, out, resume=resume).run()
     assert all(r.status in (DONE, "skipped") for r in manifest.stages.values())

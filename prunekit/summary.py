@@ -68,6 +68,21 @@ def summary_data(out: Path, manifest: Manifest) -> dict[str, Any]:
         d["training"] = {
             k: train.get(k) for k in ("epochs", "steps", "plateau", "plateau_change", "val_curve")
         }
+    search = out / "search" / "search.json"
+    if search.is_file():
+        state = json.loads(search.read_text())
+        kept = state["points"][state.get("kept") or 0]
+        ctl = state["controls"].get(str(kept.get("depth", 0)), {})
+        n = kept.get("val_images")
+        se_c, se_k = standard_error(ctl.get("metric") or 0.0, n), standard_error(kept["metric"], n)
+        d["budget"] = {
+            "max_drop": state["config"]["max_drop"], "target": state["config"].get("target"),
+            "kept": state.get("kept"), "points_evaluated": len(state["points"]) - 1,
+            "drop": kept.get("drop", 0.0), "stopped": state.get("stopped"), "message": state.get("message"),
+            # an unpaired bound: the two models are scored on the same images, so the paired error is smaller
+            "drop_se": None if se_c is None or se_k is None else 100 * (se_c**2 + se_k**2) ** 0.5,
+            "val_images": n, "compressed": bool(state.get("kept")),
+        }  # fmt: skip
     ver_path = out / "verify.json"
     if ver_path.is_file():
         d["verify"] = bool(json.loads(ver_path.read_text()).get("passed"))
@@ -109,6 +124,9 @@ def render_summary(out: Path, manifest: Manifest) -> str:
         state = {True: "at a plateau", False: "NOT at a plateau", None: "plateau not checked (no validation)"}
         lines.append(f"  - original trained here: {t['epochs']} epochs, {t['steps']} steps; validation {d['metric']} "
                      f"of its last epochs {curve}: {state[t.get('plateau')]}")  # fmt: skip
+    b = d.get("budget")
+    if b:
+        lines += _budget_lines(b, d["metric"], out)
     if "verify" in d:
         lines.append(
             f"- ONNX verified against PyTorch: {'passed' if d['verify'] else 'FAILED'} (verify.json)"
@@ -118,3 +136,29 @@ def render_summary(out: Path, manifest: Manifest) -> str:
         "verify.json, REPORT.md"
     )
     return "\n".join(lines) + "\n"
+
+
+def _budget_lines(b: dict[str, Any], metric: str, out: Path) -> list[str]:
+    """The budget, what the search kept and whether the data can resolve it at all."""
+    target = f", target {b['target']}" if b.get("target") else ""
+    lines = [f"- budget: at most {b['max_drop']:g} points of validation {metric} below the control{target}; "
+             f"{b['points_evaluated']} points evaluated (search/search.json, REPORT.md's Pareto table)"]  # fmt: skip
+    if not b["compressed"]:
+        lines.append(f"  - **WARNING: nothing was compressed**: {b['message']}")
+    else:
+        se = (
+            "" if b["drop_se"] is None else f" (± {b['drop_se']:.2f}, on {b['val_images']} validation images)"
+        )
+        lines.append(f"  - kept point c{b['kept']}: {b['drop']:+.2f} points below the control{se}; stopped: "
+                     f"{b['stopped']}")  # fmt: skip
+        if b["drop_se"] is not None and 2 * b["drop_se"] > b["max_drop"]:
+            lines.append(f"  - the validation set cannot resolve a {b['max_drop']:g}-point budget (a difference "
+                         f"has an error of ~{b['drop_se']:.1f} points): the check is as coarse as the data")  # fmt: skip
+    state = json.loads((out / "search" / "search.json").read_text())
+    from prunekit.bench.points import pareto_head
+
+    lines += ["", "Operating points (the Pareto front's head; every point in REPORT.md):", "",
+              pareto_head(state, metric), ""]  # fmt: skip
+    if b.get("target") and "NOT reached" in (b.get("message") or ""):
+        lines.append(f"  - **WARNING: the target {b['target']} was not reached within the budget**")
+    return lines

@@ -331,8 +331,13 @@ def train_to_plateau(
     plateau: float = 1.0,
     max_steps: int | None = None,
     progress: bool = True,
+    floor: float | None = None,
 ) -> dict[str, Any]:
     """``train`` for ``cfg.epochs``, then cosine restarts until the validation metric settles.
+
+    ``floor`` (a metric value, e.g. 0.05 AP50): a model still below it has not learned yet, and two
+    equal scores near zero are not a plateau (a user's set stopped "at a plateau" at AP50 0.16
+    after 9 epochs). Below it a restart keeps the full epochs and peak lr instead of halving them.
 
     An original that is still improving when its schedule ends is a poor reference: whatever is
     trained after it (pruning, retraining) looks like a gain. While the metric moved by ``plateau``
@@ -349,8 +354,14 @@ def train_to_plateau(
     change = plateau_change(hist)
     lr, epochs = cfg.lr, cfg.epochs
     per_epoch = steps / max(1, len(records))
-    while change is not None and change >= plateau and max_steps is not None:
-        epochs, lr = max(2, math.ceil(epochs / 2)), lr / 2
+
+    def below_floor() -> bool:
+        vals = [e["val_metric"] for e in records if e.get("val_metric") is not None]
+        return floor is not None and bool(vals) and vals[-1] < floor
+
+    while change is not None and (change >= plateau or below_floor()) and max_steps is not None:
+        if not below_floor():
+            epochs, lr = max(2, math.ceil(epochs / 2)), lr / 2
         if steps + epochs * per_epoch > max_steps:
             log.warning(
                 "training: validation metric still moved %.2f points in the last epoch, but a restart of "
@@ -358,8 +369,9 @@ def train_to_plateau(
                 round(epochs * per_epoch), max_steps,
             )  # fmt: skip
             break
-        log.info("training: validation metric moved %.2f points (>= %.1f) in the last epoch; restart %d: "
-                 "%d epochs at peak lr %.3g", change, plateau, len(cycles), epochs, lr)  # fmt: skip
+        why = "is still near chance" if below_floor() else f"moved {change:.2f} points (>= {plateau:.1f})"
+        log.info("training: validation metric %s in the last epoch; restart %d: %d epochs at peak lr %.3g", why,
+                 len(cycles), epochs, lr)  # fmt: skip
         sub = dataclasses.replace(cfg, epochs=epochs, lr=lr)
         h = train(model, train_set, sub, out / f"restart{len(cycles)}", val_set=val_set, progress=progress,
                   resume=True)  # fmt: skip
@@ -370,7 +382,8 @@ def train_to_plateau(
         change = plateau_change({"epochs": records})
     return {"epochs": records, "steps": steps, "time_s": wall, "cpu_time_s": cpu, "val": hist["val"],
             "cycles": cycles, "epochs_total": sum(cycles), "plateau_change": change,
-            "plateau": None if change is None else change < plateau}  # fmt: skip
+            "plateau": None if change is None else change < plateau and not below_floor(),
+            "near_chance": below_floor()}  # fmt: skip
 
 
 def _step(

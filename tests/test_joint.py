@@ -356,20 +356,14 @@ def test_cli_train_prune_while_training(tmp_path):
     assert res.exit_code != 0 and "exists and is not empty" in res.output
 
 
-def test_pipeline_schedule_is_joint_when_the_original_is_trained_here_long_enough(tmp_path):
+def test_pipeline_schedule_defaults_to_the_budget_search(tmp_path):
     from prunekit.pipeline import PipelineConfig
 
-    # the embedded set: 400 images at batch 8 -> 700 steps = 14 epochs, long enough for it
+    # the embedded set: 400 images at batch 8 -> 700 steps = 14 epochs
     assert PipelineConfig().planned_epochs(400) == 14
-    assert PipelineConfig().resolved_schedule(400) == "joint"
-    assert PipelineConfig(epochs_train=8).resolved_schedule(400) == "post"
-    assert PipelineConfig().planned_epochs(4000) == 8  # 500 steps/epoch: the 8-epoch floor -> post
-    assert PipelineConfig().resolved_schedule(4000) == "post"
-    ckpt = tmp_path / "m.pt"
-    ckpt.write_bytes(b"")
-    assert PipelineConfig(model=str(ckpt)).resolved_schedule(400) == "post"  # given: fine-tune, not joint
-    assert PipelineConfig(schedule="post").resolved_schedule(400) == "post"
-    assert PipelineConfig(model=str(ckpt), schedule="joint").resolved_schedule(400) == "joint"
+    assert PipelineConfig().planned_epochs(4000) == 8  # 500 steps/epoch: the 8-epoch floor
+    assert PipelineConfig().schedule == "search"  # for a model trained here as for a given one
+    assert PipelineConfig(schedule="joint").schedule == "joint"
     assert PipelineConfig(joint={"shrink": 1.5}).joint.lam is None  # a shrink alone replaces the default λ
     assert PipelineConfig(joint={"lam": 0.5}).joint.lam == 0.5
     with pytest.raises(ValueError, match="schedule must be one of"):

@@ -339,3 +339,36 @@ def test_train_to_plateau_restarts_at_half_lr_until_settled_or_capped(tmp_path, 
     h = train_to_plateau(nn.Linear(1, 1), [], cfg, tmp_path / "u", None, plateau=1.0, max_steps=40)
     assert len(calls) == 1 and h["plateau"] is False and h["plateau_change"] == pytest.approx(10.0)
     assert plateau_change({"epochs": [{"val_metric": 0.5}]}) is None  # one scored epoch: unknown
+
+
+def test_a_model_near_chance_is_not_at_a_plateau(tmp_path, monkeypatch):
+    """Two equal scores near zero are not a plateau: below the floor a restart keeps the full epochs
+    and lr (the model has not learned yet), and the result says near chance, not settled."""
+    from prunekit.train import train_to_plateau
+
+    calls: list[tuple[int, float]] = []
+    curves = iter([[0.001, 0.0016, 0.0016], [0.002, 0.0021, 0.0021], [0.30, 0.45, 0.452]])
+
+    def fake_train(model, train_set, cfg, out_dir, val_set=None, progress=True, resume=False):
+        calls.append((cfg.epochs, cfg.lr))
+        vals = next(curves)
+        return {"epochs": [{"val_metric": v} for v in vals], "steps": 10 * len(vals), "time_s": 1.0,
+                "cpu_time_s": 2.0, "val": {"map50": vals[-1]}}  # fmt: skip
+
+    monkeypatch.setattr(prunekit.train, "train", fake_train)
+    cfg = TrainConfig(epochs=3, lr=0.01)
+    h = train_to_plateau(
+        nn.Linear(1, 1), [], cfg, tmp_path / "t", None, plateau=1.0, max_steps=1000, floor=0.05
+    )
+    assert calls == [(3, 0.01), (3, 0.01), (3, 0.01)]  # not halved while near chance
+    assert h["plateau"] is True and h["near_chance"] is False
+
+    calls.clear()
+    curves = iter([[0.001, 0.0016, 0.0016]])
+    h = train_to_plateau(
+        nn.Linear(1, 1), [], cfg, tmp_path / "u", None, plateau=1.0, max_steps=40, floor=0.05
+    )
+    assert len(calls) == 1 and h["plateau"] is False and h["near_chance"] is True
+    # without a floor, the same curve would have been called settled
+    curves = iter([[0.001, 0.0016, 0.0016]])
+    assert train_to_plateau(nn.Linear(1, 1), [], cfg, tmp_path / "v", None, max_steps=40)["plateau"] is True

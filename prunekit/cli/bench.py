@@ -77,7 +77,16 @@ def bench(
     """
     from prunekit.bench import TimingConfig, run_benchmark
     from prunekit.bench.report import terminal_tables
+    from prunekit.deploy import BACKENDS
 
+    for b in _csv(backends):  # checked before any model is loaded: a typo is not a skipped backend
+        name, _, precision = b.partition(":")
+        if name not in BACKENDS:
+            raise UserError(f"--backends: unknown backend {name!r}; expected some of {', '.join(BACKENDS)}")
+        if precision and precision not in ("fp32", "fp16", "int8"):
+            raise UserError(
+                f"--backends: unknown precision {precision!r} in {b!r}; expected fp32, fp16 or int8"
+            )
     names = _csv(labels) if labels else _default_labels(len(models))
     if len(names) != len(models):
         raise UserError(f"--labels has {len(names)} names for {len(models)} models")

@@ -59,11 +59,15 @@ def dataclass_options(
     choices: Mapping[str, Iterable[str]] | None = None,
     exclude: Iterable[str] = (),
     prefix: str = "",
+    defaults: Mapping[str, Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """A decorator adding one click option per field of ``cls`` (see the module docstring).
 
     ``prefix`` (e.g. ``"joint_"``) goes before every option and parameter name, for a second
     dataclass whose short field names would collide with the first's; give it to :func:`collect`.
+    ``defaults``: the command's own defaults for some fields (shown in ``--help``), where the
+    command builds ``cls`` over them (the pipeline's short stages), so help never shows a value the
+    run does not use.
     """
     hints = typing.get_type_hints(cls)
     skip = set(exclude)
@@ -74,6 +78,7 @@ def dataclass_options(
             tp = hints[f.name]
             base, _ = _inner(tp)
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = (defaults or {}).get(f.name, default)
             text = (help or {}).get(f.name, "")
             shown = f" [default: {_show(default)}]"
             name = prefix + f.name
@@ -85,7 +90,14 @@ def dataclass_options(
                 opt = click.option(option_name(name), name, type=click.Choice(vals), default=None,
                                    help=text + shown)  # fmt: skip
             else:
-                opt = click.option(option_name(name), name, type=str, default=None, help=text + shown)
+                metavar = (
+                    "A,B,..."
+                    if typing.get_origin(base) is list
+                    else {int: "INTEGER", float: "FLOAT"}.get(base, "TEXT")
+                )
+                opt = click.option(
+                    option_name(name), name, type=str, default=None, metavar=metavar, help=text + shown
+                )
             fn = opt(fn)
         return fn
 
@@ -93,6 +105,8 @@ def dataclass_options(
 
 
 def _show(v: Any) -> str:
+    if v is None:
+        return "none"
     if isinstance(v, list):
         return ",".join(str(x) for x in v)
     return str(v)

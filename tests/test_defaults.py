@@ -1,0 +1,48 @@
+"""One set of defaults: what ``compress-and-export --help`` shows is what a run with no options
+records in its ``config.yaml``, for every option (run, budget, method and joint sections)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+import prunekit.pipeline
+from prunekit.cli import main
+from prunekit.cli.options import _show
+from prunekit.cli.pipeline import compress_and_export
+
+
+def _flat(cfg: dict) -> dict[str, object]:
+    out = {k: v for k, v in cfg.items() if not isinstance(v, dict) or k == "layer_weights"}
+    for section, prefix in (("prune", ""), ("search", ""), ("joint", "joint_")):
+        out |= {prefix + k: v for k, v in cfg[section].items()}
+    return out
+
+
+def test_help_defaults_equal_the_recorded_run_defaults(tmp_path: Path, monkeypatch):
+    recorded: dict = {}
+
+    def fake_run(cfg, out, resume=False, force=False):  # the config.yaml the run would write
+        recorded.update(yaml.safe_load(cfg.to_yaml()))
+        raise prunekit.pipeline.PipelineError("stop here")
+
+    monkeypatch.setattr(prunekit.pipeline, "run_pipeline", fake_run)
+    res = CliRunner().invoke(main, ["compress-and-export", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "stop here" in res.output
+    values = _flat(recorded)
+    shown = {}
+    for p in compress_and_export.params:
+        m = re.search(r"\[default: (.*)\]$", p.help or "")
+        if m:
+            shown[p.name] = m.group(1)
+    assert len(shown) >= 90  # every generated option shows its default
+    missing = {n for n in shown if n not in values}
+    assert not missing, f"options the config does not record: {sorted(missing)}"
+    differ = {n: (shown[n], _show(values[n])) for n in shown if shown[n] != _show(values[n])}
+    assert not differ, f"--help default != recorded value: {differ}"
+    # and nothing recorded lacks an option (besides the sections themselves)
+    options = {p.name for p in compress_and_export.params}
+    assert not {k for k in values if k not in options} - {"layer_weights"}

@@ -769,11 +769,13 @@ class Detector:
         self._sess = None
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    # prunekit.fileio is not available where this file is copied on its own.
+def _write_atomic(path: str, write: Any) -> None:
+    """``write(tmp)`` to a temp file beside ``path``, then rename: a failed write leaves nothing behind.
+
+    prunekit.fileio is not available where this file is copied on its own."""
     tmp = Path(f"{path}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text, encoding="utf-8")
+        write(tmp)
         os.replace(tmp, path)
     except OSError as e:  # a full disk: the file asked for is the one to name, not the temp file
         tmp.unlink(missing_ok=True)
@@ -783,6 +785,10 @@ def _write_text_atomic(path: str, text: str) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_text_atomic(path: str, text: str) -> None:
+    _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def _image_format(path: str) -> str:
@@ -798,18 +804,7 @@ def _image_format(path: str) -> str:
 def save_image_atomic(image: Any, path: str) -> None:
     """``image.save(path)`` through a temp file beside it: a failed write leaves nothing behind."""
     fmt = _image_format(path)
-    tmp = Path(f"{path}.tmp{os.getpid()}")
-    try:
-        image.save(tmp, format=fmt)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno is None:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_atomic(path, lambda tmp: image.save(tmp, format=fmt))
 
 
 def check_output_path(path: str | None, what: str, image: bool = False) -> None:

@@ -275,7 +275,8 @@ def slice_optimizer_state(
     return {"state": state, "param_groups": copy.deepcopy(optimizer_state["param_groups"])}
 
 
-def _channels(model: nn.Module) -> dict[str, int]:
+def layer_channels(model: nn.Module) -> dict[str, int]:
+    """Layer name -> its current filter count (the widths the keep floors are fractions of)."""
     from prunekit.prune.report import layer_table
 
     return {r["layer"]: int(r["filters_after"]) for r in layer_table(model)}
@@ -302,7 +303,7 @@ class _Book:
     @classmethod
     def new(cls, joint: JointConfig, hp: PruneConfig, model: nn.Module, epochs: int) -> _Book:
         return cls({"config": joint.to_dict(), "prune": hp.to_dict(), "epochs": epochs,
-                    "original": model_stats(model), "channels": _channels(model), "points": [], "stopped": None, "multipliers": None,
+                    "original": model_stats(model), "channels": layer_channels(model), "points": [], "stopped": None, "multipliers": None,
                     "sizes": {}})  # fmt: skip
 
     def done(self, epoch: int) -> bool:
@@ -423,7 +424,7 @@ def train_joint(
             reg = None
             if sparse and book.d["stopped"] is None and _term_may_start(book, a, model, scorer, hp, joint):
                 if book.d["multipliers"] is None:
-                    book.d["multipliers"] = _multipliers(model, phase_list, hp)
+                    book.d["multipliers"] = sparsity_multipliers(model, phase_list, hp)
                 if book.d.get("lam") is None:
                     book.d["lam"] = joint.resolve_lam(cfg, len(train_set), a)  # type: ignore[arg-type]
                     book.d["term_from"] = a
@@ -491,7 +492,7 @@ def _reload(tdir: Path, last_file: str) -> nn.Module:
     return load(tdir / last_file)
 
 
-def _multipliers(model: nn.Module, phases: Sequence[Phase], hp: PruneConfig) -> dict[str, float]:
+def sparsity_multipliers(model: nn.Module, phases: Sequence[Phase], hp: PruneConfig) -> dict[str, float]:
     """The sparsity term's parameters and multipliers over every phase's set, fixed for the run
     (normalised by the scales' mean at the warm-up's end, so later surgeries do not re-weight it)."""
     graph = build_dependency_graph(model)

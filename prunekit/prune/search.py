@@ -48,9 +48,10 @@ from torch import nn
 from prunekit.fileio import atomic_write_json
 from prunekit.prune.config import PruneConfig
 from prunekit.prune.graph import build_dependency_graph
-from prunekit.prune.phases import Phase, resolve
+from prunekit.prune.joint import layer_channels, sparsity_multipliers
+from prunekit.prune.phases import Phase
 from prunekit.prune.report import model_stats
-from prunekit.prune.sparsity import POINT, Sparsity, sparsity_targets
+from prunekit.prune.sparsity import POINT, Sparsity
 from prunekit.prune.surgery import prune_channels
 from prunekit.prune.trainer import Trainer, standard_error
 
@@ -230,7 +231,7 @@ def run_search(
                  "step": cfg.first_step, "controls": {"0": {"metric": metric, "checkpoint": None}},
                  "stopped": None, "cpu_s": 0.0, "wall_s": 0.0}  # fmt: skip
         _write(state_path, state)
-    original_channels = _channels(original)
+    original_channels = layer_channels(original)
 
     def model_of(index: int) -> nn.Module:
         ck = state["points"][index]["checkpoint"]
@@ -316,7 +317,7 @@ def _sparse_parent(
     if str(parent) in sparse_files and (out / sparse_files[str(parent)]).is_file():
         return load(out / sparse_files[str(parent)])
     sparse = copy.deepcopy(model)
-    targets = _sparsity_targets(sparse, phases, hp)
+    targets = sparsity_multipliers(sparse, phases, hp)
     lam = cfg.shrink / max(trainer.lr_sum(epochs), 1e-12)
     torch.manual_seed(hp.seed + 1000 + parent)
     trainer.train(sparse, epochs, Sparsity(lam, targets, hp.proximal), f"point {parent}: sparsity stage")
@@ -442,16 +443,6 @@ def _give_back(
     return restored(lo)
 
 
-def _sparsity_targets(model: nn.Module, phases: Sequence[Phase], hp: PruneConfig) -> dict[str, float]:
-    graph = build_dependency_graph(model)
-    out: dict[str, float] = {}
-    for phase in phases:
-        rp = resolve(phase, graph)
-        out.update(sparsity_targets(model, rp.l1_layers, hp.sparsity_target, hp.layer_weights,
-                                    hp.l1_normalise, graph))  # fmt: skip
-    return out
-
-
 def _control_metric(
     state: dict[str, Any],
     depth: int,
@@ -476,7 +467,7 @@ def _control_metric(
         else load(out / controls[str(below)]["checkpoint"])  # fmt: skip
     for d in range(below + 1, depth + 1):
         torch.manual_seed(hp.seed + 10_000 + d)
-        zero = Sparsity(0.0, _sparsity_targets(model, phases, hp), hp.proximal)
+        zero = Sparsity(0.0, sparsity_multipliers(model, phases, hp), hp.proximal)
         trainer.train(model, epochs, zero, f"control depth {d}: λ = 0 stage")
         trainer.train(model, epochs, None, f"control depth {d}: retraining")
         metric, n = _score(trainer, model, hp.recalibrate_bn)
@@ -592,12 +583,6 @@ def _result(
     state["message"] = msg
     _write(out / STATE_FILE, state)
     return SearchResult(model_of(kept), control, points, kept, budget_met, target_met, msg)
-
-
-def _channels(model: nn.Module) -> dict[str, int]:
-    from prunekit.prune.report import layer_table
-
-    return {r["layer"]: int(r["filters_after"]) for r in layer_table(model)}
 
 
 def _read(path: Path) -> dict[str, Any] | None:

@@ -1,15 +1,16 @@
 """Compression without tuning: the product's command with its defaults, on every data set.
 
-    python benchmarks/no_tuning.py --cases synth_seed0,synth_seed1,synth_seed2   # ~10 min each, 2 cores
+    python benchmarks/no_tuning.py --cases synth_seed0,synth_seed1,synth_seed2   # ~28 min each, 2 cores
     python benchmarks/no_tuning.py --cases bccd,bccd_model                       # hours on 2 cores
 
 Each case runs ``prunekit compress-and-export`` (the command users run) with only data, model,
 width, seed, budget and output flags; every flag given is recorded in the row (``flags``) and any
 other would be listed as a deviation. The run's own files give the sizes, the ORT CPU speed-up
 (original and compressed timed interleaved in the same run) and the search's points; the test
-split (which the run never sees) gives the accuracies: original, control (the original trained
-through the kept point's stages at λ = 0) and compressed, with the drop against the control and
-its paired standard error (detection: bootstrap over test images; classification: per image).
+split (which no selection sees; the run's own ``test.json``) gives the accuracies: original,
+control (the original trained through the kept point's stages at λ = 0) and compressed, with the
+drop against the control and its paired standard error (detection: bootstrap over test images;
+classification: per image).
 
 ``*_model`` cases pass the original of the matching trained-here case back with ``--model``: the
 flow of a user who brings a trained model. A case whose run folder is complete is only collected
@@ -31,12 +32,10 @@ from typing import Any
 
 import torch
 
-import prunekit
 from prunekit.fileio import atomic_write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, RESULTS, machine_info  # noqa: E402
-from paired import paired_classification, paired_detection  # noqa: E402
 
 log = logging.getLogger("no_tuning")
 ALLOWED = {"--data", "--model", "--width", "--seed", "--max-drop", "--epochs-train", "--out"}
@@ -83,13 +82,10 @@ def run_case(name: str, flags: list[str], runs: Path) -> dict[str, Any]:
             "error": (proc.stderr.strip().splitlines() or [""])[-1] if proc.returncode else None}  # fmt: skip
 
 
-def collect(name: str, flags: list[str], runs: Path, timing: dict[str, Any], boot: int) -> dict[str, Any]:
-    """The row of one finished case, from its run folder and a paired comparison on the test split."""
-    from prunekit.data import build_dataset
-
+def collect(name: str, flags: list[str], runs: Path, timing: dict[str, Any]) -> dict[str, Any]:
+    """The row of one finished case, from its run folder (manifest, bench, search and test records)."""
     out = runs / name
     manifest = json.loads((out / "manifest.json").read_text())
-    spec = manifest["meta"]["config"]["data"]
     bench = json.loads((out / "bench.json").read_text())
     search = json.loads((out / "search" / "search.json").read_text())
     kept = search["points"][search["kept"]]
@@ -108,25 +104,16 @@ def collect(name: str, flags: list[str], runs: Path, timing: dict[str, Any], boo
     }  # fmt: skip
     row["wall_s"] = sum(v or 0.0 for v in row["stage_wall_s"].values())
     row.update({k: v for k, v in timing.items() if k in ("cpu_s", "load_avg_start", "exit_code")})
-    ckpt = {"original": out / "original.pt", "compressed": out / "model.pt"}
-    ckpt["control"] = out / "control.pt" if (out / "control.pt").is_file() else out / "original.pt"
-    try:
-        test = build_dataset(spec, "test", train=False)
-        split = "test"
-    except Exception as e:  # a set without a test split reports on validation, and says so
-        log.warning("%s: no test split (%s); reporting on validation", name, e)
-        test, split = build_dataset(spec, manifest["meta"]["config"]["val_split"], train=False), "val"
-    if prunekit.models.get_config(prunekit.load(ckpt["original"])).is_detector:
-        res = paired_detection(ckpt, test, "control", boot, 0)
-        key = "ap50"
-    else:
-        res = paired_classification(ckpt, test, "control")
-        key = "top1"
-    row.update({"metric": key, "split": split, "test_images": len(test),
-                "metric_original": res["original"][key], "metric_control": res["control"][key],
-                "metric_compressed": res["compressed"][key],
-                "drop_vs_control": res["compressed"]["diff_reference_minus_this"],
-                "drop_se": res["compressed"]["diff_se"]})  # fmt: skip
+    # the run's own test stage: original, control and compressed on the test split it never selected on
+    test_path = out / "test.json"
+    if not test_path.is_file():
+        raise SystemExit(f"{test_path}: missing (a run from before the test stage existed): rerun the case")
+    test = json.loads(test_path.read_text())
+    row.update({"metric": test["metric"], "split": test["split"], "test_images": test["images"],
+                "metric_original": test["metric_original"], "metric_control": test.get("metric_control"),
+                "metric_compressed": test["metric_compressed"], "reference": test["reference"],
+                "drop_vs_control": test["drop"], "drop_se": test["drop_se"],
+                "val_drop_se": kept.get("drop_se")})  # fmt: skip
     row["budget_met"] = row["drop_vs_control"] <= row["max_drop"]
     row["resolvable"] = 2 * row["drop_se"] < row["max_drop"]
     return row
@@ -137,7 +124,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--cases", default="synth_seed0,synth_seed1,synth_seed2")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--runs", type=Path, default=Path("runs/no_tuning"))
-    ap.add_argument("--bootstrap", type=int, default=500)
     ap.add_argument("--result", type=Path, default=RESULT)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -157,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             prev = whole.get(name, {})
             if timing.get("reused"):  # collected again: keep the timing of the invocation that ran it
                 timing = {k: prev[k] for k in ("cpu_s", "load_avg_start", "exit_code") if k in prev}
-            whole[name] = collect(name, table[name], a.runs.resolve(), timing, a.bootstrap)
+            whole[name] = collect(name, table[name], a.runs.resolve(), timing)
         atomic_write_json(a.result, whole)
         log.info("%s: %s", name, json.dumps(whole[name])[:400])
     return whole

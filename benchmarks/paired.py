@@ -14,8 +14,9 @@ models. Methods scored on the same images are strongly correlated, so the uncert
 * BCCD AP50: the difference, its bootstrap standard error and 95% interval, resampling test
   images (the same resample for both models). AP50 is COCO's (IoU 0.5, 101-point interpolated
   precision, 100 detections per image and class, difficult boxes ignored), computed from
-  per-image matches, so a resample re-weights images instead of re-running pycocotools; the
-  full-sample value is checked against :func:`prunekit.metrics.detection_metrics`.
+  per-image matches (:mod:`prunekit.paired`), so a resample re-weights images instead of
+  re-running pycocotools; the full-sample value is checked against
+  :func:`prunekit.metrics.detection_metrics`.
 
 Writes ``<task>.paired`` into ``benchmarks/results/peers.json`` and re-renders ``peers.md``.
 """
@@ -33,87 +34,14 @@ import numpy as np
 import torch
 
 import prunekit
-from prunekit.export.compare import box_iou
 from prunekit.fileio import atomic_write_json, atomic_write_text
+from prunekit.paired import bootstrap_weights, match_images, weighted_ap50
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, RESULTS, load_bccd, load_cifar  # noqa: E402
 
 log = logging.getLogger("paired")
 METHODS = ("unpruned", "prunekit", "tp_magnitude", "tp_bnscale", "tp_groupnorm")
-RECALL_POINTS = np.linspace(0.0, 1.0, 101)
-
-
-def match_images(
-    preds: list[dict[str, np.ndarray]], gts: list[dict[str, np.ndarray]], iou: float = 0.5, max_det: int = 100
-) -> dict[int, dict[str, np.ndarray]]:
-    """Per class: every kept detection's image, score and true-positive flag, and each image's
-    number of (non-difficult) ground-truth boxes. Matching is COCO's greedy one, per image."""
-    classes = sorted({int(c) for d in (*preds, *gts) for c in d["labels"]})
-    out: dict[int, dict[str, Any]] = {}
-    for c in classes:
-        img, score, tp, npos = [], [], [], np.zeros(len(gts))
-        for i, (p, g) in enumerate(zip(preds, gts)):
-            gsel = g["labels"] == c
-            gb = g["boxes"][gsel]
-            ign = g.get("difficult", np.zeros(len(g["labels"]), bool))[gsel].astype(bool)
-            npos[i] = (~ign).sum()
-            psel = np.flatnonzero(p["labels"] == c)
-            psel = psel[np.argsort(-p["scores"][psel], kind="mergesort")][:max_det]
-            if not len(psel):
-                continue
-            pb = p["boxes"][psel].astype(np.float64)
-            area = (pb[:, 2] - pb[:, 0]) * (pb[:, 3] - pb[:, 1])
-            ious = box_iou(pb, gb) if len(gb) else np.zeros((len(psel), 0))
-            order = np.argsort(ign, kind="mergesort")  # COCO: real boxes before ignored ones
-            taken = np.zeros(len(gb), bool)
-            for d in range(len(psel)):
-                best, best_iou = -1, min(iou, 1 - 1e-10)
-                for j in order:
-                    if taken[j]:
-                        continue
-                    if best >= 0 and not ign[best] and ign[j]:
-                        break  # matched a real box already; ignored ones come after
-                    if ious[d, j] < best_iou:
-                        continue
-                    best, best_iou = j, ious[d, j]
-                if best >= 0:
-                    taken[best] = True  # an ignored box, too, is matched once
-                    if ign[best]:
-                        continue  # on an ignored box: neither true nor false
-                elif not 0 <= area[d] <= 1e10:
-                    continue  # COCO's area range "all": a degenerate box is ignored, not false
-                img.append(i)
-                score.append(p["scores"][psel[d]])
-                tp.append(best >= 0)
-        out[c] = {
-            "image": np.array(img, int),
-            "score": np.array(score),
-            "tp": np.array(tp, bool),
-            "npos": npos,
-        }
-    return out
-
-
-def weighted_ap50(matches: dict[int, dict[str, np.ndarray]], weights: np.ndarray) -> float:
-    """Mean over classes (with ground truth) of the 101-point AP when image i counts ``weights[i]``
-    times: a bootstrap resample as multiplicities, no re-matching needed."""
-    aps = []
-    for m in matches.values():
-        npos = float((m["npos"] * weights).sum())
-        if npos <= 0:
-            continue
-        order = np.argsort(-m["score"], kind="mergesort")
-        w = weights[m["image"][order]]
-        t = m["tp"][order]
-        ctp, cfp = np.cumsum(w * t), np.cumsum(w * ~t)
-        recall = ctp / npos
-        precision = ctp / np.maximum(ctp + cfp, np.finfo(float).eps)
-        precision = np.maximum.accumulate(precision[::-1])[::-1] if len(precision) else precision
-        idx = np.searchsorted(recall, RECALL_POINTS, side="left")
-        q = np.where(idx < len(precision), precision[np.minimum(idx, len(precision) - 1)], 0.0)
-        aps.append(q.mean())
-    return float(np.mean(aps)) if aps else float("nan")
 
 
 def _detections(model: torch.nn.Module, dataset: Any) -> tuple[list[dict], list[dict]]:
@@ -133,16 +61,15 @@ def _detections(model: torch.nn.Module, dataset: Any) -> tuple[list[dict], list[
 def paired_detection(
     models: dict[str, Path], test: Any, reference: str, n_boot: int, seed: int
 ) -> dict[str, Any]:
-    rng = np.random.default_rng(seed)
     n = len(test)
-    boots = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(float)
+    boots = bootstrap_weights(n, n_boot, seed)
     scores: dict[str, np.ndarray] = {}
     out: dict[str, Any] = {"metric": "ap50", "images": n, "bootstrap": n_boot, "reference": reference}
     for name, path in models.items():
         preds, gts = _detections(prunekit.load(path), test)
         m = match_images(preds, gts)
         full = 100 * weighted_ap50(m, np.ones(n))
-        scores[name] = np.array([100 * weighted_ap50(m, w) for w in boots])
+        scores[name] = 100 * np.asarray(weighted_ap50(m, boots))
         out[name] = {"ap50": full, "bootstrap_se": float(scores[name].std(ddof=1))}
         log.info("%s: AP50 %.2f (bootstrap SE %.2f)", name, full, out[name]["bootstrap_se"])
     for name in models:

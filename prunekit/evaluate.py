@@ -108,12 +108,14 @@ def evaluate(
     num_workers: int = 0,
     progress: bool = True,
     max_images: int | None = None,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     """Metrics of ``model`` on ``dataset`` (the first ``max_images`` items if given).
 
     Detectors: :func:`prunekit.metrics.detection_metrics` (``map``, ``map50``, ``map75``,
     ``voc07_ap``, ``per_class``...); classifiers: ``{"top1", "num_images"}``. Both also carry
-    ``eval_time_s``. The model is moved to ``device`` and its train/eval mode is restored after.
+    ``eval_time_s``. ``per_image`` adds ``scorecard``: a :class:`prunekit.paired.Scorecard` of
+    what the model did on each image, for paired comparisons (not JSON). The model is moved to ``device`` and its train/eval mode is restored after.
     Distributed-aware: all ranks must call it; all get the same result.
     """
     D.init_distributed()
@@ -141,9 +143,9 @@ def evaluate(
     try:
         with torch.inference_mode():
             if is_detector(net):
-                metrics = _eval_detector(net, bar, shard, dataset, dev)
+                metrics = _eval_detector(net, bar, shard, dataset, dev, per_image)
             else:
-                metrics = _eval_classifier(net, bar, shard, dev)
+                metrics = _eval_classifier(net, bar, shard, dev, per_image)
     finally:
         bar.close()
         net.train(was_training)
@@ -152,7 +154,12 @@ def evaluate(
 
 
 def _eval_detector(
-    net: nn.Module, loader: Any, shard: list[int], dataset: Dataset, dev: torch.device
+    net: nn.Module,
+    loader: Any,
+    shard: list[int],
+    dataset: Dataset,
+    dev: torch.device,
+    per_image: bool = False,
 ) -> dict[str, Any]:
     preds: list[dict[str, np.ndarray]] = []
     gts: list[dict[str, np.ndarray]] = []
@@ -175,25 +182,46 @@ def _eval_detector(
         perm = np.argsort(order, kind="stable")
         preds = [preds[i] for i in perm]
         gts = [gts[i] for i in perm]
-        result = detection_metrics(preds, gts, num_classes, names) if D.is_main_process() else None
+        result = _detection_result(preds, gts, num_classes, names, per_image) if D.is_main_process() else None
         return D.broadcast_object(result)
-    return detection_metrics(preds, gts, num_classes, names)
+    return _detection_result(preds, gts, num_classes, names, per_image)
 
 
-def _eval_classifier(net: nn.Module, loader: Any, shard: list[int], dev: torch.device) -> dict[str, Any]:
+def _detection_result(
+    preds: list[dict[str, np.ndarray]], gts: list[dict[str, np.ndarray]], num_classes: int,
+    names: list[str] | None, per_image: bool,
+) -> dict[str, Any]:  # fmt: skip
+    result = detection_metrics(preds, gts, num_classes, names)
+    if per_image:
+        from prunekit.paired import Scorecard
+
+        result["scorecard"] = Scorecard.detection(preds, gts)
+    return result
+
+
+def _eval_classifier(
+    net: nn.Module, loader: Any, shard: list[int], dev: torch.device, per_image: bool = False
+) -> dict[str, Any]:
     norm = normalizer(net, dev)
-    correct = torch.zeros((), dtype=torch.int64, device=dev)
-    count = 0
+    hits: list[np.ndarray] = []
     for x, y in loader:
         x = x.to(dev, non_blocking=True)
         if norm is not None:
             x = (x - norm[0]) / norm[1]
         logits = net(x)
-        correct += (logits.argmax(1) == y.to(dev, non_blocking=True)).sum()
-        count += int(y.shape[0])
-    totals = D.all_reduce_sum(torch.stack([correct.cpu(), torch.tensor(count)]).to(torch.float64))
+        hits.append((logits.argmax(1) == y.to(dev, non_blocking=True)).cpu().numpy())
+    mine = np.concatenate(hits) if hits else np.zeros(0, bool)
+    totals = D.all_reduce_sum(torch.tensor([float(mine.sum()), float(len(mine))], dtype=torch.float64))
     n = int(totals[1])
-    return {"top1": float(totals[0] / n) if n else float("nan"), "num_images": n}
+    out: dict[str, Any] = {"top1": float(totals[0] / n) if n else float("nan"), "num_images": n}
+    if per_image:
+        from prunekit.paired import Scorecard
+
+        correct = np.zeros(n, bool)
+        for idx, h in D.all_gather_object((shard, mine)):
+            correct[np.asarray(idx, int)] = h
+        out["scorecard"] = Scorecard.classification(correct)
+    return out
 
 
 def _gt_numpy(t: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
 from typing import Any
@@ -149,12 +149,17 @@ class Manifest:
         self.save()
 
     def stale(
-        self, name: str, fingerprint: dict[str, str] | None = None, inputs: dict[str, Path] | None = None
+        self,
+        name: str,
+        fingerprint: dict[str, str] | None = None,
+        inputs: dict[str, Path] | None = None,
+        ignore: Callable[[str], bool] | None = None,
     ) -> str | None:
         """Why stage ``name`` cannot be reused, naming what changed; None when it can.
 
         Reusable: ``done`` (or ``skipped``), recorded with the same ``fingerprint`` (when one is
-        given), its recorded upstream ``inputs`` still hash as recorded (and none appeared), and
+        given; keys for which ``ignore`` is true are not compared: settings the stage never
+        reads), its recorded upstream ``inputs`` still hash as recorded (and none appeared), and
         every recorded output still exists with its recorded hash.
         """
         rec = self.stages[name]
@@ -166,7 +171,7 @@ class Manifest:
             recorded = self.meta.get(FINGERPRINTS, {}).get(rec.fingerprint)
             if recorded is None:
                 return "its inputs were not recorded (a run by an older prunekit)"
-            changed = fingerprint_changes(recorded, fingerprint)
+            changed = fingerprint_changes(recorded, fingerprint, ignore)
             if changed:
                 return ", ".join(changed) + " since it ran"
         for label, entry in rec.inputs.items():
@@ -235,10 +240,15 @@ def describe_input(key: str) -> str:
     return key
 
 
-def fingerprint_changes(recorded: Mapping[str, str], current: Mapping[str, str]) -> list[str]:
-    """What differs between two fingerprints, in words (``setting 'lr' changed``), sorted."""
+def fingerprint_changes(
+    recorded: Mapping[str, str], current: Mapping[str, str], ignore: Callable[[str], bool] | None = None
+) -> list[str]:
+    """What differs between two fingerprints, in words (``setting 'lr' changed``), sorted; keys for
+    which ``ignore`` is true are left out."""
     changes = []
     for key in sorted(set(recorded) | set(current)):
+        if ignore is not None and ignore(key):
+            continue
         if key not in current:
             changes.append(f"{describe_input(key)} is gone")
         elif key not in recorded:

@@ -64,6 +64,7 @@ STAGES = [
     "eval_original",
     "prune",
     "control",
+    "test",
     "export",
     "verify",
     "quantize",
@@ -71,6 +72,23 @@ STAGES = [
     "bench",
     "report",
 ]
+
+
+# Settings only the stages after the original's training read. A change to one reruns those
+# stages and reuses the trained original: ``--resume --max-drop 2`` does not train it again.
+# Any other setting (one added later included) counts for every stage: the safe side.
+LATE_SETTINGS = ("phases", "schedule", "prune", "search", "joint", "prune_lr", "retrain_lr", "control",
+                 "test_split", "opset", "backends", "precision", "int8_target", "bench_batch", "bench_min_time",
+                 "verify_images")  # fmt: skip
+EARLY_STAGES = ("data", "train", "eval_original")
+TEST_DATA = "test_data"  # the fingerprint's key for the test split's files (read by the test stage on)
+
+
+def late_setting(key: str) -> bool:
+    """A fingerprint key (``setting:search.max_drop``, ``file:phases``, ``test_data``) that the
+    stages up to the original's evaluation never read."""
+    kind, _, name = key.partition(":")
+    return key == TEST_DATA or (kind in ("setting", "file") and name.split(".")[0] in LATE_SETTINGS)
 
 
 class PipelineError(ValueError):
@@ -91,6 +109,7 @@ PIPELINE_HELP: dict[str, str] = {
     "skip_bad": "Skip malformed annotations (counted) instead of failing.",
     "train_split": "Split the models train on.",
     "val_split": "Split every check and selection scores on.",
+    "test_split": "Split the closing figures are reported on, unseen by any selection (none: validation only).",
     "phases": "Phase preset (ssd300, ssd512, vgg16) or a YAML/JSON file of layer names (none: the model's).",
     "schedule": "search: find the most compressed model within --max-drop of the control; post: the paper's "
     "phases with fixed settings; joint: prune while training with a fixed λ.",
@@ -137,6 +156,9 @@ class PipelineConfig:
     skip_bad: bool = False  # skip malformed annotations (with a warning count) instead of failing
     train_split: str = "train"
     val_split: str = "val"
+    # the split the closing figures are reported on, which no selection has seen (None, or a split
+    # the data does not have: the summary says so and reports validation)
+    test_split: str | None = "test"
     phases: str | None = None  # preset name or YAML/JSON file; default: the model's preset
     # the pruning method: a ``prune:`` section in YAML, ``--eps1`` etc. on the CLI; every field of
     # PruneConfig, its defaults except where the demo's short schedule needs its own (PIPELINE_PRUNE)
@@ -309,7 +331,7 @@ class Pipeline:
         m = self.manifest
         inputs = self._stage_inputs(name)
         if self.resume and not self._rerunning:
-            why = m.stale(name, self.fingerprint, inputs)
+            why = m.stale(name, self.fingerprint, inputs, self._ignored(name))
             if why is None:
                 log.info("stage %-13s reused (inputs and outputs verified by hash)", name)
                 return
@@ -354,7 +376,12 @@ class Pipeline:
         recorded = self.manifest.meta.get(FINGERPRINTS, {}).get(rec.fingerprint) if rec.fingerprint else None
         if recorded is None:
             return rec.status != "pending"  # no record of what it ran on: assume the worst
-        return bool(fingerprint_changes(recorded, self.fingerprint))
+        return bool(fingerprint_changes(recorded, self.fingerprint or {}, self._ignored(name)))
+
+    @staticmethod
+    def _ignored(name: str) -> Callable[[str], bool] | None:
+        """The fingerprint keys stage ``name`` does not depend on (None: it depends on all)."""
+        return late_setting if name in EARLY_STAGES else None
 
     def _stage_inputs(self, name: str) -> dict[str, Path]:
         """Upstream artifacts a stage consumes, hashed into the manifest."""
@@ -690,6 +717,69 @@ class Pipeline:
         note = f"the original + {epochs} epochs (the kept point's sparsity and retraining stages, at λ = 0)"
         return {"control": path}, _headline(metrics) | {"note": note, "epochs": epochs}
 
+    def stage_test(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        """The closing figures on the test split, which no selection has seen: the original, the
+        control and the compressed model scored on the same images, and the drop against the
+        control with its paired standard error (:mod:`prunekit.paired`). The search selects on
+        validation; a drop read where it selected is biased toward the budget."""
+        from prunekit.evaluate import evaluate, primary_metric
+        from prunekit.paired import paired_difference
+
+        c = self.cfg
+        test = self._test_set()
+        if test is None:
+            return {}, {"split": None, "note": f"no test split {c.test_split!r}: figures on validation"}
+        paths = {"original": self.out / "original.pt", "control": self.out / "control.pt",
+                 "compressed": self.out / "model.pt"}  # fmt: skip
+        if not paths["control"].is_file():
+            paths.pop("control")
+        scores, cards = {}, {}
+        for name, path in paths.items():
+            res = evaluate(prunekit.load(path), test, device=c.device, progress=False, per_image=True)
+            scores[name], cards[name] = _headline(res), res["scorecard"]
+        ref = "control" if "control" in cards else "original"
+        drop, se = paired_difference(cards[ref], cards["compressed"])
+        info: dict[str, Any] = {
+            "split": c.test_split, "images": cards["compressed"].n, "metric": cards["compressed"].metric,
+            "reference": ref, "models": scores,
+            **{f"metric_{k}": 100 * float(primary_metric(v)) for k, v in scores.items()},
+            "drop": 100 * drop, "drop_se": 100 * se,
+        }  # fmt: skip
+        if c.schedule == "search":
+            info["max_drop"] = c.search.max_drop
+            info["budget_met"] = info["drop"] <= c.search.max_drop
+            info["resolvable"] = 2 * info["drop_se"] < c.search.max_drop
+        dst = self.out / "test.json"
+        if D.is_main_process():
+            atomic_write_json(dst, info)
+        log.info("test split %r (%d images): %s %.2f, compressed %.2f: %.2f ± %.2f points below the %s",
+                 c.test_split, info["images"], ref, info[f"metric_{ref}"], info["metric_compressed"], info["drop"],
+                 info["drop_se"], ref)  # fmt: skip
+        return {"test": dst}, {k: v for k, v in info.items() if k != "models"}
+
+    def _test_set(self) -> Any:
+        """The test split, or None when there is none (not asked for, or the data lacks it)."""
+        from prunekit.data import build_dataset
+        from prunekit.data.build import parse_spec
+        from prunekit.data.errors import MissingSplitError
+
+        c = self.cfg
+        if not c.test_split or c.test_split in (c.train_split, c.val_split):
+            return None
+        kind, arg = parse_spec(c.data)
+        if kind == "coco" and "," in (arg or "") and "{split}" not in (arg or ""):
+            log.info("no test split: coco:ANN.json,IMAGES names one annotation file for every split")
+            return None
+        try:
+            test = build_dataset(c.data, c.test_split, train=False, skip_bad=c.skip_bad)
+        except MissingSplitError as e:
+            log.info("no test split: %s; the closing figures are on validation", e)
+            return None
+        if not len(test):
+            log.info("the test split %r is empty; the closing figures are on validation", c.test_split)
+            return None
+        return test
+
     def stage_export(self) -> tuple[dict[str, Path], dict[str, Any]]:
         from prunekit.export import export_onnx
 
@@ -890,11 +980,13 @@ class Pipeline:
 
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> Manifest:
-        from prunekit.rundir import input_fingerprint
+        from prunekit.rundir import data_fingerprint, input_fingerprint
 
         c = self.cfg
         # on every rank: each decides on its own which stages to reuse, from the same files
         self.fingerprint = input_fingerprint(dataclasses.asdict(c), c.data, [c.train_split, c.val_split])
+        if c.test_split:  # its own key: the stages before the test stage never read it
+            self.fingerprint[TEST_DATA] = data_fingerprint(c.data, [c.test_split])
         if D.is_main_process():
             self.manifest.meta["config"] = dataclasses.asdict(self.cfg)
             # the manifest first: a folder holding anything of a run holds its manifest (--force)
@@ -903,7 +995,7 @@ class Pipeline:
         with _signals_to_exceptions():
             for name in STAGES:
                 fn = getattr(self, f"stage_{name}")
-                self._run_stage(name, fn, all_ranks=name in ("data", "train", "prune", "control"))
+                self._run_stage(name, fn, all_ranks=name in ("data", "train", "prune", "control", "test"))
         return self.manifest
 
 

@@ -120,13 +120,17 @@ def data_fingerprint(spec: str, splits: Iterable[str] = ("train", "val")) -> str
 
     Modification times are in so that an annotation edited in place (same size) counts; a copied
     dataset therefore counts as changed too, which costs a rerun, never a stale result. A
-    ``synth`` set is generated from its spec alone: the spec (a setting) is its fingerprint.
+    ``synth`` set is generated from its spec and the generator's version and parameters: their key
+    is its fingerprint (a prunekit whose embedded set changed does not resume on the old one).
     """
     from prunekit.data.build import parse_spec
 
     h = hashlib.sha256()
-    if parse_spec(spec)[0] == "synth":
-        return h.hexdigest()[:16]
+    kind, arg = parse_spec(spec)
+    if kind == "synth" and arg is None:
+        from prunekit.data.synth import default_synth_voc_key
+
+        return default_synth_voc_key()
     t0 = time.perf_counter()
     roots: list[Path] = []
     for p in sorted({p.resolve() for p in data_paths(spec, splits)}):

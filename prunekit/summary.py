@@ -72,17 +72,17 @@ def summary_data(out: Path, manifest: Manifest) -> dict[str, Any]:
     if search.is_file():
         state = json.loads(search.read_text())
         kept = state["points"][state.get("kept") or 0]
-        ctl = state["controls"].get(str(kept.get("depth", 0)), {})
         n = kept.get("val_images")
-        se_c, se_k = standard_error(ctl.get("metric") or 0.0, n), standard_error(kept["metric"], n)
         d["budget"] = {
             "max_drop": state["config"]["max_drop"], "target": state["config"].get("target"),
             "kept": state.get("kept"), "points_evaluated": len(state["points"]) - 1,
             "drop": kept.get("drop", 0.0), "stopped": state.get("stopped"), "message": state.get("message"),
-            # an unpaired bound: the two models are scored on the same images, so the paired error is smaller
-            "drop_se": None if se_c is None or se_k is None else 100 * (se_c**2 + se_k**2) ** 0.5,
+            "drop_se": kept.get("drop_se"), "margin_se": state["config"].get("margin_se", 0.0),
             "val_images": n, "compressed": bool(state.get("kept")),
         }  # fmt: skip
+    test_path = out / "test.json"
+    if test_path.is_file():
+        d["test"] = json.loads(test_path.read_text())
     ver_path = out / "verify.json"
     if ver_path.is_file():
         d["verify"] = bool(json.loads(ver_path.read_text()).get("passed"))
@@ -116,7 +116,7 @@ def render_summary(out: Path, manifest: Manifest) -> str:
     if "control" in acc:
         parts.append(f"control {acc['control']:.2f}")
     parts.append(f"compressed {acc['compressed']:.2f}")
-    lines.append(f"- {d['metric']} (%): " + " / ".join(parts) + se)
+    lines.append(f"- {d['metric']} (%) on validation, where the search selected: " + " / ".join(parts) + se)
     lines.append(f"  - control: {d['control_note']}")
     t = d.get("training")
     if t:
@@ -124,6 +124,8 @@ def render_summary(out: Path, manifest: Manifest) -> str:
         state = {True: "at a plateau", False: "NOT at a plateau", None: "plateau not checked (no validation)"}
         lines.append(f"  - original trained here: {t['epochs']} epochs, {t['steps']} steps; validation {d['metric']} "
                      f"of its last epochs {curve}: {state[t.get('plateau')]}")  # fmt: skip
+    if d.get("test"):
+        lines += _test_lines(d["test"], d["metric"])
     b = d.get("budget")
     if b:
         lines += _budget_lines(b, d["metric"], out)
@@ -138,6 +140,26 @@ def render_summary(out: Path, manifest: Manifest) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _test_lines(t: dict[str, Any], metric: str) -> list[str]:
+    """The test split's figures: the ones to quote, since no selection has seen those images."""
+    ref = t["reference"]
+    names = [k for k in ("original", "control", "compressed") if f"metric_{k}" in t]
+    lines = [f"- on the test split '{t['split']}' ({t['images']} images, unseen by any selection), {metric} (%): "
+             + " / ".join(f"{k} {t[f'metric_{k}']:.2f}" for k in names),
+             f"  - compressed vs {ref}: {t['drop']:+.2f} ± {t['drop_se']:.2f} points below (paired standard error)"]  # fmt: skip
+    if "budget_met" in t:
+        verdict = "met" if t["budget_met"] else "**NOT met**"
+        lines[-1] += f"; budget {t['max_drop']:g}: {verdict}"
+        if not t["resolvable"]:
+            lines.append(f"  - {t['images']} test images cannot resolve a {t['max_drop']:g}-point difference "
+                         f"(2 SE = {2 * t['drop_se']:.2f}): read the verdict as a range, not a fact")  # fmt: skip
+        if not t["budget_met"]:
+            lines.append(f"  - **WARNING: on the test split the compressed model lost more than the budget** "
+                         f"({t['drop']:.2f} > {t['max_drop']:g}); a smaller --max-drop or a larger "
+                         "validation split makes the search more careful")  # fmt: skip
+    return lines
+
+
 def _budget_lines(b: dict[str, Any], metric: str, out: Path) -> list[str]:
     """The budget, what the search kept and whether the data can resolve it at all."""
     target = f", target {b['target']}" if b.get("target") else ""
@@ -146,9 +168,9 @@ def _budget_lines(b: dict[str, Any], metric: str, out: Path) -> list[str]:
     if not b["compressed"]:
         lines.append(f"  - **WARNING: nothing was compressed**: {b['message']}")
     else:
-        se = (
-            "" if b["drop_se"] is None else f" (± {b['drop_se']:.2f}, on {b['val_images']} validation images)"
-        )
+        se = "" if b["drop_se"] is None else (
+            f" (± {b['drop_se']:.2f} paired, on {b['val_images']} validation images; passed with "
+            f"{b['margin_se']:g} SE of margin)")  # fmt: skip
         lines.append(f"  - kept point c{b['kept']}: {b['drop']:+.2f} points below the control{se}; stopped: "
                      f"{b['stopped']}")  # fmt: skip
         if b["drop_se"] is not None and 2 * b["drop_se"] > b["max_drop"]:

@@ -1,9 +1,11 @@
-"""benchmarks/paired.py: per-image AP50 matches pycocotools, and a resample is a re-weighting."""
+"""prunekit.paired: per-image AP50 matches pycocotools, a resample is a re-weighting, and the paired
+standard error is that of the per-image difference (benchmarks/paired.py uses the same module)."""
 
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import paired  # noqa: E402
@@ -36,3 +38,31 @@ def test_per_image_ap50_equals_pycocotools_and_resamples_are_weights():
     dup_ours = 100 * paired.weighted_ap50(paired.match_images(preds, gts), weights)
     _, dup_coco = paired.check_against_pycocotools([preds[i] for i in idx], [gts[i] for i in idx], 4)
     assert abs(dup_ours - dup_coco) < 0.05 and abs(dup_ours - ours) > 0.01, (dup_ours, dup_coco, ours)
+
+
+def test_resamples_at_once_equal_one_by_one_and_paired_errors():
+    from prunekit.paired import Scorecard, bootstrap_weights, paired_difference
+
+    rng = np.random.default_rng(1)
+    scenes = [_scene(rng, int(rng.integers(1, 9)), 4) for _ in range(40)]
+    preds, gts = [s[0] for s in scenes], [s[1] for s in scenes]
+    card = Scorecard.detection(preds, gts)
+    w = bootstrap_weights(40, 50, seed=3)
+    assert np.allclose(card.value(w), [card.value(row) for row in w])
+    assert card.value() == paired.weighted_ap50(paired.match_images(preds, gts), np.ones(40))
+    assert paired_difference(card, card) == (0.0, 0.0)
+    # a second model: the same detections but a found box lost on every third image; its gap has a bootstrap error below the
+    # unpaired one (both scored on the same images)
+    worse = [{k: v[int(i % 3 == 0) :] for k, v in p.items()} for i, p in enumerate(preds)]  # a hit lost
+    other = Scorecard.detection(worse, gts)
+    diff, se = paired_difference(card, other, n_boot=400)
+    unpaired = np.hypot(np.std(card.value(w)), np.std(other.value(w)))
+    assert diff > 0 and 0 < se < unpaired, (diff, se, unpaired)
+
+    # top-1: sd of the per-image difference over sqrt(n)
+    a, b = rng.random(200) < 0.8, rng.random(200) < 0.7
+    diff, se = paired_difference(Scorecard.classification(a), Scorecard.classification(b))
+    d = a.astype(float) - b
+    assert diff == pytest.approx(d.mean()) and se == pytest.approx(d.std(ddof=1) / np.sqrt(200))
+    with pytest.raises(ValueError, match="different splits"):
+        paired_difference(Scorecard.classification(a), Scorecard.classification(b[:100]))

@@ -40,7 +40,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> str:
     from prunekit.data.synth import make_synth_voc
 
     root = tmp_path_factory.mktemp("synth")
-    make_synth_voc(root, n_train=24, n_val=16, seed=0)
+    make_synth_voc(root, n_train=24, n_val=16, n_test=12, seed=0)
     return f"voc:{root}"
 
 
@@ -110,6 +110,13 @@ def test_end_to_end_artifacts_and_manifest(finished_run: Path) -> None:
     assert f"{o['params'] / c['params']:.2f}x fewer" in report
     assert summary["acc"]["control"] == pytest.approx(100 * control["map50"])
     assert "ort-cpu b1" in summary["fps"] and summary["verify"] is True
+    # the closing figures on the test split (12 images no check has seen), the drop paired
+    test = json.loads((out / "test.json").read_text())
+    assert test["split"] == "test" and test["images"] == 12 and test["reference"] == "control"
+    # the paired AP50 (per-image matches) is pycocotools' map50 (headline figures: rounded to 1e-5)
+    assert test["drop"] == pytest.approx(test["metric_control"] - test["metric_compressed"], abs=2e-3)
+    assert test["drop_se"] >= 0 and "budget_met" not in test  # the post schedule states no budget
+    assert f"on the test split 'test' (12 images" in report and f"{test['drop']:+.2f} ±" in report
 
 
 @pytest.mark.slow

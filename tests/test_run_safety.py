@@ -287,7 +287,24 @@ def test_resume_with_a_changed_nested_setting_names_it(fake_run, caplog) -> None
     changed = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, eps1=cfg.prune.eps1 + 1))
     with caplog.at_level(logging.WARNING, logger="prunekit.pipeline"):
         run_pipeline(changed, out, resume=True)
-    assert calls == STAGES and "setting 'prune.eps1' changed" in caplog.text
+    # a pruning setting: the original's training and evaluation are reused, pruning on reruns
+    assert calls == STAGES[STAGES.index("prune") :] and "setting 'prune.eps1' changed" in caplog.text
+
+
+def test_resume_with_a_new_budget_reuses_the_trained_original(fake_run, caplog) -> None:
+    from prunekit.pipeline import EARLY_STAGES, LATE_SETTINGS
+
+    out, cfg, calls = fake_run
+    changed = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, max_drop=2.0), opset=18)
+    with caplog.at_level(logging.WARNING, logger="prunekit.pipeline"):
+        run_pipeline(changed, out, resume=True)
+    assert calls == [s for s in STAGES if s not in EARLY_STAGES]
+    assert "stage prune reruns" in caplog.text and "setting 'search.max_drop' changed" in caplog.text
+    calls.clear()
+    run_pipeline(changed, out, resume=True)
+    assert calls == []
+    # every late setting is a real field (a renamed one would silently count for every stage)
+    assert set(LATE_SETTINGS) <= {f.name for f in dataclasses.fields(cfg)}
 
 
 def test_resume_with_a_changed_model_file_reruns(world, fake_run, caplog) -> None:
@@ -327,7 +344,14 @@ def test_data_fingerprint_sees_same_size_edits_and_ignores_reads(world) -> None:
     ann.write_text(ann.read_text().replace("car", "bus"))  # same size: only the time tells
     os.utime(ann, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert ann.stat().st_size == st.st_size and data_fingerprint(spec) != fp
-    assert data_fingerprint("synth") == data_fingerprint("synth")
+    # the embedded set: the generator's version and split sizes, so a prunekit whose embedded set
+    # changed does not resume a run trained on the old one
+    from prunekit.data.synth import DEFAULT_DETECTION_CLASSES, DETECTION_SPLITS, synth_voc_key
+
+    params = {"seed": 0, "image_size": 300, "classes": list(DEFAULT_DETECTION_CLASSES), "max_objects": 6}
+    splits = {f"n_{k}": v for k, v in DETECTION_SPLITS.items()}
+    assert data_fingerprint("synth") == synth_voc_key(**params, **splits)
+    assert data_fingerprint("synth") != synth_voc_key(**params, **{**splits, "n_val": 100})
 
 
 def test_manifest_names_each_changed_input(tmp_path) -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_joint import colours
 
-from prunekit.models import vgg16
+from prunekit.models import load, vgg16
 from prunekit.prune.config import PruneConfig
 from prunekit.prune.phases import resolve_phases
 from prunekit.prune.search import SearchConfig, Target, pareto, parse_target, run_search
@@ -64,12 +64,26 @@ def test_max_drop_is_honoured_and_rejections_recorded(tmp_path: Path):
             continue
         assert p["drop"] == pytest.approx((p["reference"] - p["metric"]) * 100)
         assert p["reference"] == control[str(p["depth"])]["metric"]
+        # paired: the drop's standard error from the same validation images, and a 1-SE margin
+        assert p["drop_se"] >= 0 and p["drop_bound"] == pytest.approx(
+            p["drop"] + cfg.margin_se * p["drop_se"]
+        )
         if p["decision"].startswith("rejected"):
-            assert p["drop"] > cfg.max_drop and "below the control" in p["decision"]
+            assert p["drop_bound"] > cfg.max_drop and "below the control" in p["decision"]
         else:
-            assert p["drop"] <= cfg.max_drop
+            assert p["drop_bound"] <= cfg.max_drop
+    # the standard error is that of the per-image difference, recomputed here from the checkpoints
+    scored = next(p for p in points[1:] if "metric" in p)
+    ref = load(tmp_path / control[str(scored["depth"])]["checkpoint"])
+    hits = [
+        trainer.evaluate(m, per_image=True)["scorecard"].correct
+        for m in (ref, load(tmp_path / scored["checkpoint"]))
+    ]
+    diff = hits[0] - hits[1]
+    assert scored["drop_se"] == pytest.approx(100 * diff.std(ddof=1) / len(diff) ** 0.5, rel=1e-6)
+    assert scored["drop"] == pytest.approx(100 * diff.mean(), abs=1e-6)
     if res.kept:
-        assert kept["drop"] <= cfg.max_drop and res.budget_met
+        assert kept["drop_bound"] <= cfg.max_drop and res.budget_met
         assert sum(p.numel() for p in res.model.parameters()) == kept["params"] < points[0]["params"]
     # every rejection halves the step of the next candidate
     for a, b in zip(points[1:], points[2:]):
@@ -89,3 +103,26 @@ def test_generous_budget_compresses_and_resume_reproduces(tmp_path: Path):
     assert again.kept == res.kept and again.points[2]["params"] == res.points[2]["params"]
     with pytest.raises(ValueError, match="other settings"):
         run_search(model, phases, trainer, hp, SearchConfig(max_drop=2.0), tmp_path / "a", steps_per_epoch=8)
+
+
+def test_a_cut_that_already_failed_is_not_trained_again():
+    from prunekit.prune.joint import layer_channels
+    from prunekit.prune.search import _same_cut
+
+    model = vgg16(4, "cifar", 0.125, batch_norm=True)
+    widths = layer_channels(model)
+    failed = {
+        "index": 4,
+        "parent": 3,
+        "metric": 0.5,
+        "decision": "rejected: 6.54 points below",
+        "widths": widths,
+    }
+    state = {"points": [{"index": 0}, failed]}
+    assert _same_cut(state, 3, model) is failed
+    assert _same_cut(state, 2, model) is None  # another parent: other sparse weights
+    state["points"][1] = dict(failed, decision="accepted")
+    assert _same_cut(state, 3, model) is None
+    first = next(iter(widths))
+    narrower = dict(failed, widths={**widths, first: widths[first] - 1})
+    assert _same_cut({"points": [narrower]}, 3, model) is None

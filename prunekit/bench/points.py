@@ -27,8 +27,12 @@ def load_points(run_dir: str | Path) -> dict[str, Any] | None:
 def point_rows(state: dict[str, Any], only_pareto: bool = False) -> list[dict[str, Any]]:
     """One flat row per scored point: name, params, MACs, latency, metric ± SE, drop, decision."""
     points = [p for p in state["points"] if "metric" in p]
-    if only_pareto:
-        points = pareto(points, "latency_ms" if all(p.get("latency_ms") for p in points) else "macs")
+    if only_pareto and points and all(p.get("latency_ratio") for p in points):
+        # each point's speed-up was timed interleaved with the original in its own call: the ratio
+        # is comparable across points, the milliseconds (of calls minutes apart) are not
+        points = pareto([dict(p, latency_rel=1 / p["latency_ratio"]) for p in points], "latency_rel")
+    elif only_pareto:
+        points = pareto(points, "macs")
     return [
         {
             "point": p["name"],
@@ -41,6 +45,7 @@ def point_rows(state: dict[str, Any], only_pareto: bool = False) -> list[dict[st
             "metric": 100 * p["metric"],
             "metric_se": None if p.get("metric_se") is None else 100 * p["metric_se"],
             "drop_vs_control": p.get("drop"),
+            "drop_se": p.get("drop_se"),  # paired, on the same validation images
             "decision": p.get("decision", ""),
             "checkpoint": p.get("checkpoint"),
         }  # fmt: skip
@@ -53,11 +58,17 @@ def _table(rows: list[dict[str, Any]], metric: str) -> str:
              "n/a" if r["ort_b1_ms"] is None else f"{r['ort_b1_ms']:.2f}",
              "n/a" if r["ort_b1_ratio"] is None else f"{r['ort_b1_ratio']:.2f}x",
              f"{r['metric']:.2f} ± {r['metric_se'] or 0:.2f}",
-             "" if r["drop_vs_control"] is None else f"{r['drop_vs_control']:+.2f}", r["decision"]]
+             _drop(r), r["decision"]]
             for r in rows]  # fmt: skip
     header = ["point", "params", "params ratio", "MACs ratio", "ORT CPU b1 ms", "speed-up", f"val {metric}",
               "drop vs control", "decision"]  # fmt: skip
     return markdown_table(header, body)
+
+
+def _drop(r: dict[str, Any]) -> str:
+    if r["drop_vs_control"] is None:
+        return ""
+    return f"{r['drop_vs_control']:+.2f}" + ("" if r.get("drop_se") is None else f" ± {r['drop_se']:.2f}")
 
 
 def pareto_head(state: dict[str, Any], metric: str, n: int = 5) -> str:
@@ -98,8 +109,9 @@ def points_markdown(
 
 
 def plot_points(state: dict[str, Any], path: str | Path, metric: str) -> Path | None:
-    """Metric vs measured latency for every point, original and control marked; None without latency."""
-    pts = [p for p in state["points"] if "metric" in p and p.get("latency_ms")]
+    """Metric vs measured latency (relative to the original's, timed in the same call) for every
+    point, original and control marked; None without latency."""
+    pts = [p for p in state["points"] if "metric" in p and p.get("latency_ratio")]
     if len(pts) < 2:
         return None
     import matplotlib
@@ -111,17 +123,20 @@ def plot_points(state: dict[str, Any], path: str | Path, metric: str) -> Path | 
     for p in pts[1:]:
         ok = not str(p.get("decision", "")).startswith("rejected")
         ax.scatter(
-            p["latency_ms"], 100 * p["metric"], c="tab:green" if ok else "tab:red", marker="o" if ok else "x"
+            1 / p["latency_ratio"],
+            100 * p["metric"],
+            c="tab:green" if ok else "tab:red",
+            marker="o" if ok else "x",
         )
         ax.annotate(
             p["name"],
-            (p["latency_ms"], 100 * p["metric"]),
+            (1 / p["latency_ratio"], 100 * p["metric"]),
             fontsize=7,
             xytext=(3, 3),
             textcoords="offset points",
         )
     o = pts[0]
-    ax.scatter(o["latency_ms"], 100 * o["metric"], c="black", marker="s", label="original")
+    ax.scatter(1.0, 100 * o["metric"], c="black", marker="s", label="original")
     controls = state.get("controls", {})
     for d, c in controls.items():
         if d != "0" and c.get("metric") is not None:
@@ -132,7 +147,8 @@ def plot_points(state: dict[str, Any], path: str | Path, metric: str) -> Path | 
                label=f"original - {state['config']['max_drop']:g}")  # fmt: skip
     ax.scatter([], [], c="tab:green", label="within budget")
     ax.scatter([], [], c="tab:red", marker="x", label="rejected")
-    ax.set_xlabel("ORT CPU latency, batch 1 (ms)")
+    # relative: each point was timed interleaved with the original in its own call
+    ax.set_xlabel("ORT CPU latency at batch 1, relative to the original")
     ax.set_ylabel(f"validation {metric} (%)")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from prunekit.cli.common import friendly_errors
+from prunekit.data.synth import CLASSIFICATION_SPLITS, DETECTION_SPLITS
 
 
 @click.group(name="data")
@@ -26,13 +27,13 @@ def data() -> None:
     "n_train",
     type=click.IntRange(min=0),
     default=None,
-    help="Training images [400; 5000 with --classification].",
+    help=f"Training images [{DETECTION_SPLITS['train']}; {CLASSIFICATION_SPLITS['train']} with --classification].",
 )
 @click.option(
     "--val",
     "n_val",
     type=click.IntRange(min=0),
-    default=100,
+    default=DETECTION_SPLITS["val"],
     show_default=True,
     help="Validation images (detection).",
 )
@@ -41,7 +42,7 @@ def data() -> None:
     "n_test",
     type=click.IntRange(min=0),
     default=None,
-    help="Test images [100; 1000 with --classification].",
+    help=f"Test images [{DETECTION_SPLITS['test']}; {CLASSIFICATION_SPLITS['test']} with --classification].",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option(
@@ -81,8 +82,8 @@ def synth_cmd(
     if classification:
         path = make_synth_cifar(
             out,
-            n_train=5000 if n_train is None else n_train,
-            n_test=1000 if n_test is None else n_test,
+            n_train=CLASSIFICATION_SPLITS["train"] if n_train is None else n_train,
+            n_test=CLASSIFICATION_SPLITS["test"] if n_test is None else n_test,
             seed=seed,
             classes=names or SHAPES,
             overwrite=force,
@@ -91,9 +92,9 @@ def synth_cmd(
     else:
         path = make_synth_voc(
             out,
-            n_train=400 if n_train is None else n_train,
+            n_train=DETECTION_SPLITS["train"] if n_train is None else n_train,
             n_val=n_val,
-            n_test=100 if n_test is None else n_test,
+            n_test=DETECTION_SPLITS["test"] if n_test is None else n_test,
             seed=seed,
             image_size=image_size,
             classes=names or DEFAULT_DETECTION_CLASSES,

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from prunekit.data.base import ClassificationDataset, ImageTransform
-from prunekit.data.errors import DatasetError
+from prunekit.data.errors import DatasetError, MissingSplitError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
@@ -116,7 +116,7 @@ class CIFAR10(ClassificationDataset):
         self, root: str | os.PathLike, split: str = "train", transform: ImageTransform | None = None
     ):
         if split not in ("train", "test", "val"):
-            raise DatasetError(f"CIFAR-10 has no split {split!r} (use train or test)")
+            raise MissingSplitError(f"CIFAR-10 has no split {split!r} (use train or test)")
         root = Path(root)
         images, labels, classes = read_cifar_batches(
             root, TRAIN_BATCHES if split == "train" else TEST_BATCHES

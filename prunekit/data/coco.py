@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.data.base import DetectionDataset, DetectionTransform, check_box, make_record
-from prunekit.data.errors import BadInputs, DatasetError
+from prunekit.data.errors import BadInputs, DatasetError, MissingSplitError
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +86,12 @@ def resolve_coco(path: str | os.PathLike, images: str | os.PathLike | None, spli
         names = [f"instances_{split}2017.json", f"instances_{split}.json"]
         ann = next((p / "annotations" / n for n in names if (p / "annotations" / n).is_file()), None)
         if ann is None:
-            raise DatasetError(f"{p}: no annotations/instances_{split}2017.json (or instances_{split}.json)")
+            raise MissingSplitError(
+                f"{p}: no annotations/instances_{split}2017.json (or instances_{split}.json)"
+            )
         img_dir = next((p / d for d in (f"{split}2017", split, "images") if (p / d).is_dir()), None)
         if img_dir is None:
-            raise DatasetError(f"{p}: no image folder {split}2017/ or {split}/")
+            raise MissingSplitError(f"{p}: no image folder {split}2017/ or {split}/")
         return ann, img_dir
     if images is None:
         raise DatasetError(f"{p}: COCO needs 'ANN.json,IMAGES' (annotation file and image folder)")

@@ -49,6 +49,11 @@ class DatasetError(ValueError):
         super().__init__(*args)
 
 
+class MissingSplitError(DatasetError):
+    """The data has no such split (the reader names the ones it has). Optional splits, like the
+    pipeline's test split, are skipped on this error alone; any other problem still fails."""
+
+
 class BadInputs:
     """Collects problems met while reading one dataset.
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from prunekit.data.base import ClassificationDataset, ImageTransform, decode_image_bytes, read_image
-from prunekit.data.errors import DatasetError
+from prunekit.data.errors import DatasetError, MissingSplitError
 from prunekit.data.transforms import ResizeImage
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _pick_root(
         if splits:
             if split is None:
                 raise DatasetError(f"{source}: has split folders ({', '.join(splits)}); name the split")
-            raise DatasetError(f"{source}: no split {split!r} (has {', '.join(splits)})")
+            raise MissingSplitError(f"{source}: no split {split!r} (has {', '.join(splits)})")
         # An archive often wraps everything in one top folder (cifar10/, data/): descend through a
         # single folder as long as it has folders inside (else it is the only class).
         if len(names) == 1:

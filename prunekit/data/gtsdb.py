@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from prunekit.data.base import DetectionDataset, DetectionTransform, check_box, image_size, make_record
-from prunekit.data.errors import BadInputs, DatasetError
+from prunekit.data.errors import BadInputs, DatasetError, MissingSplitError
 from prunekit.data.signs import GTSDB_GROUP_OF, GTSDB_GROUPS, GTSRB_CLASSES
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ class GTSDBDetection(DetectionDataset):
         n_train: int = GTSDB_TRAIN_IMAGES,
     ):
         if split not in ("train", "val", "test", "all", "trainval"):
-            raise DatasetError(f"GTSDB has no split {split!r} (use train, test/val or all)")
+            raise MissingSplitError(f"GTSDB has no split {split!r} (use train, test/val or all)")
         if grouping not in ("paper", "none"):
             raise DatasetError(f"unknown GTSDB grouping {grouping!r} (use 'paper' or 'none')")
         folder = _resolve_gtsdb(Path(root), split)

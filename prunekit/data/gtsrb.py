@@ -18,7 +18,7 @@ from pathlib import Path
 from torch import Tensor
 
 from prunekit.data.base import ClassificationDataset, ImageTransform, read_image
-from prunekit.data.errors import BadInputs, DatasetError
+from prunekit.data.errors import BadInputs, DatasetError, MissingSplitError
 from prunekit.data.signs import GTSRB_CLASSES
 from prunekit.data.transforms import ResizeImage
 
@@ -85,7 +85,7 @@ class GTSRB(ClassificationDataset):
         skip_bad: bool = False,
     ):
         if split not in ("train", "test", "val"):
-            raise DatasetError(f"GTSRB has no split {split!r} (use train or test)")
+            raise MissingSplitError(f"GTSRB has no split {split!r} (use train or test)")
         folder = _resolve(Path(root), "train" if split == "train" else "test")
         bad = BadInputs(skip_bad, folder)
         samples: list[tuple[Path, tuple[int, int, int, int], int]] = []

@@ -36,7 +36,7 @@ from prunekit.data.base import (
     image_size,
     make_record,
 )
-from prunekit.data.errors import BadInputs, DatasetError
+from prunekit.data.errors import BadInputs, DatasetError, MissingSplitError
 from prunekit.data.split import SeededSplit, seeded_split
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,9 @@ def read_split_ids(folder: Path, split: str) -> list[str]:
     path = folder / "ImageSets" / "Main" / f"{split}.txt"
     if not path.is_file():
         have = sorted(p.stem for p in (folder / "ImageSets" / "Main").glob("*.txt") if "_" not in p.stem)
-        raise DatasetError(f"{path}: split file not found (available splits: {', '.join(have) or 'none'})")
+        raise MissingSplitError(
+            f"{path}: split file not found (available splits: {', '.join(have) or 'none'})"
+        )
     ids = []
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         tok = line.split()
@@ -330,6 +332,8 @@ class VOCDetection(DetectionDataset):
             if rec is not None:
                 records.append(rec)
         bad.finish()
+        if not items:  # listed but empty: no such split, for a caller to whom a split is optional
+            raise MissingSplitError(f"{root}: split {split!r} lists no images")
         if not records:
             raise DatasetError(f"{root}: split {split!r} has no usable images")
         super().__init__(records, class_list, transforms, source=f"voc:{root}")
@@ -359,7 +363,7 @@ class VOCDetection(DetectionDataset):
             try:
                 stems = gen.stems(split)
             except KeyError:
-                raise DatasetError(
+                raise MissingSplitError(
                     f"{root}: no split {split!r}; a folder without ImageSets/ is split by seed into "
                     "train and val (also: trainval, all)"
                 ) from None
@@ -367,7 +371,7 @@ class VOCDetection(DetectionDataset):
         wanted = {"trainval": ["train", "val"], "all": list(flat)}.get(split, [split])
         missing = [w for w in wanted if w not in flat]
         if missing:
-            raise DatasetError(f"{root}: no {missing[0]!r} split folder (has {', '.join(flat)})")
+            raise MissingSplitError(f"{root}: no {missing[0]!r} split folder (has {', '.join(flat)})")
         return [(x, x.stem, flat[w].images, _ANY_CASE_EXTS) for w in wanted for x in flat[w].xml_files()]
 
     @staticmethod

@@ -34,7 +34,7 @@ from prunekit.data.base import (
     image_size,
     make_record,
 )
-from prunekit.data.errors import BadInputs, DatasetError
+from prunekit.data.errors import BadInputs, DatasetError, MissingSplitError
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class YOLODetection(DetectionDataset):
         for key in keys:
             if not data.get(key):
                 have = [k for k in ("train", "val", "test") if data.get(k)]
-                raise DatasetError(f"{yaml_file}: no split {key!r} (has {', '.join(have) or 'none'})")
+                raise MissingSplitError(f"{yaml_file}: no split {key!r} (has {', '.join(have) or 'none'})")
         root = _dataset_root(data, yaml_file)
         bad = BadInputs(skip_bad, yaml_file)
         images: list[Path] = []
@@ -225,6 +225,8 @@ class YOLODetection(DetectionDataset):
                 split,
                 self.without_label_file,
             )
+        if not images:  # listed but empty: no such split, for a caller to whom a split is optional
+            raise MissingSplitError(f"{yaml_file}: split {split!r} lists no images")
         if not records:
             raise DatasetError(f"{yaml_file}: split {split!r} has no usable images")
         super().__init__(records, names, transforms, source=f"yolo:{yaml_file}")

@@ -10,7 +10,8 @@ every step is checked before it is built on::
     while the step is not too small, the target not reached, candidates left:
         candidate = sparsify(current) -> select down to (1 - step) x cost -> surgery -> retrain
         reference = the control at the same depth (the original given the same extra epochs)
-        reference - metric(candidate) <= max_drop ?  keep it, go on from it  :  roll back, halve the step
+        drop = reference - metric(candidate), both on the same validation images
+        drop + margin_se x SE(drop) <= max_drop ?  keep it, go on from it  :  roll back, halve the step
 
 Each candidate is the paper's phase steps over every layer set at once: sparsity induction
 (the BN-aware proximal L1, a fixed total shrink in units of the scales' mean, so λ means the same
@@ -19,6 +20,15 @@ surgery from the sparse weights; only the threshold is not read from an ε2 tole
 so that the cut removes the step's share of the cost (the rule decides *which* filters, the step
 *how many*). The control is trained in lockstep, one depth at a time, with the very same stages
 (λ = 0), so every check compares like with like.
+
+The check is paired and has a margin. The candidate and its control are scored on the same
+images, and the standard error of their difference comes from a bootstrap over those images
+(:mod:`prunekit.paired`). A candidate passes only when the drop plus ``margin_se`` of its
+standard errors fits the budget. Without the margin, the search kept the deepest point whose
+noisy drop happened to fall inside the budget. On the embedded set with 100 validation images
+(paired SE of a drop 0.4-0.5 points) the kept points were 0.55 and 0.94 points below their
+controls on validation, and 2.10 and 2.20 below on the test split. The check can only be as fine
+as the validation split: the embedded set now has 300 images (SE 0.25-0.4).
 
 Every candidate is recorded (parameters, MACs, measured latency when a ``measure`` callback is
 given, validation metric with its standard error, the reference, kept or rejected and why) and
@@ -131,6 +141,10 @@ class SearchConfig:
     # too little gradient to hold scales up, and shrink 1 zeroed every scale below the mean (a
     # toy VGG fell to chance after the cut)
     shrink: float = 0.25
+    # a candidate passes when its drop plus this many paired standard errors of the drop is within
+    # max_drop: the search keeps the deepest point that passed, and without a margin that is the
+    # point whose noise was kindest (see the module doc). 0 compares the measured drop alone
+    margin_se: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_drop < 0:
@@ -140,8 +154,8 @@ class SearchConfig:
         if self.max_candidates < 1 or self.stage_steps < 1:
             raise ValueError(f"max_candidates and stage_steps must be >= 1, got {self.max_candidates}, "
                              f"{self.stage_steps}")  # fmt: skip
-        if self.shrink < 0:
-            raise ValueError(f"shrink must be >= 0, got {self.shrink}")
+        if self.shrink < 0 or self.margin_se < 0:
+            raise ValueError(f"shrink and margin_se must be >= 0, got {self.shrink}, {self.margin_se}")
         if self.target is not None:
             parse_target(self.target)
 
@@ -162,6 +176,7 @@ SEARCH_HELP: dict[str, str] = {
     "max_candidates": "Candidates trained and scored at most.",
     "stage_steps": "Optimizer steps of each training stage of a candidate (at least one epoch).",
     "shrink": "Sparsity stage: total L1 shrink of the BN scales, in units of their mean.",
+    "margin_se": "A candidate passes when its drop plus this many paired standard errors is within --max-drop.",
 }
 
 
@@ -223,8 +238,9 @@ def run_search(
     if state is not None and state.get("config") != cfg.to_dict():
         raise ValueError(f"{state_path}: the search was started with other settings; use the same ones to "
                          "resume, or a new output folder")  # fmt: skip
+    cards: dict[int, Any] = {}  # depth -> the control's per-image scorecard (None: not paired)
     if state is None:
-        metric, n = _score(trainer, copy.deepcopy(original), hp.recalibrate_bn)
+        metric, n, cards[0] = _score(trainer, copy.deepcopy(original), hp.recalibrate_bn)
         base = _point(0, "original", original, metric, n, None, measure)
         base.update(decision="reference", depth=0, checkpoint=None)
         state = {"config": cfg.to_dict(), "key": key, "epochs_per_stage": epochs, "points": [base], "current": 0,
@@ -248,8 +264,14 @@ def run_search(
             _write(state_path, state)
             break
         depth = int(cur["depth"]) + 1
-        ref = _control_metric(state, depth, original, phases, trainer, hp, epochs, out, control) if control \
-            else state["controls"]["0"]["metric"]  # fmt: skip
+        ref_depth = depth if control else 0
+        if control:
+            _train_controls(state, depth, original, phases, trainer, hp, epochs, out, cards)
+        ref = float(state["controls"][str(ref_depth)]["metric"])
+        if ref_depth not in cards:  # resumed: the control's checkpoint is scored again (same images)
+            ck = state["controls"][str(ref_depth)]["checkpoint"]
+            cards[ref_depth] = _score(trainer, copy.deepcopy(original) if ck is None else load(out / ck),
+                                      hp.recalibrate_bn)[2]  # fmt: skip
         index = len(state["points"])
         current = model_of(current_i)
         kind = target.kind if target is not None and target.kind != "latency" else "macs"
@@ -257,36 +279,51 @@ def run_search(
         if target is not None and target.ratio is not None and target.kind != "latency":
             want = max(want, state["points"][0][kind] / target.ratio)
         sparse = _sparse_parent(state, current_i, current, phases, trainer, hp, cfg, epochs, out)
-        torch.manual_seed(hp.seed + index)
-        cand, k = _candidate(sparse, phases, trainer, hp, epochs, kind, want, original_channels,
-                             f"candidate {index} (depth {depth}, step {step:.3g})")  # fmt: skip
+        cand, k = _cut(sparse, phases, hp, kind, want, original_channels)
+        same = None if cand is None else _same_cut(state, current_i, cand)
         if cand is None:
             state["points"].append({"index": index, "depth": depth, "step": step, "decision":
                                     "rejected: the selection rule removes nothing at any threshold"})  # fmt: skip
             state["step"] = step / 2
+        elif same is not None:
+            # the floors stop the cut where a deeper step stopped too: the very cut that failed, not retrained
+            state["points"].append({"index": index, "depth": depth, "step": step, "parent": current_i,
+                                    "params": same["params"], "macs": same["macs"], "decision":
+                                    f"rejected: the same cut as c{same['index']} (the deepest the floors "
+                                    f"allow), which failed; step halved"})  # fmt: skip
+            state["step"] = step / 2
+            log.info("search: candidate %d (depth %d, step %.3g): %s", index, depth, step,
+                     state["points"][-1]["decision"])  # fmt: skip
         else:
-            metric, n = _score(trainer, cand, hp.recalibrate_bn)
+            torch.manual_seed(hp.seed + index)
+            trainer.train(
+                cand, epochs, None, f"candidate {index} (depth {depth}, step {step:.3g}): retraining"
+            )
+            metric, n, card = _score(trainer, cand, hp.recalibrate_bn)
             rec = _point(index, f"c{index}", cand, metric, n, state["points"][0], measure)
             drop = (ref - metric) / POINT
-            rec.update(depth=depth, step=step, k=k, reference=ref, drop=drop, parent=current_i)
-            if drop <= cfg.max_drop:
+            se = _paired_se(cards.get(ref_depth), card)
+            bound = drop + cfg.margin_se * (se or 0.0)
+            rec.update(depth=depth, step=step, k=k, reference=ref, drop=drop, drop_se=se, drop_bound=bound,
+                       parent=current_i, widths=layer_channels(cand))  # fmt: skip
+            if bound <= cfg.max_drop:
                 ck = f"{POINTS_DIR}/c{index:02d}.pt"
                 save(cand, out / ck, extra={"search_point": index, "metric": metric, "drop": drop})
                 rec.update(decision="accepted", checkpoint=ck)
                 state["current"] = index
                 state["step"] = min(cfg.first_step, 1.5 * step)
             else:
-                rec.update(decision=f"rejected: {drop:.2f} points below the control (> {cfg.max_drop:g}); step "
-                                    f"halved", checkpoint=None)  # fmt: skip
+                rec.update(decision=f"rejected: {_drop_text(rec, cfg)} > {cfg.max_drop:g}; step halved",
+                           checkpoint=None)  # fmt: skip
                 # a rejected point is still a point on the curve: kept so it can be exported later
                 ck = f"{POINTS_DIR}/c{index:02d}.pt"
                 save(cand, out / ck, extra={"search_point": index, "metric": metric, "drop": drop})
                 rec["checkpoint"] = ck
                 state["step"] = step / 2
             state["points"].append(rec)
-            log.info("search: candidate %d (depth %d, step %.3g): %s params, %.2fx MACs, metric %.2f ± %.2f vs "
-                     "control %.2f -> %s", index, depth, step, f"{rec['params']:,}", rec["macs_ratio"], 100 * metric,
-                     100 * (rec["metric_se"] or 0), 100 * ref, rec["decision"])  # fmt: skip
+            log.info("search: candidate %d (depth %d, step %.3g): %s params, %.2fx MACs, metric %.2f vs control "
+                     "%.2f, %s -> %s", index, depth, step, f"{rec['params']:,}", rec["macs_ratio"], 100 * metric,
+                     100 * ref, _drop_text(rec, cfg), rec["decision"])  # fmt: skip
         state["wall_s"] += time.perf_counter() - t0
         state["cpu_s"] += time.process_time() - c0
         _write(state_path, state)
@@ -328,25 +365,32 @@ def _sparse_parent(
     return sparse
 
 
-def _candidate(
+def _cut(
     sparse: nn.Module,
     phases: Sequence[Phase],
-    trainer: Trainer,
     hp: PruneConfig,
-    epochs: int,
     kind: str,
     want: float,
     original_channels: dict[str, int],
-    tag: str,
 ) -> tuple[nn.Module | None, float | None]:
-    """Cut the sparse model ``sparse`` down to ``want`` (its ``kind`` cost) and retrain the result."""
+    """The sparse model ``sparse`` cut down to ``want`` (its ``kind`` cost), not yet retrained."""
     keep, k = _select_to(sparse, phases, hp, kind, want, original_channels)
     if not keep:
         return None, None
     graph = build_dependency_graph(sparse)
-    pruned = prune_channels(sparse, keep, graph, fold_bias=hp.fold_bias, dropout_rule=hp.dropout_rule)
-    trainer.train(pruned, epochs, None, f"{tag}: retraining")
-    return pruned, k
+    return prune_channels(sparse, keep, graph, fold_bias=hp.fold_bias, dropout_rule=hp.dropout_rule), k
+
+
+def _same_cut(state: dict[str, Any], parent: int, cand: nn.Module) -> dict[str, Any] | None:
+    """A rejected, scored point cut from the same parent with the same architecture as ``cand``.
+
+    Cut from one sparse parent, equal per-layer widths mean the same weights: its verdict stands."""
+    widths = layer_channels(cand)
+    for p in state["points"]:
+        if p.get("parent") == parent and "metric" in p and str(p.get("decision", "")).startswith("rejected") \
+                and p.get("widths") == widths:  # fmt: skip
+            return p
+    return None
 
 
 def _select_to(
@@ -443,7 +487,7 @@ def _give_back(
     return restored(lo)
 
 
-def _control_metric(
+def _train_controls(
     state: dict[str, Any],
     depth: int,
     original: nn.Module,
@@ -452,16 +496,17 @@ def _control_metric(
     hp: PruneConfig,
     epochs: int,
     out: Path,
-    control: bool,
-) -> float:
-    """The control's metric at ``depth``: the original trained, one depth at a time, through the very
+    cards: dict[int, Any],
+) -> None:
+    """The control up to ``depth``: the original trained, one depth at a time, through the very
     stages a candidate goes through (sparsity stage at λ = 0, then retraining), so a candidate is
-    compared with a model that had exactly its extra epochs."""
+    compared with a model that had exactly its extra epochs. Scores go to ``state``, per-image
+    scorecards to ``cards``."""
     from prunekit.models import load, save
 
     controls = state["controls"]
     if str(depth) in controls:
-        return float(controls[str(depth)]["metric"])
+        return
     below = max(int(d) for d in controls)
     model = copy.deepcopy(original) if controls[str(below)]["checkpoint"] is None \
         else load(out / controls[str(below)]["checkpoint"])  # fmt: skip
@@ -470,33 +515,50 @@ def _control_metric(
         zero = Sparsity(0.0, sparsity_multipliers(model, phases, hp), hp.proximal)
         trainer.train(model, epochs, zero, f"control depth {d}: λ = 0 stage")
         trainer.train(model, epochs, None, f"control depth {d}: retraining")
-        metric, n = _score(trainer, model, hp.recalibrate_bn)
+        metric, n, cards[d] = _score(trainer, model, hp.recalibrate_bn)
         ck = f"{POINTS_DIR}/control_d{d:02d}.pt"
         save(model, out / ck, extra={"control_depth": d, "metric": metric})
         controls[str(d)] = {"metric": metric, "checkpoint": ck, "metric_se": standard_error(metric, n),
                             "epochs": 2 * epochs * d}  # fmt: skip
         log.info("search: control at depth %d (+%d epochs): metric %.2f", d, 2 * epochs * d, 100 * metric)
-    return float(controls[str(depth)]["metric"])
 
 
 # ---------------------------------------------------------------------------------------------
 # bookkeeping
 
 
-def _score(trainer: Trainer, model: nn.Module, recalibrate: bool = True) -> tuple[float, int | None]:
+def _score(trainer: Trainer, model: nn.Module, recalibrate: bool = True) -> tuple[float, int | None, Any]:
     """Validation metric and item count; BN statistics re-estimated first (in place) for every model
     alike, the original and the control included: a model scored after a few dozen steps still
     carries running statistics of the weights it had (measured on a toy VGG after 8 sparse steps:
-    25.0% as trained, 69.5% re-estimated)."""
+    25.0% as trained, 69.5% re-estimated). Returns (metric, images, per-image scorecard or None)."""
     from prunekit.evaluate import primary_metric
 
     if recalibrate:
         trainer.recalibrate(model)
-    res = trainer.evaluate(model)
+    res = trainer.evaluate(model, per_image=True)
     if isinstance(res, dict):
         n = res.get("num_images")
-        return float(primary_metric(res)), int(n) if isinstance(n, int) else None
-    return float(res), None
+        return float(primary_metric(res)), int(n) if isinstance(n, int) else None, res.get("scorecard")
+    return float(res), None, None
+
+
+def _paired_se(reference: Any, card: Any) -> float | None:
+    """Standard error, in points, of reference minus candidate on the same images (None: unpaired)."""
+    from prunekit.paired import paired_difference
+
+    if reference is None or card is None:
+        return None
+    se = paired_difference(reference, card)[1]
+    return None if math.isnan(se) else se / POINT
+
+
+def _drop_text(rec: dict[str, Any], cfg: SearchConfig) -> str:
+    se = rec.get("drop_se")
+    if se is None:
+        return f"{rec['drop']:.2f} points below the control"
+    return (f"{rec['drop']:.2f} ± {se:.2f} points below the control (with {cfg.margin_se:g} SE: "
+            f"{rec['drop_bound']:.2f})")  # fmt: skip
 
 
 def _point(
@@ -564,19 +626,23 @@ def _result(
     if kept == 0:
         nearest = min(rejected, key=lambda p: p["drop"], default=None)
         got = "" if nearest is None else (
-            f"; the nearest candidate, c{nearest['index']} ({nearest['params_ratio']:.2f}x params), lost "
-            f"{nearest['drop']:.2f} points (its checkpoint: {nearest['checkpoint']})")  # fmt: skip
+            f"; the nearest candidate, c{nearest['index']} ({nearest['params_ratio']:.2f}x params), was "
+            f"{_drop_text(nearest, cfg)} (its checkpoint: {nearest['checkpoint']})")  # fmt: skip
         msg = (f"no candidate stayed within {cfg.max_drop:g} points of the control: the original is handed back "
                f"uncompressed{got}. A larger --max-drop, or a longer-trained original, gives room")  # fmt: skip
+        noise = [p["drop_se"] for p in rejected if p.get("drop_se") is not None]
+        if noise and cfg.margin_se * min(noise) > cfg.max_drop:
+            msg += (f". The validation split cannot resolve the budget: the paired standard error of a drop is "
+                    f"{min(noise):.2f} points or more, so even a lossless candidate fails {cfg.margin_se:g} SE "
+                    "inside it; a larger validation split (--val-split) or --max-drop lets it pass")  # fmt: skip
         budget_met = (
             True  # the original is within any budget of itself; the warning says it compressed nothing
         )
     else:
         p = points[kept]
         msg = (f"kept candidate {kept}: {p['params_ratio']:.2f}x fewer parameters, {p['macs_ratio']:.2f}x fewer MACs, "
-               f"{p['drop']:.2f} points below the control on validation (budget {cfg.max_drop:g}); stopped: "
-               f"{state['stopped']}")  # fmt: skip
-        budget_met = p["drop"] <= cfg.max_drop
+               f"{_drop_text(p, cfg)} on validation (budget {cfg.max_drop:g}); stopped: {state['stopped']}")  # fmt: skip
+        budget_met = p.get("drop_bound", p["drop"]) <= cfg.max_drop
     if target is not None and not target_met:
         msg += f"; the target {target.text()} was NOT reached within the budget"
     state["kept"] = kept

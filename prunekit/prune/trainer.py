@@ -29,11 +29,13 @@ log = logging.getLogger(__name__)
 @runtime_checkable
 class Trainer(Protocol):
     """What the phase runner needs. ``sparsity`` is a :class:`prunekit.prune.sparsity.Sparsity`
-    (or None for plain fine-tuning); ``evaluate`` returns a metric in [0, 1] or a metrics dict."""
+    (or None for plain fine-tuning); ``evaluate`` returns a metric in [0, 1] or a metrics dict,
+    with ``per_image`` one that may carry a ``scorecard`` (:class:`prunekit.paired.Scorecard`) for
+    paired comparisons between models."""
 
     def train(self, model: nn.Module, epochs: int, sparsity: Any, tag: str) -> None: ...
 
-    def evaluate(self, model: nn.Module) -> float | dict[str, Any]: ...
+    def evaluate(self, model: nn.Module, per_image: bool = False) -> float | dict[str, Any]: ...
 
     def recalibrate(self, model: nn.Module) -> None: ...
 
@@ -138,11 +140,11 @@ class DataTrainer:
               progress=self.progress, distill=self.distill)  # fmt: skip
         self.epochs_trained += epochs
 
-    def evaluate(self, model: nn.Module) -> dict[str, Any]:
+    def evaluate(self, model: nn.Module, per_image: bool = False) -> dict[str, Any]:
         from prunekit.evaluate import evaluate
 
         return evaluate(model, self.val_set, batch_size=self.eval_batch_size, device=self.config.device,
-                        progress=False, max_images=self.max_val_images)  # fmt: skip
+                        progress=False, max_images=self.max_val_images, per_image=per_image)  # fmt: skip
 
     def lr_sum(self, epochs: int) -> float:
         from prunekit.train import lr_factor
@@ -216,8 +218,8 @@ class FnTrainer:
     def train(self, model: nn.Module, epochs: int, sparsity: Any, tag: str) -> None:
         self.train_fn(model, sparsity, epochs, tag)
 
-    def evaluate(self, model: nn.Module) -> Any:
-        return self.eval_fn(model)
+    def evaluate(self, model: nn.Module, per_image: bool = False) -> Any:
+        return self.eval_fn(model)  # a dict with a ``scorecard`` makes the comparisons paired
 
     def recalibrate(self, model: nn.Module) -> None:
         if self.recalibrate_fn is not None:

@@ -116,7 +116,7 @@ def test_end_to_end_artifacts_and_manifest(finished_run: Path) -> None:
     # the paired AP50 (per-image matches) is pycocotools' map50 (headline figures: rounded to 1e-5)
     assert test["drop"] == pytest.approx(test["metric_control"] - test["metric_compressed"], abs=2e-3)
     assert test["drop_se"] >= 0 and "budget_met" not in test  # the post schedule states no budget
-    assert f"on the test split 'test' (12 images" in report and f"{test['drop']:+.2f} ±" in report
+    assert "on the test split 'test' (12 images" in report and f"{test['drop']:+.2f} ±" in report
 
 
 @pytest.mark.slow

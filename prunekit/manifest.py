@@ -23,8 +23,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 from prunekit import __version__
-from prunekit.fileio import DiskFullError, atomic_write_json
-from prunekit.models.io import file_sha256
+from prunekit.fileio import DiskFullError, atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
 

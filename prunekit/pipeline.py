@@ -32,10 +32,10 @@ from torch import nn
 
 import prunekit
 from prunekit import distributed as D
-from prunekit.fileio import atomic_write_json, atomic_write_text
+from prunekit.fileio import atomic_write_json, atomic_write_text, file_sha256
 from prunekit.manifest import DONE, Manifest
 from prunekit.models import create_model, get_config, load_weights
-from prunekit.models.io import ALIASES, ARCHS, file_sha256
+from prunekit.models.io import ALIASES, ARCHS
 
 log = logging.getLogger(__name__)
 

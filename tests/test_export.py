@@ -292,7 +292,7 @@ def test_metadata_round_trip(exported, ssd):
     assert meta["anchors"]["num_anchors"] == 8732 and meta["anchors"]["steps"] == [8, 16, 32, 64, 100, 300]
     assert meta["output_names"] == ["bbox_regression", "cls_logits", "anchors"]
     assert meta["opset"] == 17 and meta["prunekit_version"] == prunekit.__version__
-    from prunekit.models.io import file_sha256
+    from prunekit.fileio import file_sha256
 
     assert meta["source_checkpoint_sha256"] == file_sha256(exported["ckpt"])
     # ONNX Runtime sees the same props.

@@ -30,7 +30,11 @@ def _state() -> dict:
 
 def test_pareto_uses_the_same_run_speed_up_and_shows_paired_errors(tmp_path: Path) -> None:
     front = [r["point"] for r in point_rows(_state(), only_pareto=True)]
-    assert front == ["c3", "c2", "original"]  # fastest first; c1 is dominated by c2 (same metric, less speed-up)
+    assert front == [
+        "c3",
+        "c2",
+        "original",
+    ]  # fastest first; c1 is dominated by c2 (same metric, less speed-up)
     md = points_markdown(_state(), "AP50")
     assert "| c2 | 250 |" in md and "+0.50 ± 0.30" in md and "+6.00 ± 1.00" in md
     assert plot_points(_state(), tmp_path / "p.png", "AP50").stat().st_size > 1000

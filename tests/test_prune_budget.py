@@ -233,7 +233,9 @@ def test_prune_cli_with_a_flops_budget(tmp_path):
     cfg = json.loads((tmp_path / "run" / "phases" / "prune_config.json").read_text())["config"]
     assert cfg["align"] == 8 and cfg["cost_alpha"] == 0.5 and cfg["target_flops"] == 0.6
     assert "## Cost per layer" in (tmp_path / "run" / "layers.md").read_text()
-    again = [tmp_path / "run2" if a == tmp_path / "run" else a for a in args[:-8]]  # a new --out: no clobbering
+    again = [
+        tmp_path / "run2" if a == tmp_path / "run" else a for a in args[:-8]
+    ]  # a new --out: no clobbering
     res = CliRunner().invoke(main, [str(a) for a in again] + ["--target-latency", "0.5"])
     assert res.exit_code != 0 and "latency_table" in res.output
 

@@ -74,3 +74,12 @@ def friendly_errors(fn: F) -> F:
             raise UserError(describe_os_error(e) if isinstance(e, OSError) else str(e)) from e
 
     return wrapper  # type: ignore[return-value]
+
+
+def auto_device(device: str) -> str:
+    """``--device auto``: the first CUDA device when torch sees one, else the CPU; others as given."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from prunekit.cli.common import UserError, friendly_errors
+from prunekit.cli.common import UserError, auto_device, friendly_errors
 from prunekit.cli.options import collect, dataclass_options
 from prunekit.prune.config import FIELD_CHOICES, FIELD_HELP, PruneConfig
 
@@ -23,14 +23,6 @@ def _floats(text: str, what: str) -> list[float]:
         return [float(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError:
         raise UserError(f"{what}: expected comma-separated numbers, got {text!r}") from None
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _datasets(data: str, split: str, val_split: str) -> tuple[Any, Any]:
@@ -50,7 +42,7 @@ def _train_config(
         weight_decay=weight_decay,
         warmup_iters=warmup_iters,
         batch_size=batch_size,
-        device=_device(device),
+        device=auto_device(device),
         seed=seed,
     )
 
@@ -305,7 +297,7 @@ def tau_search_cmd(
 
     def eval_fn(m: Any) -> float:
         return primary_metric(
-            evaluate(m, val, device=_device(device), progress=False, max_images=max_val_images)
+            evaluate(m, val, device=auto_device(device), progress=False, max_images=max_val_images)
         )
 
     result = search_tau(sparse, thresholded, layers, eval_fn, tau_grid(_floats(values, "--values")), eps=eps)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from prunekit.cli.common import UserError, friendly_errors
+from prunekit.cli.common import UserError, auto_device, friendly_errors
 from prunekit.cli.options import collect, dataclass_options, given_names
 from prunekit.cli.prune import prune_config_options
 from prunekit.prune.joint import JOINT_HELP, JointConfig
@@ -18,14 +18,6 @@ joint_options = dataclass_options(JointConfig, JOINT_HELP, prefix="joint_")
 log = logging.getLogger(__name__)
 
 MODELS = ["ssd300", "ssd512", "vgg16"]
-
-
-def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _build_data(spec: str, split: str, train: bool) -> Any:
@@ -246,7 +238,7 @@ def train(
         batch_size=batch_size,
         grad_clip=grad_clip,
         amp=amp,
-        device=_device(device),
+        device=auto_device(device),
         num_workers=num_workers,
         seed=seed,
         log_every=log_every,
@@ -319,9 +311,8 @@ def eval_cmd(
     """Evaluate a checkpoint: COCO mAP (AP@[.5:.95], AP50, AP75, per class) + VOC07 AP, or top-1."""
     from prunekit import distributed as D
     from prunekit.evaluate import check_task, evaluate
-    from prunekit.fileio import atomic_write_json
+    from prunekit.fileio import atomic_write_json, file_sha256
     from prunekit.models import load
-    from prunekit.models.io import file_sha256
 
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
@@ -335,7 +326,7 @@ def eval_cmd(
         model,
         ds,
         batch_size=batch_size,
-        device=_device(device),
+        device=auto_device(device),
         num_workers=num_workers,
         max_images=max_images,
     )

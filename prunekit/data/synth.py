@@ -444,7 +444,9 @@ def default_synth_voc_key() -> str:
     """The cache key of the embedded set (``--data synth``): generator version and default parameters."""
     import inspect
 
-    defaults = {k: v.default for k, v in inspect.signature(ensure_synth_voc).parameters.items() if k != "root"}
+    defaults = {
+        k: v.default for k, v in inspect.signature(ensure_synth_voc).parameters.items() if k != "root"
+    }
     defaults["classes"] = list(defaults["classes"])
     return synth_voc_key(**defaults)
 

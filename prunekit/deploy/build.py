@@ -124,7 +124,7 @@ def _build_ort(
     t0: float,
 ) -> dict[str, Any]:
     from prunekit.deploy.ort import OrtRunner
-    from prunekit.deploy.trt import file_sha256
+    from prunekit.fileio import file_sha256
 
     engine = out / f"{src.stem}.{backend}.{precision}.onnx"
     kw: dict[str, Any] = {}

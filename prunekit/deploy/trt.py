@@ -13,7 +13,6 @@ nothing pretends to. Torch-free.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -34,7 +33,7 @@ from prunekit.deploy.runtime import (
     read_metadata,
     read_plan_metadata,
 )
-from prunekit.fileio import atomic_write_bytes, atomic_write_json
+from prunekit.fileio import atomic_write_bytes, atomic_write_json, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -59,14 +58,6 @@ def trt_unavailable() -> str | None:
     if cuda_device_count() == 0:
         return "no CUDA device visible (cuda-python reports 0 GPUs)"
     return None
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _make_calibrator(trt: Any, cudart: Any, batches: Sequence[np.ndarray], cache_path: Path | None) -> Any:

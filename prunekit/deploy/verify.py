@@ -141,8 +141,8 @@ def verify(
     from prunekit.deploy import ONNX_BACKENDS, backend_unavailable, get_runner
     from prunekit.deploy.images import load_images
     from prunekit.deploy.runtime import postprocess, preprocess_float, read_metadata
-    from prunekit.deploy.trt import file_sha256
     from prunekit.export.compare import compare_outputs, match_detections_report, tolerance_for
+    from prunekit.fileio import file_sha256
     from prunekit.models import get_config, load
 
     checkpoint, onnx_path = Path(checkpoint), Path(onnx_path)

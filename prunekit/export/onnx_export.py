@@ -46,9 +46,8 @@ from prunekit.export.cleanup import GraphSummary, clean_graph, summarize, valida
 from prunekit.export.metadata import INPUT_NAME, set_metadata
 from prunekit.export.modules import SSDDecoded, default_boxes, example_input, network_outputs
 from prunekit.export.nms import TRT_DOMAIN, append_onnx_nms, append_trt_nms
-from prunekit.fileio import atomic_write_bytes
+from prunekit.fileio import atomic_write_bytes, file_sha256
 from prunekit.models import ArchConfig, SSDRaw, get_config
-from prunekit.models.io import file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
@@ -191,14 +190,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{path}: expected a state_dict of tensors")
     load_state(model, obj, path)
     return model
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
 
 
 def count_params(model: nn.Module) -> int:

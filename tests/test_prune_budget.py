@@ -10,7 +10,7 @@ from torch import nn
 
 import prunekit
 from prunekit.prune.budget import phase_cost_weights, set_caps
-from prunekit.prune.cost import l1_layer_weights
+from prunekit.prune.layer_costs import l1_layer_weights
 from prunekit.prune.method import PruneConfig, load_table_for, run_phases
 from prunekit.prune.report import model_stats
 from prunekit.prune.selection import select_filters

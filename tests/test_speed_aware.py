@@ -14,13 +14,12 @@ from prunekit.prune.align import align_counts, align_keep, aligned_count
 from prunekit.prune.budget import channels_cost_fn, param_grid, search_budget
 from prunekit.prune.cost import (
     config_macs,
-    cost_columns,
     cost_shares,
-    l1_layer_weights,
     layer_macs,
     layer_shapes,
     macs_per_filter,
 )
+from prunekit.prune.layer_costs import cost_columns, l1_layer_weights
 from prunekit.prune.profile import (
     estimate_latency,
     layer_latency_estimates,

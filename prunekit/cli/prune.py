@@ -110,7 +110,7 @@ def prune(
     prepare_run_dir(out_dir, resume=kw["resume"], data=data, inputs=[model_path], splits=[split, val_split],
                     manifest=False)  # fmt: skip
     from prunekit.models import get_config
-    from prunekit.prune.cost import render_cost_markdown
+    from prunekit.prune.layer_costs import render_cost_markdown
     from prunekit.prune.method import cost_rows, load_table_for, run_phases
     from prunekit.prune.phases import resolve_phases
     from prunekit.prune.report import model_stats, write_table

@@ -56,7 +56,7 @@ class PruneConfig:
     layer_weights: dict[str, float] | None = None  # per-layer L1 multipliers (cost-aware)
     cost_aware: str | None = None  # None | "macs" | "latency": layer_weights from prunekit.prune.cost
     cost_alpha: float = 1.0  # 0 = uniform L1 (the paper) .. 1 = fully cost-proportional weights
-    cost_per: str = "weight"  # "weight" | "layer": see prunekit.prune.cost.l1_layer_weights
+    cost_per: str = "weight"  # "weight" | "layer": see prunekit.prune.layer_costs.l1_layer_weights
     latency_table: str | None = None  # JSON file of `prunekit profile` (latency costs and reports)
     latency_key: str | None = None  # its table to use; default: the key of the settings below
     latency_backend: str = "ort-cpu"

@@ -170,7 +170,7 @@ def _layer_weights(
         return {n: float(w) for n, w in hp.layer_weights.items() if n in rp.l1_layers}
     if hp.cost_aware is None:
         return None
-    from prunekit.prune.cost import l1_layer_weights
+    from prunekit.prune.layer_costs import l1_layer_weights
 
     if hp.cost_aware == "latency" and table is None:
         raise ValueError("cost_aware='latency' needs latency_table (a `prunekit profile` JSON file)")
@@ -409,7 +409,7 @@ def _write_table(
     extra: Mapping[str, Any],
 ) -> None:
     """``write_table`` plus the cost columns' markdown (the JSON carries them in the rows)."""
-    from prunekit.prune.cost import render_cost_markdown
+    from prunekit.prune.layer_costs import render_cost_markdown
 
     atomic_write_json(
         stem.with_suffix(".json"), {"layers": list(rows), "totals": dict(totals), **dict(extra)}
@@ -423,11 +423,11 @@ def cost_rows(
     model: nn.Module, original: nn.Module, table: LatencyTable | None = None
 ) -> list[dict[str, Any]]:
     """``layer_table(model, original)`` with the cost columns of
-    :func:`prunekit.prune.cost.cost_columns` merged in (MACs shares; latency with a ``table``).
+    :func:`prunekit.prune.layer_costs.cost_columns` merged in (MACs shares; latency with a ``table``).
     Models without a prunekit config get the plain layer table."""
     rows = layer_table(model, original=original)
     if hasattr(model, "prunekit_config") and hasattr(original, "prunekit_config"):
-        from prunekit.prune.cost import add_cost_columns
+        from prunekit.prune.layer_costs import add_cost_columns
 
         add_cost_columns(rows, model, original, table)
     return rows
@@ -860,7 +860,7 @@ def render_summary(summary: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]
                 lines.append(f"- {r['phase']} (target {b['phase_target']:.3f} x original): {b['message']}")
         lines.append("")
     totals = {"original": summary["original"], "pruned": summary["final"]}
-    from prunekit.prune.cost import render_cost_markdown
+    from prunekit.prune.layer_costs import render_cost_markdown
 
     cost_md = render_cost_markdown(list(rows))
     body = render_markdown(rows, totals, "Filters per layer")

@@ -114,8 +114,7 @@ def collect(name: str, flags: list[str], runs: Path, timing: dict[str, Any]) -> 
                 "metric_compressed": test["metric_compressed"], "reference": test["reference"],
                 "drop_vs_control": test["drop"], "drop_se": test["drop_se"],
                 "val_drop_se": kept.get("drop_se")})  # fmt: skip
-    row["budget_met"] = row["drop_vs_control"] <= row["max_drop"]
-    row["resolvable"] = 2 * row["drop_se"] < row["max_drop"]
+    row["budget_met"], row["resolvable"] = test["budget_met"], test["resolvable"]
     return row
 
 

@@ -35,7 +35,7 @@ import torch
 
 import prunekit
 from prunekit.fileio import atomic_write_json, atomic_write_text
-from prunekit.paired import bootstrap_weights, match_images, weighted_ap50
+from prunekit.paired import bootstrap_weights, match_images, paired_difference, weighted_ap50
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_DATA, RESULTS, load_bccd, load_cifar  # noqa: E402
@@ -83,27 +83,18 @@ def paired_detection(
 
 
 def paired_classification(models: dict[str, Path], test: Any, reference: str) -> dict[str, Any]:
-    from prunekit.evaluate import normalizer
+    from prunekit.evaluate import evaluate
 
-    loader = torch.utils.data.DataLoader(test, batch_size=256)
-    correct: dict[str, np.ndarray] = {}
+    cards = {name: evaluate(prunekit.load(path), test, batch_size=256, progress=False, per_image=True)["scorecard"]
+             for name, path in models.items()}  # fmt: skip
     out: dict[str, Any] = {"metric": "top1", "images": len(test), "reference": reference}
-    for name, path in models.items():
-        model = prunekit.load(path).eval()
-        norm = normalizer(model, "cpu")
-        hits = []
-        with torch.inference_mode():
-            for x, y in loader:
-                x = (x - norm[0]) / norm[1] if norm is not None else x
-                hits.append((model(x).argmax(1) == y).numpy())
-        correct[name] = np.concatenate(hits).astype(float)
-        out[name] = {"top1": 100 * correct[name].mean()}
+    out |= {name: {"top1": 100 * float(card.value())} for name, card in cards.items()}
     for name in models:
         if name == reference:
             continue
-        d = correct[reference] - correct[name]
-        out[name]["diff_reference_minus_this"] = 100 * d.mean()
-        out[name]["diff_se"] = 100 * d.std(ddof=1) / np.sqrt(len(d))
+        diff, se = paired_difference(cards[reference], cards[name])
+        out[name]["diff_reference_minus_this"] = 100 * diff
+        out[name]["diff_se"] = 100 * se
     return out
 
 

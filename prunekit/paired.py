@@ -152,6 +152,12 @@ class Scorecard:
         return weighted_ap50(self.matches, w)
 
 
+def resolves(se: float, budget: float) -> bool:
+    """Whether a difference known to ``se`` can tell a drop inside ``budget`` from one outside it:
+    its 95% interval (± 2 SE) is narrower than the budget."""
+    return 2 * se < budget
+
+
 def bootstrap_weights(n: int, n_boot: int = BOOTSTRAP, seed: int = 0) -> np.ndarray:
     """(n_boot, n) multiplicities of n images drawn with replacement: the same draw for every model."""
     rng = np.random.default_rng(seed)

@@ -559,13 +559,11 @@ class Pipeline:
     def _prune_search(self, original: nn.Module, phases: Any) -> tuple[dict[str, Path], dict[str, Any]]:
         """The budget search from the original (trained here or given): the most compressed model
         within ``--max-drop`` of the control, every candidate recorded (``search/search.json``)."""
-        from prunekit.prune.search import run_search
+        from prunekit.prune.search import run_search, stage_epochs
         from prunekit.prune.trainer import DataTrainer
 
         c = self.cfg
         train_set, val_set = self._datasets()
-        from prunekit.prune.search import stage_epochs
-
         steps_per_epoch = max(1, len(train_set) // c.batch_size)
         stage = stage_epochs(steps_per_epoch, c.search.stage_steps) * steps_per_epoch
         # a stage of a few dozen steps spent warming up would recover little: a tenth of it
@@ -723,7 +721,7 @@ class Pipeline:
         control with its paired standard error (:mod:`prunekit.paired`). The search selects on
         validation; a drop read where it selected is biased toward the budget."""
         from prunekit.evaluate import evaluate, primary_metric
-        from prunekit.paired import paired_difference
+        from prunekit.paired import paired_difference, resolves
 
         c = self.cfg
         test = self._test_set()
@@ -748,7 +746,7 @@ class Pipeline:
         if c.schedule == "search":
             info["max_drop"] = c.search.max_drop
             info["budget_met"] = info["drop"] <= c.search.max_drop
-            info["resolvable"] = 2 * info["drop_se"] < c.search.max_drop
+            info["resolvable"] = resolves(info["drop_se"], c.search.max_drop)
         dst = self.out / "test.json"
         if D.is_main_process():
             atomic_write_json(dst, info)

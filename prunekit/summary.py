@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from prunekit.manifest import Manifest
+from prunekit.paired import resolves
 from prunekit.prune.trainer import standard_error
 
 
@@ -173,7 +174,7 @@ def _budget_lines(b: dict[str, Any], metric: str, out: Path) -> list[str]:
             f"{b['margin_se']:g} SE of margin)")  # fmt: skip
         lines.append(f"  - kept point c{b['kept']}: {b['drop']:+.2f} points below the control{se}; stopped: "
                      f"{b['stopped']}")  # fmt: skip
-        if b["drop_se"] is not None and 2 * b["drop_se"] > b["max_drop"]:
+        if b["drop_se"] is not None and not resolves(b["drop_se"], b["max_drop"]):
             lines.append(f"  - the validation set cannot resolve a {b['max_drop']:g}-point budget (a difference "
                          f"has an error of ~{b['drop_se']:.1f} points): the check is as coarse as the data")  # fmt: skip
     state = json.loads((out / "search" / "search.json").read_text())

@@ -119,10 +119,11 @@ def test_a_cut_that_already_failed_is_not_trained_again():
         "widths": widths,
     }
     state = {"points": [{"index": 0}, failed]}
-    assert _same_cut(state, 3, model) is failed
-    assert _same_cut(state, 2, model) is None  # another parent: other sparse weights
+    cut = layer_channels(model)  # the candidate's widths, counted again (equal, not the same dict)
+    assert _same_cut(state, 3, cut) is failed
+    assert _same_cut(state, 2, cut) is None  # another parent: other sparse weights
     state["points"][1] = dict(failed, decision="accepted")
-    assert _same_cut(state, 3, model) is None
+    assert _same_cut(state, 3, cut) is None
     first = next(iter(widths))
     narrower = dict(failed, widths={**widths, first: widths[first] - 1})
-    assert _same_cut({"points": [narrower]}, 3, model) is None
+    assert _same_cut({"points": [narrower]}, 3, cut) is None

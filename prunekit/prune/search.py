@@ -222,7 +222,7 @@ def run_search(
     ``key`` names what the search starts from (e.g. the original's file hash): a state left by a
     search from anything else is discarded, not resumed.
     """
-    from prunekit.models import load, save
+    from prunekit.models import save
 
     out = Path(out)
     (out / POINTS_DIR).mkdir(parents=True, exist_ok=True)
@@ -250,8 +250,7 @@ def run_search(
     original_channels = layer_channels(original)
 
     def model_of(index: int) -> nn.Module:
-        ck = state["points"][index]["checkpoint"]
-        return copy.deepcopy(original) if ck is None else load(out / ck)
+        return _stored(original, out, state["points"][index]["checkpoint"])
 
     while state["stopped"] is None:
         t0, c0 = time.perf_counter(), time.process_time()
@@ -270,8 +269,7 @@ def run_search(
         ref = float(state["controls"][str(ref_depth)]["metric"])
         if ref_depth not in cards:  # resumed: the control's checkpoint is scored again (same images)
             ck = state["controls"][str(ref_depth)]["checkpoint"]
-            cards[ref_depth] = _score(trainer, copy.deepcopy(original) if ck is None else load(out / ck),
-                                      hp.recalibrate_bn)[2]  # fmt: skip
+            cards[ref_depth] = _score(trainer, _stored(original, out, ck), hp.recalibrate_bn)[2]
         index = len(state["points"])
         current = model_of(current_i)
         kind = target.kind if target is not None and target.kind != "latency" else "macs"
@@ -280,7 +278,8 @@ def run_search(
             want = max(want, state["points"][0][kind] / target.ratio)
         sparse = _sparse_parent(state, current_i, current, phases, trainer, hp, cfg, epochs, out)
         cand, k = _cut(sparse, phases, hp, kind, want, original_channels)
-        same = None if cand is None else _same_cut(state, current_i, cand)
+        widths = None if cand is None else layer_channels(cand)
+        same = None if widths is None else _same_cut(state, current_i, widths)
         if cand is None:
             state["points"].append({"index": index, "depth": depth, "step": step, "decision":
                                     "rejected: the selection rule removes nothing at any threshold"})  # fmt: skip
@@ -304,21 +303,17 @@ def run_search(
             drop = (ref - metric) / POINT
             se = _paired_se(cards.get(ref_depth), card)
             bound = drop + cfg.margin_se * (se or 0.0)
+            # every scored point is kept, a rejected one too: it is a point on the curve, exportable later
+            ck = f"{POINTS_DIR}/c{index:02d}.pt"
+            save(cand, out / ck, extra={"search_point": index, "metric": metric, "drop": drop})
             rec.update(depth=depth, step=step, k=k, reference=ref, drop=drop, drop_se=se, drop_bound=bound,
-                       parent=current_i, widths=layer_channels(cand))  # fmt: skip
+                       parent=current_i, widths=widths, checkpoint=ck)  # fmt: skip
             if bound <= cfg.max_drop:
-                ck = f"{POINTS_DIR}/c{index:02d}.pt"
-                save(cand, out / ck, extra={"search_point": index, "metric": metric, "drop": drop})
-                rec.update(decision="accepted", checkpoint=ck)
+                rec["decision"] = "accepted"
                 state["current"] = index
                 state["step"] = min(cfg.first_step, 1.5 * step)
             else:
-                rec.update(decision=f"rejected: {_drop_text(rec, cfg)} > {cfg.max_drop:g}; step halved",
-                           checkpoint=None)  # fmt: skip
-                # a rejected point is still a point on the curve: kept so it can be exported later
-                ck = f"{POINTS_DIR}/c{index:02d}.pt"
-                save(cand, out / ck, extra={"search_point": index, "metric": metric, "drop": drop})
-                rec["checkpoint"] = ck
+                rec["decision"] = f"rejected: {_drop_text(rec, cfg)} > {cfg.max_drop:g}; step halved"
                 state["step"] = step / 2
             state["points"].append(rec)
             log.info("search: candidate %d (depth %d, step %.3g): %s params, %.2fx MACs, metric %.2f vs control "
@@ -381,11 +376,10 @@ def _cut(
     return prune_channels(sparse, keep, graph, fold_bias=hp.fold_bias, dropout_rule=hp.dropout_rule), k
 
 
-def _same_cut(state: dict[str, Any], parent: int, cand: nn.Module) -> dict[str, Any] | None:
-    """A rejected, scored point cut from the same parent with the same architecture as ``cand``.
+def _same_cut(state: dict[str, Any], parent: int, widths: dict[str, int]) -> dict[str, Any] | None:
+    """A rejected, scored point cut from the same parent to the same per-layer ``widths``.
 
-    Cut from one sparse parent, equal per-layer widths mean the same weights: its verdict stands."""
-    widths = layer_channels(cand)
+    Cut from one sparse parent, equal widths mean the same weights: its verdict stands."""
     for p in state["points"]:
         if p.get("parent") == parent and "metric" in p and str(p.get("decision", "")).startswith("rejected") \
                 and p.get("widths") == widths:  # fmt: skip
@@ -502,14 +496,13 @@ def _train_controls(
     stages a candidate goes through (sparsity stage at λ = 0, then retraining), so a candidate is
     compared with a model that had exactly its extra epochs. Scores go to ``state``, per-image
     scorecards to ``cards``."""
-    from prunekit.models import load, save
+    from prunekit.models import save
 
     controls = state["controls"]
     if str(depth) in controls:
         return
     below = max(int(d) for d in controls)
-    model = copy.deepcopy(original) if controls[str(below)]["checkpoint"] is None \
-        else load(out / controls[str(below)]["checkpoint"])  # fmt: skip
+    model = _stored(original, out, controls[str(below)]["checkpoint"])
     for d in range(below + 1, depth + 1):
         torch.manual_seed(hp.seed + 10_000 + d)
         zero = Sparsity(0.0, sparsity_multipliers(model, phases, hp), hp.proximal)
@@ -525,6 +518,13 @@ def _train_controls(
 
 # ---------------------------------------------------------------------------------------------
 # bookkeeping
+
+
+def _stored(original: nn.Module, out: Path, checkpoint: str | None) -> nn.Module:
+    """The model a point or control recorded: its checkpoint, or a copy of the original (None)."""
+    from prunekit.models import load
+
+    return copy.deepcopy(original) if checkpoint is None else load(out / checkpoint)
 
 
 def _score(trainer: Trainer, model: nn.Module, recalibrate: bool = True) -> tuple[float, int | None, Any]:

@@ -125,11 +125,27 @@ def test_voc_box_outside_image(voc: Path) -> None:
         VOCDetection(voc, "train")
 
 
-def test_voc_degenerate_box(voc: Path) -> None:
-    xml = voc_annotation_xml("b.jpg", 64, 48, [("RBC", (20, 20, 20, 20), 0, 0)])
+def test_voc_inverted_box(voc: Path) -> None:
+    xml = voc_annotation_xml("b.jpg", 64, 48, [("RBC", (20, 20, 10, 30), 0, 0)])
     (voc / "Annotations" / "b.xml").write_text(xml)
-    with pytest.raises(DatasetError, match=r"b\.xml: object 1 \('RBC'\): degenerate box"):
+    with pytest.raises(DatasetError, match=r"b\.xml: object 1 \('RBC'\): inverted box"):
         VOCDetection(voc, "train")
+
+
+def test_voc_zero_area_box_dropped_with_warning(voc: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # a click without a drag (BCCD's BloodImage_00343 has one): no extent, so no object; not an error
+    xml = voc_annotation_xml(
+        "b.jpg",
+        64,
+        48,
+        [("RBC", (20, 20, 20, 20), 0, 0), ("RBC", (5, 5, 9, 5), 0, 0), ("RBC", (2, 3, 12, 13), 0, 0)],
+    )
+    (voc / "Annotations" / "b.xml").write_text(xml)
+    with caplog.at_level(logging.WARNING):
+        ds = VOCDetection(voc, "train")
+    b = next(r for r in ds.records if r.name == "b")
+    assert b.boxes.tolist() == [[1.0, 2.0, 12.0, 13.0]] and ds.skipped == []
+    assert "dropped 2 zero-area box(es)" in caplog.text and "b.xml: object 1 ('RBC')" in caplog.text
 
 
 def test_voc_unknown_class(voc: Path) -> None:
@@ -143,13 +159,13 @@ def test_voc_skip_bad_counts_and_warns(voc: Path, caplog: pytest.LogCaptureFixtu
         "a.jpg",
         64,
         48,
-        [("RBC", (1, 1, 10, 10), 0, 0), ("RBC", (5, 5, 5, 9), 0, 0), ("cow", (1, 1, 5, 5), 0, 0)],
+        [("RBC", (1, 1, 10, 10), 0, 0), ("RBC", (5, 5, 4, 9), 0, 0), ("cow", (1, 1, 5, 5), 0, 0)],
     )
     (voc / "Annotations" / "a.xml").write_text(xml)
     with caplog.at_level(logging.WARNING):
         ds = VOCDetection(voc, "train", classes=["RBC"], skip_bad=True)
     assert len(ds) == 1 and len(ds.records[0].boxes) == 1
-    assert len(ds.skipped) == 3  # missing image, degenerate box, unknown class
+    assert len(ds.skipped) == 3  # missing image, inverted box, unknown class
     assert "skipped 3 bad input(s)" in caplog.text
 
 

@@ -7,18 +7,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from prunekit.data import DatasetError, ImageFolder, MemoryLoader, VOCDetection, build_dataset
+from prunekit.data import ImageFolder, MemoryLoader, VOCDetection, build_dataset
 
 pytestmark = pytest.mark.shared_data
 
 
 def test_bccd_voc(shared_data: Path) -> None:
     root = shared_data / "BCCD"
-    # BCCD's train split has one zero-size box (BloodImage_00343, object 4): strict mode names it
-    with pytest.raises(DatasetError, match=r"BloodImage_00343\.xml: object 4 \('RBC'\): degenerate box"):
-        VOCDetection(root, "train")
-    ds = VOCDetection(root, "train", skip_bad=True)
-    assert len(ds) == 205 and len(ds.skipped) == 1
+    # BCCD's train split has one zero-size box (BloodImage_00343, object 4): dropped, not an error
+    ds = VOCDetection(root, "train")
+    assert len(ds) == 205 and ds.skipped == []
+    assert len(ds.empty_boxes) == 1 and "BloodImage_00343.xml: object 4 ('RBC')" in ds.empty_boxes[0]
     assert ds.classes == ["Platelets", "RBC", "WBC"] and ds.num_classes == 4
     counts = ds.class_counts()
     assert counts["RBC"] > counts["WBC"] > 100 and counts["Platelets"] > 100

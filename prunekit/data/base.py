@@ -28,7 +28,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from prunekit.data.errors import DatasetError
+from prunekit.data.errors import BadInputs, DatasetError
 
 # The deploy runtime (torch-free, numpy + PIL) owns the pixel rules, so that a file decodes to the
 # same pixels in training and on the edge device.
@@ -310,26 +310,35 @@ def collate_detection(batch: Sequence[tuple[Tensor, dict[str, Any]]]) -> tuple[l
 
 
 def check_box(
-    box: Sequence[float], width: int, height: int, where: str, tol: float = 1.0
-) -> tuple[np.ndarray | None, str | None]:
-    """Validate one xyxy box against its image: returns (clipped box, None) or (None, problem).
+    box: Sequence[float], width: int, height: int, where: str, bad: BadInputs, tol: float = 1.0
+) -> np.ndarray | None:
+    """Validate one xyxy box against its image: the clipped box, or None when it is not kept.
 
     Boxes may poke ``tol`` pixels past the border (common off-by-one in real annotations) and are
-    clipped; further out, or empty after clipping, is an error naming ``where``.
+    clipped. A zero-width or zero-height box is dropped and counted (``bad.empty_box``); an
+    inverted, non-finite or far-outside box, or one empty after clipping, is reported to ``bad``
+    naming ``where`` (an error unless skipping bad inputs).
     """
     x1, y1, x2, y2 = (float(v) for v in box)
     if not all(np.isfinite([x1, y1, x2, y2])):
-        return None, f"{where}: non-finite box {box}"
-    if x2 <= x1 or y2 <= y1:
-        return None, f"{where}: degenerate box (x1={x1:g}, y1={y1:g}, x2={x2:g}, y2={y2:g})"
+        bad.report(f"{where}: non-finite box {box}")
+        return None
+    if x2 < x1 or y2 < y1:
+        bad.report(f"{where}: inverted box (x1={x1:g}, y1={y1:g}, x2={x2:g}, y2={y2:g})")
+        return None
+    if x2 == x1 or y2 == y1:
+        bad.empty_box(f"{where}: zero-area box (x1={x1:g}, y1={y1:g}, x2={x2:g}, y2={y2:g})")
+        return None
     if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
-        return None, (
+        bad.report(
             f"{where}: box (x1={x1:g}, y1={y1:g}, x2={x2:g}, y2={y2:g}) outside the {width}x{height} image"
         )
+        return None
     out = np.array([max(x1, 0.0), max(y1, 0.0), min(x2, width), min(y2, height)], dtype=np.float32)
     if out[2] <= out[0] or out[3] <= out[1]:
-        return None, f"{where}: box (x1={x1:g}, y1={y1:g}, x2={x2:g}, y2={y2:g}) empty inside the image"
-    return out, None
+        bad.report(f"{where}: box (x1={x1:g}, y1={y1:g}, x2={x2:g}, y2={y2:g}) empty inside the image")
+        return None
+    return out
 
 
 def make_record(

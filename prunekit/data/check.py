@@ -119,6 +119,11 @@ def summarize(dataset: Dataset, decode: int = 8) -> dict[str, Any]:
                 problem = str(e)
             if problem:
                 problems.append(problem)
+        dropped = list(getattr(dataset, "empty_boxes", []))
+        if dropped:
+            warnings.append(
+                f"dropped {len(dropped)} zero-area box(es) (they mark no object); first: {dropped[0]}"
+            )
         missing = [c for c in dataset.classes if objects.get(c, 0) == 0]
         if missing:
             warnings.append(f"classes without objects in this split: {', '.join(missing)}")

@@ -241,9 +241,8 @@ class COCODetection(DetectionDataset):
                     bad.report(f"{where}: bbox must be [x, y, w, h] (finite numbers), got {bb!r}")
                     continue
                 x, y, bw, bh = (float(v) for v in bb)
-                box, problem = check_box((x, y, x + bw, y + bh), w, h, where)
-                if problem:
-                    bad.report(problem)
+                box = check_box((x, y, x + bw, y + bh), w, h, where, bad)
+                if box is None:
                     continue
                 boxes.append(box)
                 labels.append(self.cat_to_label[cat])
@@ -256,3 +255,4 @@ class COCODetection(DetectionDataset):
             raise DatasetError(f"{ann_file}: no usable images")
         super().__init__(records, class_list, transforms, source=f"coco:{ann_file},{image_dir}")
         self.skipped = bad.problems
+        self.empty_boxes = bad.empty

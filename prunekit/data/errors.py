@@ -58,13 +58,17 @@ class BadInputs:
     """Collects problems met while reading one dataset.
 
     With ``skip_bad=False`` :meth:`report` raises at once; otherwise it records the problem and the
-    caller drops the object or image. :meth:`finish` logs the count once the reader is done.
+    caller drops the object or image. A zero-area box (a point or a line: the annotator clicked
+    without dragging) is not an error: it marks no object extent, so it is dropped and counted
+    (:meth:`empty_box`), as torchvision's and Detectron2's readers drop empty boxes.
+    :meth:`finish` logs both counts once the reader is done.
     """
 
     def __init__(self, skip_bad: bool, source: str | os.PathLike):
         self.skip_bad = skip_bad
         self.source = os.fspath(source)
         self.problems: list[str] = []
+        self.empty: list[str] = []
 
     def report(self, message: str) -> None:
         """Raise ``DatasetError(message)`` unless skipping; the message already names the file."""
@@ -73,7 +77,19 @@ class BadInputs:
         self.problems.append(message)
         log.debug("skipping: %s", message)
 
+    def empty_box(self, message: str) -> None:
+        """Count a zero-area box; the caller drops it (never an error, whatever ``skip_bad``)."""
+        self.empty.append(message)
+        log.debug("dropping: %s", message)
+
     def finish(self) -> None:
+        if self.empty:
+            log.warning(
+                "%s: dropped %d zero-area box(es) (they mark no object); first: %s",
+                self.source,
+                len(self.empty),
+                self.empty[0],
+            )
         if self.problems:
             log.warning(
                 "%s: skipped %d bad input(s); first: %s", self.source, len(self.problems), self.problems[0]

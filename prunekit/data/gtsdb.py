@@ -108,9 +108,8 @@ class GTSDBDetection(DetectionDataset):
             w, h = image_size(path)
             boxes, labels = [], []
             for box, label, where in objects.get(name, []):
-                b, problem = check_box(box, w, h, where)
-                if problem:
-                    bad.report(problem)
+                b = check_box(box, w, h, where, bad)
+                if b is None:
                     continue
                 boxes.append(b)
                 labels.append(label)
@@ -125,3 +124,4 @@ class GTSDBDetection(DetectionDataset):
         super().__init__(records, classes, transforms, source=f"gtsdb:{folder}")
         self.split = split
         self.skipped = bad.problems
+        self.empty_boxes = bad.empty

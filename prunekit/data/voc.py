@@ -219,12 +219,17 @@ def parse_voc_xml(path: Path) -> tuple[ET.Element, list[_RawObject | str]]:
         except (ValueError, OverflowError) as e:  # OverflowError: int(float("inf"))
             objects.append(f"{where}: non-numeric value ({e})")
             continue
-        if xmax <= xmin or ymax <= ymin:
+        if xmax < xmin or ymax < ymin:
             objects.append(
-                f"{where}: degenerate box (xmin={xmin:g}, ymin={ymin:g}, xmax={xmax:g}, ymax={ymax:g})"
+                f"{where}: inverted box (xmin={xmin:g}, ymin={ymin:g}, xmax={xmax:g}, ymax={ymax:g})"
             )
             continue
-        objects.append(_RawObject(name, (xmin - 1.0, ymin - 1.0, xmax, ymax), difficult, k))
+        # VOC counts pixels from 1, inclusive: (xmin - 1, xmax) is the box's extent. A point or a
+        # line (xmin == xmax) is a click without a drag, not a 1-pixel object: it stays zero-area
+        # so that check_box drops it.
+        x0 = xmin if xmax == xmin else xmin - 1.0
+        y0 = ymin if ymax == ymin else ymin - 1.0
+        objects.append(_RawObject(name, (x0, y0, xmax, ymax), difficult, k))
     return root, objects
 
 
@@ -339,6 +344,7 @@ class VOCDetection(DetectionDataset):
         super().__init__(records, class_list, transforms, source=f"voc:{root}")
         self.split = split
         self.skipped = bad.problems
+        self.empty_boxes = bad.empty
 
     def _flat_items(
         self, root: Path, flat: dict[str, FlatVOC], split: str, train_fraction: float, seed: int
@@ -410,9 +416,8 @@ class VOCDetection(DetectionDataset):
             if obj.name not in index:
                 bad.report(f"{where}: unknown class {obj.name!r} (known: {', '.join(index)})")
                 continue
-            box, problem = check_box(obj.box, w, h, where)
-            if problem:
-                bad.report(problem)
+            box = check_box(obj.box, w, h, where, bad)
+            if box is None:
                 continue
             if obj.difficult and not keep_difficult:
                 continue

@@ -232,6 +232,7 @@ class YOLODetection(DetectionDataset):
         super().__init__(records, names, transforms, source=f"yolo:{yaml_file}")
         self.split = split
         self.skipped = bad.problems
+        self.empty_boxes = bad.empty
 
     def _read_one(
         self, img: Path, root: Path, new_id: int, num_classes: int, bad: BadInputs
@@ -253,9 +254,8 @@ class YOLODetection(DetectionDataset):
                     bad.report(parsed)
                     continue
                 cid, (x1, y1, x2, y2) = parsed
-                box, problem = check_box((x1 * w, y1 * h, x2 * w, y2 * h), w, h, where)
-                if problem:
-                    bad.report(problem)
+                box = check_box((x1 * w, y1 * h, x2 * w, y2 * h), w, h, where, bad)
+                if box is None:
                     continue
                 boxes.append(box)
                 labels.append(cid + 1)

@@ -313,8 +313,9 @@ def test_a_regularizer_can_edit_gradients_between_backward_and_step():
 
 
 def test_train_to_plateau_restarts_at_half_lr_until_settled_or_capped(tmp_path, monkeypatch):
-    """Restart cycles: half the epochs at half the peak lr while the metric still moves >= 1 point;
-    none past the step cap; the plateau flag and the last change are reported."""
+    """Restart cycles: half the epochs at half the peak lr while the metric still rose >= 1 point
+    over the cycle's last quarter (2 epochs at least); none past the step cap; the plateau flag and
+    the last change are reported."""
     from prunekit.train import plateau_change, train_to_plateau
 
     calls: list[tuple[int, float, str]] = []
@@ -331,14 +332,48 @@ def test_train_to_plateau_restarts_at_half_lr_until_settled_or_capped(tmp_path, 
     h = train_to_plateau(nn.Linear(1, 1), [], cfg, tmp_path / "t", None, plateau=1.0, max_steps=1000)
     assert calls == [(3, 0.01, "t"), (2, 0.005, "restart1"), (2, 0.0025, "restart2")]
     assert h["cycles"] == [3, 2, 2] and h["epochs_total"] == 7 and h["steps"] == 70
-    assert h["plateau"] is True and h["plateau_change"] == pytest.approx(0.2)
+    assert h["plateau"] is True and h["plateau_change"] == pytest.approx(0.7)  # 0.907 - 0.900
     assert h["time_s"] == 3.0 and h["cpu_time_s"] == 6.0 and h["val"] == {"map50": 0.907}
 
     calls.clear()
     curves = iter([[0.50, 0.70, 0.80]])
     h = train_to_plateau(nn.Linear(1, 1), [], cfg, tmp_path / "u", None, plateau=1.0, max_steps=40)
-    assert len(calls) == 1 and h["plateau"] is False and h["plateau_change"] == pytest.approx(10.0)
+    assert len(calls) == 1 and h["plateau"] is False and h["plateau_change"] == pytest.approx(30.0)
     assert plateau_change({"epochs": [{"val_metric": 0.5}]}) is None  # one scored epoch: unknown
+
+
+def test_a_cosine_cycles_flat_tail_is_not_a_plateau(tmp_path, monkeypatch):
+    """BCCD's first cycle at the defaults (28 epochs, 700 steps): 0.1 point between its last two
+    epochs (the lr was near zero) but +7.2 over its last quarter: still learning, so it restarts;
+    the embedded set's seed 1 (+1.1 over its last quarter of 14 epochs) is settled."""
+    from prunekit.pipeline import PipelineConfig
+    from prunekit.train import plateau_change, train_to_plateau
+
+    bccd = [0.003, 0.022, 0.021, 0.011, 0.013, 0.0, 0.031, 0.032, 0.031, 0.028, 0.037, 0.043, 0.036, 0.009,
+            0.067, 0.042, 0.115, 0.247, 0.331, 0.369, 0.369, 0.341, 0.392, 0.445, 0.463, 0.455, 0.442, 0.441]  # fmt: skip
+    seed1 = [0.80, 0.86, 0.89, 0.91, 0.92, 0.93, 0.935, 0.94, 0.943, 0.947, 0.956, 0.953, 0.956, 0.958]
+    default = PipelineConfig().plateau
+    assert plateau_change({"epochs": [{"val_metric": v} for v in bccd]}) == pytest.approx(
+        -0.1, abs=0.01
+    )  # last two
+    calls: list[int] = []
+    curves = iter([bccd, [0.50, 0.52, 0.53, 0.53, 0.53, 0.53, 0.53]])
+
+    def fake_train(model, train_set, cfg, out_dir, val_set=None, progress=True, resume=False):
+        calls.append(cfg.epochs)
+        vals = next(curves)
+        return {"epochs": [{"val_metric": v} for v in vals], "steps": 25 * len(vals), "time_s": 1.0,
+                "cpu_time_s": 2.0, "val": {"map50": vals[-1]}}  # fmt: skip
+
+    monkeypatch.setattr(prunekit.train, "train", fake_train)
+    h = train_to_plateau(nn.Linear(1, 1), [], TrainConfig(epochs=28, lr=0.01), tmp_path / "b", None,
+                         plateau=default, max_steps=2400)  # fmt: skip
+    assert calls == [28, 14] and h["plateau"] is True
+    curves = iter([seed1])
+    calls.clear()
+    h = train_to_plateau(nn.Linear(1, 1), [], TrainConfig(epochs=14, lr=0.01), tmp_path / "s", None,
+                         plateau=default, max_steps=2400)  # fmt: skip
+    assert calls == [14] and h["plateau"] is True and h["plateau_change"] == pytest.approx(1.1, abs=0.01)
 
 
 def test_a_model_near_chance_is_not_at_a_plateau(tmp_path, monkeypatch):
@@ -347,7 +382,7 @@ def test_a_model_near_chance_is_not_at_a_plateau(tmp_path, monkeypatch):
     from prunekit.train import train_to_plateau
 
     calls: list[tuple[int, float]] = []
-    curves = iter([[0.001, 0.0016, 0.0016], [0.002, 0.0021, 0.0021], [0.30, 0.45, 0.452]])
+    curves = iter([[0.001, 0.0016, 0.0016], [0.002, 0.0021, 0.0021], [0.45, 0.452, 0.452]])
 
     def fake_train(model, train_set, cfg, out_dir, val_set=None, progress=True, resume=False):
         calls.append((cfg.epochs, cfg.lr))

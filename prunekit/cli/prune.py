@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import click
 
 from prunekit.cli.common import UserError, auto_device, friendly_errors
 from prunekit.cli.options import collect, dataclass_options
+from prunekit.deploy.trt_lint import DEFAULT_TENSORRT, MAX_OPSET
 from prunekit.prune.config import FIELD_CHOICES, FIELD_HELP, PruneConfig
 
 prune_config_options = dataclass_options(PruneConfig, FIELD_HELP, FIELD_CHOICES, exclude=("seed",))
@@ -174,9 +176,24 @@ def prune(
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of markdown.")
 @click.option("--graph", is_flag=True, help="Also list every channel group and what is coupled to it.")
+@click.option(
+    "--tensorrt", "tensorrt", is_flag=True,
+    help="MODEL_PATH is an ONNX file: list what TensorRT's ONNX parser and explicit quantization reject "
+    "(errors) or run badly (warnings); exit 1 on an error. Runs without TensorRT.",
+)  # fmt: skip
+@click.option(
+    "--tensorrt-version", type=click.Choice(sorted(MAX_OPSET)), default=DEFAULT_TENSORRT, show_default=True,
+    help="The TensorRT the lint checks against (10.3: JetPack 6).",
+)  # fmt: skip
 @friendly_errors
-def inspect(model_path: Path, original: Path | None, as_json: bool, graph: bool) -> None:
-    """Per-layer filters, parameters and MACs of a saved model (like the paper's Table 1)."""
+def inspect(
+    model_path: Path, original: Path | None, as_json: bool, graph: bool, tensorrt: bool, tensorrt_version: str
+) -> None:
+    """Per-layer filters, parameters and MACs of a saved model (like the paper's Table 1); with
+    --tensorrt, the TensorRT lint of an exported ONNX."""
+    if tensorrt or model_path.suffix == ".onnx":
+        _lint(model_path, tensorrt_version, as_json)
+        return
     from prunekit.models.io import get_config, load_with_extra
     from prunekit.prune.graph import build_dependency_graph
     from prunekit.prune.report import layer_table, model_stats, render_markdown
@@ -206,6 +223,35 @@ def inspect(model_path: Path, original: Path | None, as_json: bool, graph: bool)
         coupled = ", ".join(f"{c['target']}[{c['kind']}]" for c in gs["couplings"])
         state = "prunable" if gs["prunable"] else f"fixed ({gs['reason']})"
         click.echo(f"- {gs['layer']} ({gs['channels']}): {state}; {coupled}")
+
+
+def _lint(path: Path, version: str, as_json: bool) -> None:
+    from prunekit.deploy.trt_lint import RULES, as_dicts, counts, lint_onnx
+
+    if path.suffix != ".onnx":
+        raise UserError(
+            f"{path}: --tensorrt reads an ONNX file (prunekit export), not {path.suffix or 'a folder'}"
+        )
+    if not path.is_file():
+        raise UserError(f"{path}: model not found")
+    try:
+        findings = lint_onnx(path, version)
+    except Exception as e:  # onnx's DecodeError and friends: not an ONNX model
+        raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
+    n = counts(findings)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {"model": str(path), "tensorrt": version, **n, "findings": as_dicts(findings)}, indent=2
+            )
+        )
+    else:
+        for f in findings:
+            click.echo(str(f))
+        verdict = "clean" if not findings else f"{n['error']} error(s), {n['warning']} warning(s)"
+        click.echo(f"{path}: TensorRT {version} lint: {verdict} ({len(RULES)} rules)")
+    if n["error"]:
+        sys.exit(1)
 
 
 @click.command("prune-baseline")

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from prunekit.cli.common import UserError, friendly_errors
+from prunekit.deploy.quantize import TARGETS, QuantizeConfig
 
 
 @click.command("quantize")
@@ -33,9 +34,10 @@ from prunekit.cli.common import UserError, friendly_errors
     help="Quantize the last layers too (SSD box/score heads, the classifier's last layer); float by default.",
 )  # fmt: skip
 @click.option(
-    "--target", type=click.Choice(["portable", "ort-cpu"]), default="portable", show_default=True,
-    help="portable: int8 symmetric Q/DQ on the compute layers (ORT CPU/CUDA, TensorRT). ort-cpu: uint8 "
-    "activations with ReLU and pooling in INT8, faster on x86 (VNNI) CPUs; TensorRT rejects it.",
+    "--target", type=click.Choice(TARGETS), default=QuantizeConfig.target, show_default=True,
+    help="tensorrt: int8 symmetric Q/DQ on the compute layers' inputs, float bias (TensorRT's explicit "
+    "quantization; also runs on ORT CPU/CUDA). ort-cpu: uint8 activations with ReLU and pooling in INT8, "
+    "faster on x86 (VNNI) CPUs; TensorRT rejects it.",
 )  # fmt: skip
 @click.option("--exclude", multiple=True, help="Node name or glob pattern to keep in float (repeatable).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which calibration images are drawn.")
@@ -64,7 +66,7 @@ def quantize_cmd(
     uint8, for x86 CPUs only), calibrated on real images; the last layers and the SSD decode/NMS
     stay float unless asked.
     """
-    from prunekit.deploy.quantize import QuantizeConfig, calibration_batches, quantize_model
+    from prunekit.deploy.quantize import calibration_batches, quantize_model
     from prunekit.deploy.runtime import read_metadata
 
     src = Path(model)

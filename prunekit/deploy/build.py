@@ -128,11 +128,16 @@ def _build_ort(
 
     engine = out / f"{src.stem}.{backend}.{precision}.onnx"
     kw: dict[str, Any] = {}
+    tmp: Path | None = engine.with_name(f".{engine.name}.tmp")
     if backend == "ort-trt":
+        # The EP keeps its engines in its own cache (trt_engine_cache_path), keyed on the model and
+        # the GPU; ONNX Runtime refuses to save an optimised model holding TensorRT nodes, so the
+        # engine here is that cache folder, described by the JSON beside it.
         h, w = meta["input_size"]
-        kw = dict(cache_dir=out / "ort-trt-cache", workspace_mb=workspace_mb, chw=(3, h, w), batch=batch)
+        engine = out / f"{src.stem}.ort-trt-cache"
+        kw = dict(cache_dir=engine, workspace_mb=workspace_mb, chw=(3, h, w), batch=batch)
         kw["input_name"] = meta.get("input_name", "images")
-    tmp = engine.with_name(f".{engine.name}.tmp")
+        tmp = None
     runner = OrtRunner(src, backend, precision, opt_level=opt_level, optimized_model_path=tmp, **kw)
     with runner:
         # One inference: the TensorRT EP builds (and caches) its engines lazily on the first run.
@@ -140,7 +145,9 @@ def _build_ort(
         shape = [batch[1] if isinstance(d, str) else int(d) for d in spec.shape]
         runner.infer({spec.name: np.zeros(shape, np.float32)})
         info = dict(runner.info.extra)
-    os.replace(tmp, engine)
+        precision = runner.precision  # a Q/DQ model runs INT8 whatever was asked
+    if tmp is not None:
+        os.replace(tmp, engine)
     h, w = meta.get("input_size", [None, None])
     result = {
         "format": "prunekit-ort-engine",

@@ -100,28 +100,29 @@ def trt_provider_options(
     input_name: str = "images",
     chw: tuple[int, int, int] | None = None,
     batch: tuple[int, int, int] | None = None,
-    calibration_table: str | None = None,
     device_id: int = 0,
     explicit_int8: bool = False,
 ) -> dict[str, Any]:
-    """TensorRT EP options: precision, engine + timing caches on disk, and the batch profile.
+    """TensorRT EP options: precision, the EP's own engine and timing caches on disk, the batch profile.
 
-    ``explicit_int8``: the model carries its own Q/DQ nodes (``prunekit quantize``), so INT8
-    needs no calibration table: TensorRT takes the scales from the graph.
+    INT8 is explicit only: the model carries its own Q/DQ nodes (``prunekit quantize --target
+    tensorrt``) and TensorRT takes the scales from the graph, so one INT8 file serves ORT CPU, this
+    EP and TensorRT. No calibration table: the EP's implicit-calibration path reads a format of its
+    own and TensorRT 11 dropped implicit INT8 altogether.
     """
+    if precision == "int8" and not explicit_int8:
+        raise ValueError(
+            "ort-trt runs INT8 from a Q/DQ model only: quantize it with `prunekit quantize --target tensorrt` "
+            "and give that file"
+        )
     opts: dict[str, Any] = {"device_id": device_id}
     if precision == "fp16":
         opts["trt_fp16_enable"] = True
-    elif precision == "int8" and explicit_int8:
-        opts["trt_int8_enable"] = True
     elif precision == "int8":
-        if not calibration_table:
-            raise ValueError(
-                "ort-trt int8 needs a TensorRT calibration table (calibration_table=...); "
-                "build one with `prunekit build-engine --backend trt --precision int8` or use --backend trt"
-            )
         opts["trt_int8_enable"] = True
-        opts["trt_int8_calibration_table_name"] = str(calibration_table)
+        opts["trt_fp16_enable"] = (
+            True  # the float layers between Q/DQ pairs run in FP16, as trtexec --int8 --fp16
+        )
     if cache_dir is not None:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         opts.update(
@@ -184,7 +185,7 @@ class OrtRunner(Runner):
         if not self.model_path.is_file():
             raise FileNotFoundError(f"{self.model_path}: ONNX model not found")
         explicit = _model_precision(self.model_path) == "int8"
-        if precision == "int8" and not explicit and backend != "ort-trt":
+        if precision == "int8" and not explicit:
             raise ValueError(
                 f"{self.model_path}: an FP32 model; INT8 on {backend} needs a Q/DQ model from `prunekit quantize`"
             )

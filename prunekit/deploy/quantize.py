@@ -7,6 +7,11 @@ networks from Q/DQ graphs; its implicit calibrator path was deprecated in 10.1 a
 
 - weights per output channel, symmetric (TensorRT accepts only zero-point 0 scales);
 - activations symmetric too, for the same reason (``ActivationSymmetric``);
+- ``target="tensorrt"`` follows TensorRT's explicit-quantization rules to the letter: biases stay
+  float (``QuantizeBias=False``: TensorRT's parser rejects a DequantizeLinear of an INT32 bias) and
+  Q/DQ sit on the inputs of the compute layers only, never on their outputs
+  (``OpTypesToExcludeOutputQuantization``), where they would split a Conv from its ReLU. Checked
+  by :mod:`prunekit.deploy.trt_lint`, which finds nothing in such a model;
 - only ``Conv``/``Gemm``/``MatMul`` are quantized: the SSD decode and NMS subgraph, which
   works on box coordinates and scores, stays float without a rule for it;
 - the *last* compute layers (the ones whose outputs reach a graph output with no other
@@ -32,15 +37,17 @@ from typing import Any
 
 import numpy as np
 
+from prunekit.deploy.onnx_graph import QUANTIZED_OPS, downstream_of, head_nodes, input_nodes
+from prunekit.deploy.trt_lint import as_dicts, lint_onnx
+
 log = logging.getLogger(__name__)
 
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 # What stays INT8 between the compute layers for ``target="ort-cpu"``: activations and pooling.
 # The rest of ORT's QDQ registry (Reshape, Transpose, Gather, ...) is what the SSD decode is made
 # of; nothing downstream of the heads is quantized in either target.
 CPU_CHAIN_OPS = ("Relu", "Clip", "MaxPool", "AveragePool", "GlobalAveragePool", "Flatten")
-TARGETS = ("portable", "ort-cpu")
+TARGETS = ("tensorrt", "ort-cpu")
 
 
 @dataclass
@@ -54,7 +61,7 @@ class QuantizeConfig:
     keep_heads_float: bool = True
     exclude: list[str] = field(default_factory=list)  # node names or fnmatch patterns
     percentile: float = 99.999
-    target: str = "portable"
+    target: str = "tensorrt"
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -67,71 +74,6 @@ class QuantizeConfig:
 
 class QuantizationError(ValueError):
     """The model cannot be quantized as asked (no calibration data, nothing to quantize...)."""
-
-
-def head_nodes(model: Any) -> list[str]:
-    """Names of the Conv/Gemm/MatMul nodes with no other such node between them and a graph output.
-
-    Found from the graph, not from layer names: for SSD these are the box and score heads, for a
-    classifier its last layer, whatever the exporter called them.
-    """
-    producers = {o: n for n in model.graph.node for o in n.output}
-    heads: list[str] = []
-    seen: set[str] = set()
-    stack = [o.name for o in model.graph.output]
-    while stack:
-        tensor = stack.pop()
-        node = producers.get(tensor)
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.op_type in QUANTIZED_OPS:
-            heads.append(node.name)
-            continue  # stop here: what feeds a head is the trunk
-        stack.extend(node.input)
-    return sorted(set(heads))
-
-
-def _consumers(model: Any) -> dict[str, list[Any]]:
-    """Tensor name -> the nodes that read it."""
-    consumers: dict[str, list[Any]] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    return consumers
-
-
-def input_nodes(model: Any) -> list[str]:
-    """Names of the Conv/Gemm/MatMul nodes with no other such node between them and a graph input:
-    the layer that reads the image (3 channels in, full resolution)."""
-    consumers = _consumers(model)
-    first: set[str] = set()
-    seen: set[int] = set()
-    stack = [i.name for i in model.graph.input]
-    while stack:
-        for node in consumers.get(stack.pop(), []):
-            if id(node) in seen:
-                continue
-            seen.add(id(node))
-            if node.op_type in QUANTIZED_OPS:
-                first.add(node.name)
-            else:
-                stack.extend(node.output)
-    return sorted(first)
-
-
-def downstream_of(model: Any, roots: Iterable[str]) -> list[str]:
-    """Names of the nodes fed, directly or not, by the nodes named ``roots`` (roots excluded)."""
-    consumers = _consumers(model)
-    by_name = {n.name: n for n in model.graph.node}
-    stack = [o for r in roots if r in by_name for o in by_name[r].output]
-    seen: set[str] = set()
-    while stack:
-        for n in consumers.get(stack.pop(), []):
-            if n.name not in seen:
-                seen.add(n.name)
-                stack.extend(n.output)
-    return sorted(seen - set(roots))
 
 
 def _excluded(model: Any, cfg: QuantizeConfig) -> list[str]:
@@ -281,12 +223,15 @@ def _quantize(
     if cfg.target == "ort-cpu":
         # uint8 activations, asymmetric: a ReLU's range then starts at the zero point, so ORT folds
         # the ReLU into the quantization and the INT8 chain runs Conv to Conv without Q/DQ between
-        # (measured on the pruned BCCD SSD300, AVX-512 VNNI: 1.2x faster than "portable").
+        # (measured on the pruned BCCD SSD300, AVX-512 VNNI: 1.2x faster than the int8 symmetric layout).
         act_type, act_sym, ops = QuantType.QUInt8, False, [*QUANTIZED_OPS, *CPU_CHAIN_OPS]
     else:
-        # int8, symmetric, zero point 0: what TensorRT's explicit quantization accepts.
+        # int8, symmetric, zero point 0, float bias, inputs only: what TensorRT's explicit
+        # quantization accepts (prunekit.deploy.trt_lint finds nothing in it)
         act_type, act_sym, ops = QuantType.QInt8, True, list(QUANTIZED_OPS)
     extra: dict[str, Any] = {"ActivationSymmetric": act_sym, "WeightSymmetric": True}
+    if cfg.target == "tensorrt":
+        extra |= {"QuantizeBias": False, "OpTypesToExcludeOutputQuantization": list(QUANTIZED_OPS)}
     if cfg.method == "percentile":
         extra["CalibPercentile"] = cfg.percentile
     n_images = sum(len(b) for b in batches)
@@ -309,8 +254,13 @@ def _quantize(
     final = tmp / "final.onnx"
     onnx.save(q, str(final))
     os.replace(final, out)
+    lint = lint_onnx(q)
+    if lint and cfg.target == "tensorrt":
+        log.warning("%s: TensorRT lint: %d finding(s); first: %s", out, len(lint), lint[0])
     return {
         "output": str(out),
+        "target": cfg.target,
+        "tensorrt_lint": as_dicts(lint),
         "method": cfg.method,
         "calibration_images": n_images,
         "compute_nodes": len(compute),

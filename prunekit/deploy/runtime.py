@@ -635,6 +635,8 @@ def check_plan_compatible(plan_meta: dict[str, Any], here: dict[str, Any], plan_
             raise PlanMismatchError(
                 f"{plan_path}: plan metadata has no {key}; rebuild it with prunekit build-engine"
             )
+        if built == "unknown" and key != "tensorrt_version":
+            continue  # deploy/build_engine.py without cuda-python or nvidia-smi: built here, by the user
         if now is not None and str(built) != str(now):
             raise PlanMismatchError(
                 f"{plan_path}: built for {what} {built} but this machine has {what} {now}; "

@@ -135,23 +135,21 @@ def onnx_has_qdq(onnx_path: str | os.PathLike) -> bool:
 
 
 def qdq_incompatibility(onnx_path: str | os.PathLike) -> str | None:
-    """Why TensorRT would reject this Q/DQ graph, or None: TensorRT takes only int8 zero-point-0
-    quantization, so a ``--target ort-cpu`` model (uint8, asymmetric activations) cannot build."""
-    import onnx
-    from onnx import numpy_helper
+    """Why TensorRT would reject this Q/DQ graph, or None: the quantization errors of
+    :mod:`prunekit.deploy.trt_lint` (uint8 or non-zero zero points from a ``--target ort-cpu``
+    model, an INT32 bias behind a DequantizeLinear, unpaired Q/DQ, weights along the wrong axis)."""
+    from prunekit.deploy.trt_lint import lint_onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    inits = {i.name: i for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type != "QuantizeLinear" or len(n.input) < 3 or n.input[2] not in inits:
-            continue
-        zp = numpy_helper.to_array(inits[n.input[2]])
-        if zp.dtype.kind == "u" or zp.any():
-            return (
-                f"{onnx_path}: node {n.name!r} quantizes to {zp.dtype} with zero point {zp.ravel()[:1].tolist()}; "
-                "TensorRT takes int8 with zero point 0 only: quantize with `prunekit quantize --target portable`"
-            )
-    return None
+    errors = [
+        f for f in lint_onnx(onnx_path)
+        if f.severity == "error" and (f.rule.startswith(("qdq-", "dq-")) or f.rule == "weight-axis")
+    ]  # fmt: skip
+    if not errors:
+        return None
+    return (
+        f"{onnx_path}: {errors[0]} ({len(errors)} such finding(s)); TensorRT takes int8 with zero point 0 "
+        "only, float bias, Q/DQ on layer inputs: quantize with `prunekit quantize --target tensorrt`"
+    )
 
 
 def build_plan_mode(caps: dict[str, bool], precision: str, explicit_int8: bool) -> dict[str, Any]:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,30 +44,13 @@ def standard_error(pct: float, n: int) -> float:
 
 
 def machine_info(device: str, threads: int) -> dict[str, Any]:
-    """Where the figures were measured: CPU model, cores, load, library versions (and the GPU)."""
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("torchvision", "onnxruntime", "onnx", "numpy", "pycocotools"):
-        try:
-            versions[mod] = getattr(__import__(mod), "__version__", "?")
-        except ImportError:
-            versions[mod] = None
-    versions["prunekit"] = getattr(prunekit, "__version__", "?")
-    info: dict[str, Any] = {
-        "device": device,
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": threads,
-        "loadavg": list(os.getloadavg()),
-        "versions": versions,
-    }
+    """Where the figures were measured: :func:`prunekit.bench.machine.describe_machine` (CPU model and
+    ISA, cores, memory, GPUs, library versions) plus this run's device, torch threads and load."""
+    from prunekit.bench.machine import describe_machine
+
+    info = describe_machine()
+    info.update(device=device, torch_threads=threads, loadavg=list(os.getloadavg()))
+    info["versions"] = {**info["libraries"], "prunekit": getattr(prunekit, "__version__", "?")}
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info

@@ -115,6 +115,7 @@ def collect(name: str, flags: list[str], runs: Path, timing: dict[str, Any]) -> 
                 "drop_vs_control": test["drop"], "drop_se": test["drop_se"],
                 "val_drop_se": kept.get("drop_se")})  # fmt: skip
     row["budget_met"], row["resolvable"] = test["budget_met"], test["resolvable"]
+    row["compressed"] = test.get("compressed", row.get("params_ratio", 1.0) > 1.0)
     return row
 
 

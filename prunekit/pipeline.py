@@ -737,10 +737,16 @@ class Pipeline:
                  "compressed": self.out / "model.pt"}  # fmt: skip
         if not paths["control"].is_file():
             paths.pop("control")
-        scores, cards = {}, {}
+        scores, cards, models = {}, {}, {}
         for name, path in paths.items():
-            res = evaluate(prunekit.load(path), test, device=c.device, progress=False, per_image=True)
+            models[name] = prunekit.load(path)
+            res = evaluate(models[name], test, device=c.device, progress=False, per_image=True)
             scores[name], cards[name] = _headline(res), res["scorecard"]
+        original, compressed = models["original"].state_dict(), models["compressed"].state_dict()
+        unchanged = original.keys() == compressed.keys() and all(
+            original[k].shape == compressed[k].shape and torch.equal(original[k], compressed[k])
+            for k in original
+        )
         ref = "control" if "control" in cards else "original"
         drop, se = paired_difference(cards[ref], cards["compressed"])
         info: dict[str, Any] = {
@@ -752,7 +758,9 @@ class Pipeline:
         if c.schedule == "search":
             info["max_drop"] = c.search.max_drop
             info["budget_met"] = info["drop"] <= c.search.max_drop
-            info["resolvable"] = resolves(info["drop_se"], c.search.max_drop)
+            # nothing compressed: the drop is 0 by construction, so there is nothing to resolve
+            info["resolvable"] = None if unchanged else resolves(info["drop_se"], c.search.max_drop)
+        info["compressed"] = not unchanged
         dst = self.out / "test.json"
         if D.is_main_process():
             atomic_write_json(dst, info)

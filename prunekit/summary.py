@@ -151,7 +151,9 @@ def _test_lines(t: dict[str, Any], metric: str) -> list[str]:
     if "budget_met" in t:
         verdict = "met" if t["budget_met"] else "**NOT met**"
         lines[-1] += f"; budget {t['max_drop']:g}: {verdict}"
-        if not t["resolvable"]:
+        if t.get("compressed") is False:
+            lines.append("  - nothing was compressed: the model handed back is the original")
+        elif t["resolvable"] is False:
             lines.append(f"  - {t['images']} test images cannot resolve a {t['max_drop']:g}-point difference "
                          f"(2 SE = {2 * t['drop_se']:.2f}): read the verdict as a range, not a fact")  # fmt: skip
         if not t["budget_met"]:

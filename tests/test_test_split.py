@@ -57,3 +57,16 @@ def test_late_settings_are_those_read_after_training() -> None:
     for key in ("setting:lr", "setting:width", "setting:data", "data", "file:model", "setting:seed",
                 "setting:max_val_images", "setting:searchlight"):  # fmt: skip
         assert not late_setting(key), key
+
+
+def test_summary_says_when_nothing_was_compressed() -> None:
+    """A run that hands back the original has a 0 drop by construction: no 'cannot resolve' line,
+    a plain statement instead."""
+    from prunekit.summary import _test_lines
+
+    t = {"reference": "original", "split": "test", "images": 72, "metric_original": 72.8, "metric_compressed": 72.8,
+         "drop": 0.0, "drop_se": 0.0, "max_drop": 1.0, "budget_met": True, "resolvable": None, "compressed": False}  # fmt: skip
+    text = "\n".join(_test_lines(t, "AP50"))
+    assert "nothing was compressed" in text and "cannot resolve" not in text
+    t |= {"compressed": True, "resolvable": False, "drop": 0.4, "drop_se": 1.4, "metric_compressed": 72.4}
+    assert "72 test images cannot resolve a 1-point difference" in "\n".join(_test_lines(t, "AP50"))

@@ -40,6 +40,7 @@ from prunekit.bench.machine import cpu_isa
 from prunekit.deploy import get_runner
 from prunekit.deploy.quantize import QuantizeConfig, dataset_batches, quantize_model
 from prunekit.deploy.runtime import read_metadata
+from prunekit.deploy.trt_lint import lint_file
 from prunekit.export import export_onnx
 from prunekit.fileio import atomic_write_json, atomic_write_text, file_sha256
 
@@ -96,11 +97,11 @@ def measure(task: str, ckpts: dict[str, Path], calib: Any, test: Any, metric: st
                 raise SystemExit(f"{ckpt}: not found; run the {task} benchmark first")
             model = prunekit.load(ckpt).eval()
             fp32 = Path(tmp) / f"{role}_fp32.onnx"
-            summary = export_onnx(model, fp32, check=False)
+            export_onnx(model, fp32, check=False)
             paths[f"{role}_fp32"] = fp32
             out[f"{role}_fp32"] = {
                 "params": prunekit.count_params(model),
-                "tensorrt_lint": summary.tensorrt_lint,
+                "tensorrt_lint": lint_file(fp32),
             }
             out.setdefault("source", {})[role] = {"checkpoint": str(ckpt), "sha256": file_sha256(ckpt)}
             if batches is None:  # pruning keeps the input contract: one set of batches serves both

@@ -793,6 +793,7 @@ class Pipeline:
         return test
 
     def stage_export(self) -> tuple[dict[str, Path], dict[str, Any]]:
+        from prunekit.deploy.trt_lint import lint_file
         from prunekit.export import export_onnx
 
         c = self.cfg
@@ -812,6 +813,7 @@ class Pipeline:
         for label, m, form, path in jobs:
             src = self.out / ("original.pt" if label == "original" else "model.pt")
             s = export_onnx(m, path, form=form, opset=c.opset, source_checkpoint=src)
+            s.tensorrt_lint = lint_file(path)
             outs[label] = path
             summaries[label] = {
                 "form": form,

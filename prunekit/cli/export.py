@@ -58,6 +58,9 @@ def export(
         max_detections=max_detections,
         check=not no_check,
     )
+    from prunekit.deploy.trt_lint import lint_file
+
+    summary.tensorrt_lint = lint_file(summary.path)
     click.echo(json.dumps(summary.to_dict(), indent=2, default=str) if as_json else summary.text())
 
 

@@ -18,6 +18,7 @@ accuracy. ``prunekit inspect MODEL.onnx --tensorrt`` prints them; export and qua
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -26,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from prunekit.deploy.onnx_graph import head_nodes, input_nodes
+
+log = logging.getLogger(__name__)
 
 # The newest default-domain opset each TensorRT's parser reads (oldest: 9 for both).
 MAX_OPSET = {"10.3": 20, "11": 25}
@@ -98,6 +101,15 @@ def lint_onnx(model: Any, tensorrt: str = DEFAULT_TENSORRT) -> list[Finding]:
     out += _weights(g)
     out += _alignment(g, model)
     return out
+
+
+def lint_file(path: str | os.PathLike, tensorrt: str = DEFAULT_TENSORRT) -> list[dict[str, str]]:
+    """:func:`lint_onnx` of a written model, logged (a warning naming the first finding) and JSON-ready."""
+    found = lint_onnx(path, tensorrt)
+    if found:
+        log.warning("%s: TensorRT lint: %d finding(s) (`prunekit inspect %s --tensorrt` lists them); first: %s",
+                    path, len(found), os.path.basename(path), found[0])  # fmt: skip
+    return as_dicts(found)
 
 
 def as_dicts(findings: Iterable[Finding]) -> list[dict[str, str]]:

@@ -31,7 +31,7 @@ import logging
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,6 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.deploy.trt_lint import as_dicts, lint_onnx
 from prunekit.export.cleanup import GraphSummary, clean_graph, summarize, validate_model
 from prunekit.export.metadata import INPUT_NAME, set_metadata
 from prunekit.export.modules import SSDDecoded, default_boxes, example_input, network_outputs
@@ -74,8 +73,9 @@ class ExportSummary:
     metadata: dict[str, Any]
     self_check: dict[str, Any] | None = None
     seconds: float = 0.0
-    # prunekit.deploy.trt_lint's findings (TensorRT 10.3): what TensorRT would reject or run badly
-    tensorrt_lint: list[dict[str, str]] = field(default_factory=list)
+    # the TensorRT lint's findings (TensorRT 10.3), filled by the caller that runs it (the pipeline,
+    # `prunekit export`): the export layer does not import the deploy layer, where the lint lives
+    tensorrt_lint: list[dict[str, str]] | None = None
 
     @property
     def num_nodes(self) -> int:
@@ -360,10 +360,6 @@ def export_onnx(
                 f"{what}: self-check failed: {self_check['reason']}; nothing was written (data-dependent "
                 "behaviour, a hard-coded batch size or an exporter bug)"
             )
-    lint = lint_onnx(onnx_model)
-    if lint:
-        log.warning("%s: TensorRT lint: %d finding(s) (`prunekit inspect %s --tensorrt` lists them); first: %s",
-                    path, len(lint), path.name, lint[0])  # fmt: skip
     atomic_write_bytes(path, onnx_model.SerializeToString())
     log.info("wrote %s (%s, %d nodes)", path, form, len(onnx_model.graph.node))
     return ExportSummary(
@@ -375,7 +371,6 @@ def export_onnx(
         metadata=meta,
         self_check=self_check,
         seconds=time.perf_counter() - t0,
-        tensorrt_lint=as_dicts(lint),
     )
 
 

@@ -509,7 +509,10 @@ class Pipeline:
         info = {"trained_here": True, "epochs": h["epochs_total"], "cycles": h["cycles"], "steps": h["steps"],
                 "val_curve": curve, "plateau": h["plateau"], "plateau_change": h["plateau_change"],
                 "wall_s": round(h["time_s"], 1), "cpu_s": round(h["cpu_time_s"], 1)}  # fmt: skip
-        if h["plateau"] is False:
+        if h.get("near_chance"):
+            log.warning("the original is still near chance after %d steps: %s", h["steps"],
+                        ", ".join(f"{v:.1f}" for v in curve[-3:]))  # fmt: skip
+        elif h["plateau"] is False:
             log.warning(
                 "the original is not at a plateau: its validation metric rose %.2f points over the last quarter "
                 "of its schedule "
@@ -1032,7 +1035,7 @@ class Pipeline:
         with _signals_to_exceptions():
             for name in STAGES:
                 fn = getattr(self, f"stage_{name}")
-                self._run_stage(name, fn, all_ranks=name in ("data", "train", "prune", "control", "test"))
+                self._run_stage(name, fn, all_ranks=name in ("data", "train", "eval_original", "prune", "control", "test"))
         return self.manifest
 
 
@@ -1250,5 +1253,6 @@ def run_pipeline(cfg: PipelineConfig, out: str | Path, resume: bool = False, for
     prepare_run_dir(out, resume=resume, force=force, cfg=cfg)
     torch.manual_seed(cfg.seed)
     manifest = Pipeline(cfg, out, resume=resume).run()
-    assert all(r.status in (DONE, "skipped") for r in manifest.stages.values())
+    if D.is_main_process():  # only rank 0 records stages; the others hold the manifest as it was read
+        assert all(r.status in (DONE, "skipped") for r in manifest.stages.values())
     return manifest

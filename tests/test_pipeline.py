@@ -72,7 +72,8 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_data: str) -> Pa
 def test_end_to_end_artifacts_and_manifest(finished_run: Path) -> None:
     out = finished_run
     for name in ["manifest.json", "config.yaml", "original.pt", "model.pt", "model.onnx", "model_decoded.onnx",
-                 "model_trt.onnx", "verify.json", "bench.json", "REPORT.md"]:  # fmt: skip
+                 "model_trt.onnx", "verify.json", "bench.json", "REPORT.md", "deploy/SHA256SUMS",
+                 "deploy/build_engine.py", "deploy/runtime.py", "deploy/trtexec.sh"]:  # fmt: skip
         assert (out / name).is_file(), name
     assert list((out / "phases").glob("p*/retrained.pt")), "per-phase checkpoints"
     assert list((out / "engines").iterdir()), "ORT engine"

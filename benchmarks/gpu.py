@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -44,39 +43,38 @@ def build(name: str, table: dict[str, Any]) -> Any:
     return SSDRaw(prunekit.build_model(cfg)).eval()
 
 
-def time_torch(model: Any, x: Any, iters: int, warmup: int, budget_s: float) -> dict[str, float]:
-    """Median latency (ms) with CUDA events on a GPU, perf_counter on the CPU; peak memory (MB)."""
+def measure(
+    fn: Any, batch: int, iters: int, warmup: int, budget_s: float, cuda: bool = False
+) -> dict[str, Any]:
+    """Median latency (ms) and throughput of ``fn`` through prunekit's own timer: CUDA events on a GPU,
+    the wall clock otherwise; ``iters`` calls at most, fewer once ``budget_s`` seconds have passed."""
+    from prunekit.bench.timing import TimingConfig, cuda_event_timer, perf_counter_timer, time_callable
+
+    cfg = TimingConfig(
+        warmup_iters=warmup, min_iters=iters, min_time_s=0.0, max_time_s=budget_s, max_iters=iters
+    )
+    stats = time_callable(fn, batch, cfg, cuda_event_timer() if cuda else perf_counter_timer)
+    return {"latency_ms": stats.p50_ms, "fps": 1e3 * batch / stats.p50_ms, "iterations": stats.n_iters}
+
+
+def time_torch(model: Any, x: Any, iters: int, warmup: int, budget_s: float) -> dict[str, Any]:
+    """:func:`measure` of the network on ``x``, in inference mode; peak device memory (MB) on a GPU."""
     import torch
 
     cuda = x.is_cuda
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        if cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        times: list[float] = []
-        t_end = time.perf_counter() + budget_s
-        while len(times) < iters and (time.perf_counter() < t_end or not times):
-            if cuda:
-                start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                model(x)
-                stop.record()
-                stop.synchronize()
-                times.append(start.elapsed_time(stop))
-            else:
-                t0 = time.perf_counter()
-                model(x)
-                times.append(1e3 * (time.perf_counter() - t0))
-    ms = statistics.median(times)
-    out = {"latency_ms": ms, "fps": 1e3 * x.shape[0] / ms, "iterations": len(times)}
+        out = measure(lambda: model(x), x.shape[0], iters, warmup, budget_s, cuda)
     if cuda:
         out["peak_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return out
 
 
-def onnx_backends(model: Any, batch: int, device: str, iters: int, warmup: int) -> dict[str, Any]:
+def onnx_backends(
+    model: Any, batch: int, device: str, iters: int, warmup: int, budget_s: float
+) -> dict[str, Any]:
     """ORT CUDA (FP32) and TensorRT (FP16) where installed; otherwise the reason they were skipped."""
     import numpy as np
     import torch
@@ -108,38 +106,14 @@ def onnx_backends(model: Any, batch: int, device: str, iters: int, warmup: int) 
         feed = {"images": x.numpy().astype(np.float32)}
         if has_cuda:
             sess = ort.InferenceSession(str(path), providers=["CUDAExecutionProvider"])
-            for _ in range(warmup):
-                sess.run(None, feed)
-            times = []
-            for _ in range(iters):
-                t0 = time.perf_counter()
-                sess.run(None, feed)
-                times.append(1e3 * (time.perf_counter() - t0))
-            ms = statistics.median(times)
-            out["ort-cuda"] = {
-                "latency_ms": ms,
-                "fps": 1e3 * batch / ms,
-                "iterations": iters,
-                "note": "host I/O included",
-            }
+            out["ort-cuda"] = {**measure(lambda: sess.run(None, feed), batch, iters, warmup, budget_s),
+                               "note": "host I/O included"}  # fmt: skip
         if has_trt:
             from prunekit.deploy import get_runner
 
             with get_runner("trt", path, precision="fp16", max_batch=batch, opt_batch=batch) as r:
-                for _ in range(warmup):
-                    r.infer(feed)
-                times = []
-                for _ in range(iters):
-                    t0 = time.perf_counter()
-                    r.infer(feed)
-                    times.append(1e3 * (time.perf_counter() - t0))
-            ms = statistics.median(times)
-            out["trt:fp16"] = {
-                "latency_ms": ms,
-                "fps": 1e3 * batch / ms,
-                "iterations": iters,
-                "note": "host I/O included",
-            }
+                out["trt:fp16"] = {**measure(lambda: r.infer(feed), batch, iters, warmup, budget_s),
+                                   "note": "host I/O included"}  # fmt: skip
     return out
 
 
@@ -205,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
         for b in batches:
-            for k, v in onnx_backends(model, b, device, iters, warmup).items():
+            for k, v in onnx_backends(model, b, device, iters, warmup, a.budget_s).items():
                 entry["runs"][f"{k}@b{b}"] = v
         res["architectures"][name] = entry
     base = res["architectures"]["original"]["runs"]

@@ -1035,7 +1035,9 @@ class Pipeline:
         with _signals_to_exceptions():
             for name in STAGES:
                 fn = getattr(self, f"stage_{name}")
-                self._run_stage(name, fn, all_ranks=name in ("data", "train", "eval_original", "prune", "control", "test"))
+                self._run_stage(
+                    name, fn, all_ranks=name in ("data", "train", "eval_original", "prune", "control", "test")
+                )
         return self.manifest
 
 

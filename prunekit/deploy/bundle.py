@@ -63,42 +63,50 @@ def _models(run: Path) -> dict[str, Path]:
 
 
 def trtexec_lines(meta: dict[str, Any], files: list[str], max_batch: int = 8) -> dict[str, list[str]]:
-    """Named trtexec command lines (argument lists) for the models in ``files``."""
+    """Named trtexec command lines (argument lists) for the models in ``files``.
+
+    One recipe per model and target: ``desktop`` and ``jetson`` (the same, with a 1 GB workspace
+    cap for the Jetson's shared memory) build the batch profile 1..``max_batch`` with a timing cache
+    and the full latency report; ``jetson-dla`` builds batch 1 for DLA core 0 with GPU fallback
+    (DLA takes static shapes; no CUDA graph); ``trt11`` builds strongly typed (TensorRT 11 has no
+    precision flags).
+    """
     size = json.loads(meta["input_size"]) if isinstance(meta.get("input_size"), str) else meta["input_size"]
     name = meta.get("input_name", "images")
     shape = lambda b: f"{name}:{b}x3x{size[0]}x{size[1]}"  # noqa: E731
     dyn = [f"--minShapes={shape(1)}", f"--optShapes={shape(1)}", f"--maxShapes={shape(max_batch)}"]
-    fixed = [f"--shapes={shape(1)}"]
     report = ["--useCudaGraph", "--percentile=50,90,99", "--separateProfileRun", "--dumpProfile"]
+    workspace = "--memPoolSize=workspace:1024"
+
+    def line(onnx: str, flags: list[str], engine: str, target: str) -> list[str]:
+        head = [f"--onnx={onnx}", *flags]
+        if target == "jetson-dla":
+            return [*head, "--useDLACore=0", "--allowGPUFallback", f"--shapes={shape(1)}",
+                    f"--saveEngine={engine}.dla0.engine", workspace, f"--exportTimes={engine}.dla0.times.json",
+                    "--percentile=50,90,99"]  # fmt: skip
+        if target == "trt11":
+            return [
+                *head,
+                *dyn,
+                f"--saveEngine={engine}.st.engine",
+                "--timingCacheFile=timing.cache",
+                *report,
+            ]
+        jetson = [workspace] if target == "jetson" else []
+        return [*head, *dyn, f"--saveEngine={engine}.engine", "--timingCacheFile=timing.cache", *jetson,
+                f"--exportTimes={engine}.times.json", *report]  # fmt: skip
+
     fp = "model_trt.onnx" if "model_trt.onnx" in files else "model.onnx"
     stem = Path(fp).stem
     lines = {
-        "desktop-fp16": [f"--onnx={fp}", "--fp16", *dyn, f"--saveEngine={stem}.fp16.engine",
-                         "--timingCacheFile=timing.cache", f"--exportTimes={stem}.fp16.times.json", *report],
-        "jetson-fp16": [f"--onnx={fp}", "--fp16", *dyn, f"--saveEngine={stem}.fp16.engine",
-                        "--timingCacheFile=timing.cache", "--memPoolSize=workspace:1024",
-                        f"--exportTimes={stem}.fp16.times.json", *report],
-        "jetson-dla-fp16": [f"--onnx={fp}", "--fp16", "--useDLACore=0", "--allowGPUFallback", *fixed,
-                            f"--saveEngine={stem}.fp16.dla0.engine", "--memPoolSize=workspace:1024",
-                            f"--exportTimes={stem}.fp16.dla0.times.json", "--percentile=50,90,99"],
-    }  # fmt: skip
+        f"{t}-fp16": line(fp, ["--fp16"], f"{stem}.fp16", t) for t in ("desktop", "jetson", "jetson-dla")
+    }
     if "model_int8.onnx" in files:
-        lines |= {
-            "desktop-int8": ["--onnx=model_int8.onnx", "--int8", "--fp16", *dyn, "--saveEngine=model_int8.engine",
-                             "--timingCacheFile=timing.cache", "--exportTimes=model_int8.times.json", *report],
-            "jetson-int8": ["--onnx=model_int8.onnx", "--int8", "--fp16", *dyn, "--saveEngine=model_int8.engine",
-                            "--timingCacheFile=timing.cache", "--memPoolSize=workspace:1024",
-                            "--exportTimes=model_int8.times.json", *report],
-            "jetson-dla-int8": ["--onnx=model_int8.onnx", "--int8", "--fp16", "--useDLACore=0", "--allowGPUFallback",
-                                *fixed, "--saveEngine=model_int8.dla0.engine", "--memPoolSize=workspace:1024",
-                                "--exportTimes=model_int8.dla0.times.json", "--percentile=50,90,99"],
-            "trt11-int8": ["--onnx=model_int8.onnx", "--stronglyTyped", *dyn, "--saveEngine=model_int8.st.engine",
-                           "--timingCacheFile=timing.cache", *report],
-        }  # fmt: skip
-    fp16_onnx = f"{stem}_fp16.onnx"
-    if fp16_onnx in files:
-        lines["trt11-fp16"] = [f"--onnx={fp16_onnx}", "--stronglyTyped", *dyn, f"--saveEngine={stem}_fp16.st.engine",
-                               "--timingCacheFile=timing.cache", *report]  # fmt: skip
+        lines |= {f"{t}-int8": line("model_int8.onnx", ["--int8", "--fp16"], "model_int8", t)
+                  for t in ("desktop", "jetson", "jetson-dla")}  # fmt: skip
+        lines["trt11-int8"] = line("model_int8.onnx", ["--stronglyTyped"], "model_int8", "trt11")
+    if f"{stem}_fp16.onnx" in files:
+        lines["trt11-fp16"] = line(f"{stem}_fp16.onnx", ["--stronglyTyped"], f"{stem}_fp16", "trt11")
     return lines
 
 

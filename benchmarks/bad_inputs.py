@@ -1,7 +1,7 @@
 """Every bad input tried, on the real command line (issue #39: nothing lost, nothing stale).
 
-    python benchmarks/bad_inputs.py                 # ~60 subprocesses, a few minutes on 2 cores
-    python benchmarks/bad_inputs.py --only coco     # the cases whose name contains "coco"
+    python -m benchmarks.bad_inputs                 # ~60 subprocesses, a few minutes on 2 cores
+    python -m benchmarks.bad_inputs --only coco     # the cases whose name contains "coco"
 
 Each case runs ``python -m prunekit.cli ...`` (or the torch-free runtime) as a subprocess in a
 temporary workspace holding a tiny classifier and detector (width 0.125), their ONNX exports and
@@ -19,7 +19,6 @@ and message are recorded like the others. Writes ``benchmarks/results/bad_inputs
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import pickle
@@ -41,11 +40,11 @@ import torch
 from PIL import Image
 
 import prunekit
+from benchmarks.common import RESULTS
 from prunekit.data.synth import make_synth_voc
-from prunekit.fileio import atomic_write_json
+from prunekit.fileio import atomic_write_json, tree_sha256
 from prunekit.models import create_model
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CLI = [sys.executable, "-m", "prunekit.cli"]
 RUNTIME = [sys.executable, "-m", "prunekit.deploy.runtime"]
 
@@ -85,16 +84,8 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 def tree_hash(path: Path) -> str:
-    """Names, contents and modes of everything under ``path``; ``absent`` if it does not exist."""
-    if not path.exists():
-        return "absent"
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(path.rglob("*"))
-    for p in files:
-        h.update(f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_mode}\n".encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
+    """:func:`prunekit.fileio.tree_sha256` of ``path``; ``absent`` if it does not exist."""
+    return tree_sha256(path) if path.exists() else "absent"
 
 
 @dataclass
@@ -275,86 +266,20 @@ def cases(ws: Workspace) -> list[Case]:
         {"id": 2, "file_name": "b.jpg", "width": 20, "height": 20},
     ]
     box = {"iscrowd": 0, "bbox": [2, 2, 8, 8]}
-    spec = _coco(
-        ws,
-        "coco_duplicate_image_id",
-        [two[0], {**two[1], "id": 1}],
-        [{"id": 1, "image_id": 1, "category_id": 1, **box}],
-    )
-    add(
-        Case(
-            "coco_duplicate_image_id",
-            ["eval", det, "--data", spec],
-            inputs=[ws.case_dir("coco_duplicate_image_id")],
-        )
-    )
-    spec = _coco(
-        ws,
-        "coco_duplicate_annotation_id",
-        two,
-        [
-            {"id": 5, "image_id": 1, "category_id": 1, **box},
-            {"id": 5, "image_id": 2, "category_id": 2, **box},
-        ],
-    )
-    add(
-        Case(
-            "coco_duplicate_annotation_id",
-            ["eval", det, "--data", spec],
-            inputs=[ws.case_dir("coco_duplicate_annotation_id")],
-        )
-    )
-    spec = _coco(ws, "coco_dangling_annotation", two, [{"id": 1, "image_id": 9, "category_id": 1, **box}])
-    add(
-        Case(
-            "coco_dangling_annotation",
-            ["eval", det, "--data", spec],
-            inputs=[ws.case_dir("coco_dangling_annotation")],
-        )
-    )
-    spec = _coco(ws, "coco_unknown_category", two, [{"id": 1, "image_id": 1, "category_id": 7, **box}])
-    add(
-        Case(
-            "coco_unknown_category",
-            ["eval", det, "--data", spec],
-            inputs=[ws.case_dir("coco_unknown_category")],
-        )
-    )
-    spec = _coco(
-        ws,
-        "coco_duplicate_category_id",
-        two,
-        [],
-        cats=[{"id": 1, "name": "circle"}, {"id": 1, "name": "square"}],
-    )
-    add(
-        Case(
-            "coco_duplicate_category_id",
-            ["eval", det, "--data", spec],
-            inputs=[ws.case_dir("coco_duplicate_category_id")],
-        )
-    )
-    spec = _coco(
-        ws,
-        "coco_bbox_not_numbers",
-        two,
-        [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": ["2", None, 8, 8]}],
-    )
-    add(
-        Case(
-            "coco_bbox_not_numbers",
-            ["eval", det, "--data", spec],
-            inputs=[ws.case_dir("coco_bbox_not_numbers")],
-        )
-    )
-    spec = _coco(ws, "coco_string_image_id", [{**two[0], "id": "a"}], [])
-    add(
-        Case(
-            "coco_string_image_id",
-            ["eval", det, "--data", spec],
-            inputs=[ws.case_dir("coco_string_image_id")],
-        )
-    )
+    coco_cases: dict[str, tuple[list[dict], list[dict], list[dict] | None]] = {
+        "coco_duplicate_image_id": ([two[0], {**two[1], "id": 1}], [{"id": 1, "image_id": 1, "category_id": 1, **box}], None),
+        "coco_duplicate_annotation_id": (two, [{"id": 5, "image_id": 1, "category_id": 1, **box},
+                                               {"id": 5, "image_id": 2, "category_id": 2, **box}], None),
+        "coco_dangling_annotation": (two, [{"id": 1, "image_id": 9, "category_id": 1, **box}], None),
+        "coco_unknown_category": (two, [{"id": 1, "image_id": 1, "category_id": 7, **box}], None),
+        "coco_duplicate_category_id": (two, [], [{"id": 1, "name": "circle"}, {"id": 1, "name": "square"}]),
+        "coco_bbox_not_numbers": (two, [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                                          "bbox": ["2", None, 8, 8]}], None),
+        "coco_string_image_id": ([{**two[0], "id": "a"}], [], None),
+    }  # fmt: skip
+    for name, (images, anns, cats) in coco_cases.items():
+        spec = _coco(ws, name, images, anns, cats)
+        add(Case(name, ["eval", det, "--data", spec], inputs=[ws.case_dir(name)]))
     latin = ws.case_dir("coco_not_utf8") / "ann.json"
     latin.write_bytes('{"images": [], "categories": [{"id": 1, "name": "caf\u00e9"}]}'.encode("latin-1"))
     add(
@@ -719,7 +644,7 @@ def main() -> None:
         "unexpected_exit_codes": sum(r["exit_code"] != r["expected_exit_code"] for r in records),
         "timed_out": sum(bool(r.get("timed_out")) for r in records),
     }
-    result = {"cases": records, "summary": summary, "command": "python benchmarks/bad_inputs.py"}
+    result = {"cases": records, "summary": summary, "command": "python -m benchmarks.bad_inputs"}
     if args.only:
         result["command"] += f" --only {args.only}"
     atomic_write_json(args.out, result)

@@ -1,8 +1,8 @@
 """SSD300 (VGG16, BN, width 0.25) on BCCD, real microscope images: prunekit against control and L1-norm.
 
-    python benchmarks/bccd_ssd300.py                      # every stage, CPU
-    python benchmarks/bccd_ssd300.py --stages original    # one stage; later runs reuse it (--out)
-    python benchmarks/bccd_ssd300.py --smoke              # plumbing only: a few images, one epoch
+    python -m benchmarks.bccd_ssd300                      # every stage, CPU
+    python -m benchmarks.bccd_ssd300 --stages original    # one stage; later runs reuse it (--out)
+    python -m benchmarks.bccd_ssd300 --smoke              # plumbing only: a few images, one epoch
 
 Stages, each a checkpoint in ``--out`` that a later invocation reuses:
 
@@ -38,7 +38,6 @@ import argparse
 import copy
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -46,16 +45,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.common import (
+    DEFAULT_DATA,
+    RESULTS,
+    Stages,
+    command_line,
+    float_list,
+    load_bccd,
+    machine_info,
+    render_head,
+    render_tail,
+    run_stages,
+    save_result,
+)
 from prunekit.evaluate import evaluate
-from prunekit.fileio import atomic_write_json, atomic_write_text
+from prunekit.markdown import markdown_table
 from prunekit.models import ssd300_vgg16
 from prunekit.prune.baselines import prune_baseline
-from prunekit.prune.method import PruneConfig, phase_rows, run_phases
+from prunekit.prune.config import PruneConfig
+from prunekit.prune.method import run_phases
+from prunekit.prune.phase_report import phase_rows
 from prunekit.prune.trainer import DataTrainer
 from prunekit.train import train
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, RESULTS, Stages, float_list, load_bccd, machine_info, render_tail, run_stages  # noqa: E402
 
 STAGES = ("original", "paper", "control", "l1norm", "ort")
 log = logging.getLogger("bccd_ssd300")
@@ -176,7 +187,7 @@ def write_result(b: Stages) -> None:
             "filters")  # fmt: skip
     res: dict[str, Any] = {
         "benchmark": "bccd_ssd300",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "smoke": b.args.smoke,
         "model": {"arch": "ssd300_vgg16", "batch_norm": True, "width": b.args.width},
         "data": {
@@ -213,36 +224,27 @@ def write_result(b: Stages) -> None:
             t["paper_above_l1norm"] = p["ap50"] > res["l1norm"]["ap50"]
         if "ort_cpu_fps_ratio_b1" in res:
             t["ort_ratio_ge_1.5"] = res["ort_cpu_fps_ratio_b1"] >= 1.5
-    atomic_write_json(b.args.result, res)
-    atomic_write_text(b.args.result.with_suffix(".md"), render(res))
+    save_result(b.args.result, res, render)
 
 
 def render(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [
-        "# SSD300-VGG16-BN (width 0.25) on BCCD: prunekit against control and L1-norm"
-        + (" - SMOKE RUN, not a result" if r["smoke"] else ""),
-        "",
-        f"`{r['command']}`",
-        "",
+    lines = render_head(
+        r, "# SSD300-VGG16-BN (width 0.25) on BCCD: prunekit against control and L1-norm",
         f"Trained on BCCD trainval ({r['data']['train_images']} images), searches on val ({r['data']['val_images']}, "
         f"inside trainval), every figure below on test ({r['data']['test_images']} images). AP by pycocotools, in "
         f"percent, with the binomial SE of AP50 as a rough guide. Machine: {m['cpu']} ({m['cpu_count']} cores, "
         f"{m['torch_threads']} torch threads), torch {m['versions']['torch']}.",
-        "",
-        "| model | params | GMACs | AP50 | ± SE | AP@[.5:.95] | VOC07 | params x | MACs x | epochs | wall s | CPU s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    )  # fmt: skip
     o = r.get("original")
-    for stage in ("original", "control", "paper", "l1norm"):
-        if stage not in r:
-            continue
-        x = r[stage]
-        lines.append(
-            f"| {stage} | {x['params']:,} | {x['macs'] / 1e9:.3f} | {x['ap50']:.2f} | {x['ap50_se']:.2f} | "
-            f"{x['map']:.2f} | {x['voc07_ap']:.2f} | {o['params'] / x['params']:.2f} | {o['macs'] / x['macs']:.2f} | "
-            f"{x.get('epochs', '-')} | {x.get('wall_s', '-')} | {x.get('cpu_s', '-')} |"
-        )
+    head = ["model", "params", "GMACs", "AP50", "± SE", "AP@[.5:.95]", "VOC07", "params x", "MACs x", "epochs",
+            "wall s", "CPU s"]  # fmt: skip
+    body = [[stage, f"{x['params']:,}", f"{x['macs'] / 1e9:.3f}", f"{x['ap50']:.2f}", f"{x['ap50_se']:.2f}",
+             f"{x['map']:.2f}", f"{x['voc07_ap']:.2f}", f"{o['params'] / x['params']:.2f}",
+             f"{o['macs'] / x['macs']:.2f}", str(x.get("epochs", "-")), str(x.get("wall_s", "-")),
+             str(x.get("cpu_s", "-"))]
+            for stage, x in ((s, r[s]) for s in ("original", "control", "paper", "l1norm") if s in r)]  # fmt: skip
+    lines.append(markdown_table(head, body))
     lines += render_tail(r, "original", "paper", ("original", "paper", "l1norm"), "AP50")
     return "\n".join(lines) + "\n"
 

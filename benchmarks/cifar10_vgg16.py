@@ -1,8 +1,8 @@
 """VGG16 (the paper's Table 8 layout, BN, width 0.25) on all of CIFAR-10: prunekit against its controls.
 
-    python benchmarks/cifar10_vgg16.py                      # every stage, CPU (3-4 h on 2 cores, 1-1.5 h the baseline)
-    python benchmarks/cifar10_vgg16.py --stages baseline    # one stage; later runs reuse it (--out)
-    python benchmarks/cifar10_vgg16.py --smoke              # plumbing only: a few hundred images
+    python -m benchmarks.cifar10_vgg16                      # every stage, CPU (3-4 h on 2 cores, 1-1.5 h the baseline)
+    python -m benchmarks.cifar10_vgg16 --stages baseline    # one stage; later runs reuse it (--out)
+    python -m benchmarks.cifar10_vgg16 --smoke              # plumbing only: a few hundred images
 
 Stages, each a checkpoint in ``--out`` that a later invocation reuses:
 
@@ -40,12 +40,12 @@ points higher at 2.59x MACs (``benchmarks/results/cifar10_vgg16.md``, run v14). 
 conv cut (to 0.358 of the MACs) cost 1.24 validation points; at 0.40 that cut is a few channels
 (0.396 in all) and the pruned model scores 0.42 test points higher. Four rounds (run v10, caps 0.85 to 0.40)
 scored no better (84.32 against 84.49, paired −0.17 ± 0.26): the candidates are discrete, so the
-caps did not make the conv cuts smaller (``benchmarks/results/cifar10_vgg16_v10_rounds4.md``).
+caps did not make the conv cuts smaller.
 A k grid twice as fine (v12, ``--k-range``) gave v9's model to the bit, and cost-aware sparsity
-(v11, ``--cost-aware macs --cost-alpha 0.5``) fell 3.3 validation points behind v9 by round two
-(``cifar10_vgg16_v12_fine_k.md``, ``cifar10_vgg16_v11_cost_aware.md``). Kept counts aligned
-to 4 instead of 8 (v13, ``--align 4``) cut deeper under the same caps (2.62x MACs) and ended
-0.36 ± 0.26 lower, on the same accuracy-against-MACs curve (``cifar10_vgg16_v13_align4.md``).
+(v11, ``--cost-aware macs --cost-alpha 0.5``) fell 3.3 validation points behind v9 by round two.
+Kept counts aligned to 4 instead of 8 (v13, ``--align 4``) cut deeper under the same caps (2.62x MACs) and ended
+0.36 ± 0.26 lower, on the same accuracy-against-MACs curve. These runs are in ``docs/results.md``;
+their result files, ``benchmarks/results/cifar10_vgg16_v<N>_*.{json,md}``, in the git history.
 
 ``--target-flops R`` gives ``paper`` a MAC budget (prunekit's ``--target-flops``: each phase's
 selection is the most accurate candidate within its share of the budget), and ``--distill``
@@ -64,7 +64,6 @@ import argparse
 import copy
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -73,27 +72,32 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.distill import Distillation
-from prunekit.evaluate import evaluate
-from prunekit.fileio import atomic_write_json, atomic_write_text
-from prunekit.prune.baselines import prune_baseline
-from prunekit.prune.method import PruneConfig, phase_rows, run_phases
-from prunekit.prune.sparsity import LAM_SEARCHES
-from prunekit.prune.trainer import DataTrainer
-from prunekit.train import train
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
+from benchmarks.common import (
     DEFAULT_DATA,
     RESULTS,
     Stages,
+    command_line,
     float_list,
     load_cifar,
     machine_info,
     make_vgg,
+    paired_classification,
+    render_head,
     render_tail,
     run_stages,
+    save_result,
 )
+from prunekit.distill import Distillation
+from prunekit.evaluate import evaluate
+from prunekit.fileio import atomic_write_json
+from prunekit.markdown import markdown_table
+from prunekit.prune.baselines import prune_baseline
+from prunekit.prune.config import PruneConfig
+from prunekit.prune.method import run_phases
+from prunekit.prune.phase_report import phase_rows
+from prunekit.prune.sparsity import LAM_SEARCHES
+from prunekit.prune.trainer import DataTrainer
+from prunekit.train import train
 
 STAGES = ("baseline", "paper", "control", "l1norm", "random", "extend", "ort", "paired")
 COMPARED = ("control", "paper", "l1norm", "random")  # the stages judged at one epoch budget
@@ -181,6 +185,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument(
+        "--dry-run", action="store_true",
+        help="print the settings and the paper stage's prune config as JSON and exit (no data read, nothing trained)",
+    )  # fmt: skip
     ap.add_argument("--note", action="append", default=[], help="recorded with the settings (repeatable)")
     args = ap.parse_args(argv)
     if args.smoke:
@@ -228,8 +236,7 @@ def stage_baseline(b: Stages) -> None:
              cycles=a.baseline_cycles)  # fmt: skip
 
 
-def _hp(b: Stages) -> PruneConfig:
-    a = b.args
+def _hp(a: argparse.Namespace) -> PruneConfig:
     extra = {k: float_list(v) for k, v in (("lam_grid", a.lam_grid), ("k_range", a.k_range)) if v}
     return PruneConfig(
         eps1=a.eps1, eps2=a.eps2, shrink_grid=float_list(a.shrink_grid), lam_search=a.lam_search, epochs_sparsity=a.sparsity_epochs,
@@ -237,6 +244,10 @@ def _hp(b: Stages) -> PruneConfig:
         budget_eps=a.budget_eps, cost_aware=a.cost_aware, cost_alpha=a.cost_alpha, align=a.align,
         distill=a.distill, distill_alpha=a.distill_alpha, distill_temperature=a.distill_temperature, **extra,
     )  # fmt: skip
+
+
+def _settings(a: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
 
 
 def lineage_epochs(b: Stages) -> int:
@@ -252,7 +263,7 @@ def stage_paper(b: Stages) -> None:
         b.train_set, b.val_set, b.tcfg(1, a.retrain_lr), sparsity_lr=a.prune_lr, retrain_lr=a.retrain_lr,
         eval_batch_size=256,
     )  # fmt: skip
-    hp = _hp(b)
+    hp = _hp(b.args)
     b.stamp(f"paper: prunekit default method, {hp.to_dict()}")
     pruned = run_phases(baseline, "vgg16", trainer, hp, b.out / "paper", resume=True)
     summary = json.loads((b.out / "paper" / "summary.json").read_text())
@@ -369,8 +380,6 @@ def stage_ort(b: Stages) -> None:
 def stage_paired(b: Stages) -> None:
     """Why paired: the models are right on mostly the same images, so the SE of their difference
     (~0.3 here) is smaller than either model's own (~0.35) and says whether a gap is real."""
-    from paired import paired_classification
-
     models = {s: b.out / f"{s}.pt" for s in COMPARED if s in b.done and (b.out / f"{s}.pt").is_file()}
     if "paper" not in models or len(models) < 2:
         raise SystemExit(
@@ -410,7 +419,7 @@ def write_result(b: Stages) -> None:
     )
     res: dict[str, Any] = {
         "benchmark": "cifar10_vgg16",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "smoke": b.args.smoke,
         "model": {
             "arch": "vgg16",
@@ -424,7 +433,7 @@ def write_result(b: Stages) -> None:
             "test_images": len(b.test_set),
             "source": "../shared/data/cifar10-jpg-{train,test}.tar.gz (JPEG q~75)",
         },  # fmt: skip
-        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(b.args).items()},
+        "settings": _settings(b.args),
         "machine": machine_info(b.args.device, b.args.threads),
     }
     for stage in ("baseline", "control", "paper", "l1norm", "random"):
@@ -454,45 +463,32 @@ def write_result(b: Stages) -> None:
         if "before_extension" in paper and "control" in res and "before_extension" in res["control"]:
             gap = res["control"]["before_extension"]["top1"] - paper["before_extension"]["top1"]
             t["paper_within_1_of_control_before_extension"] = gap <= 1.0
-    atomic_write_json(b.args.result, res)
-    atomic_write_text(b.args.result.with_suffix(".md"), render(res))
+    save_result(b.args.result, res, render)
 
 
 def render(r: dict[str, Any]) -> str:
     m = r["machine"]
-    lines = [
-        "# VGG16-BN (width 0.25) on CIFAR-10: prunekit against control and baselines"
-        + (" - SMOKE RUN, not a result" if r["smoke"] else ""),
-        "",
-        f"`{r['command']}`",
-        "",
+    lines = render_head(
+        r, "# VGG16-BN (width 0.25) on CIFAR-10: prunekit against control and baselines",
         f"{r['data']['train_images']:,} train / {r['data']['val_images']:,} validation (searches) / "
         f"{r['data']['test_images']:,} test images. Machine: {m['cpu']} ({m['cpu_count']} cores, "
         f"{m['torch_threads']} torch threads), torch {m['versions']['torch']}. Top-1 on the test set with its "
         "standard error; wall and process CPU seconds per stage.",
-        "",
-        "| model | params | MMACs | top-1 (%) | ± SE | params x | MACs x | epochs | wall s | CPU s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
+    )  # fmt: skip
     base = r.get("baseline")
-    for stage in ("baseline", "control", "paper", "l1norm", "random"):
-        if stage not in r:
-            continue
-        x = r[stage]
-        lines.append(
-            f"| {stage} | {x['params']:,} | {x['macs'] / 1e6:.1f} | {x['top1']:.2f} | {x['top1_se']:.2f} | "
-            f"{base['params'] / x['params']:.1f} | {base['macs'] / x['macs']:.2f} | {x.get('epochs', '-')} | "
-            f"{x.get('wall_s', '-')} | {x.get('cpu_s', '-')} |"
-        )
+    head = ["model", "params", "MMACs", "top-1 (%)", "± SE", "params x", "MACs x", "epochs", "wall s", "CPU s"]  # fmt: skip
+    body = [[stage, f"{x['params']:,}", f"{x['macs'] / 1e6:.1f}", f"{x['top1']:.2f}", f"{x['top1_se']:.2f}",
+             f"{base['params'] / x['params']:.1f}", f"{base['macs'] / x['macs']:.2f}", str(x.get("epochs", "-")),
+             str(x.get("wall_s", "-")), str(x.get("cpu_s", "-"))]
+            for stage, x in ((s, r[s]) for s in ("baseline", "control", "paper", "l1norm", "random") if s in r)]  # fmt: skip
+    lines.append(markdown_table(head, body))
     ext = {s: r[s]["before_extension"] for s in COMPARED if s in r and "before_extension" in r[s]}
     if ext:
+        body = [[stage, f"{x['top1']:.2f}", f"{x['top1_se']:.2f}", f"{x['val_top1']:.2f}", str(x["epochs"])]
+                for stage, x in ext.items()]  # fmt: skip
         lines += ["", f"Extended stages (`--extend-epochs {r['paper'].get('extend_epochs', '-')}`): each went on "
                   "from its checkpoint; before that, at the shorter budget:", "",
-                  "| model | top-1 (%) | ± SE | val top-1 | epochs |", "|---|---:|---:|---:|---:|"]  # fmt: skip
-        for stage, x in ext.items():
-            lines.append(
-                f"| {stage} | {x['top1']:.2f} | {x['top1_se']:.2f} | {x['val_top1']:.2f} | {x['epochs']} |"
-            )
+                  markdown_table(["model", "top-1 (%)", "± SE", "val top-1", "epochs"], body)]  # fmt: skip
         if "control" in r:
             gaps = [f"{r['control']['top1'] - r['paper']['top1']:.2f} after"]
             if "control" in ext and "paper" in ext:
@@ -510,6 +506,9 @@ def render(r: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    if args.dry_run:
+        print(json.dumps({"settings": _settings(args), "prune_config": _hp(args).to_dict()}, indent=1))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     b = make_stages(args)

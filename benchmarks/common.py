@@ -1,4 +1,5 @@
-"""What the real-data benchmark scripts share: the data, the machine record, the stage bookkeeping.
+"""What the benchmark scripts share: the data, the machine record, ONNX Runtime timing, paired
+scores and the stage bookkeeping.
 
 Each script is a list of stages (train the original, compress, control, baselines, ONNX Runtime
 timing); every stage leaves a checkpoint and a row in ``<out>/stages.json``, so a later invocation
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,16 +22,28 @@ import torch
 from torch import nn
 
 import prunekit
+from prunekit.bench.latency import ort_cpu_stats
+from prunekit.bench.machine import describe_machine
+from prunekit.bench.timing import TimingConfig
 from prunekit.data import ImageFolder, TensorImageDataset, build_dataset, cached_uint8
 from prunekit.data.transforms import Compose, RandomHorizontalFlip, classification_train_transforms
-from prunekit.fileio import atomic_write_json
+from prunekit.fileio import atomic_write_json, atomic_write_text
+from prunekit.markdown import markdown_table
 from prunekit.models import build_model
 from prunekit.models.vgg import CIFAR_MEAN, CIFAR_STD, vgg16_config
+from prunekit.paired import paired_difference
 from prunekit.prune.report import layer_table, model_stats
 from prunekit.train import TrainConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def command_line() -> str:
+    """This run's command as it was typed: ``python -m benchmarks.NAME`` and its arguments."""
+    spec = getattr(sys.modules["__main__"], "__spec__", None)
+    how = ["-m", spec.name] if spec is not None else [sys.argv[0]]
+    return " ".join([Path(sys.executable).name, *how, *sys.argv[1:]])
 
 
 def float_list(text: str) -> list[float]:
@@ -44,16 +58,49 @@ def standard_error(pct: float, n: int) -> float:
 
 
 def machine_info(device: str, threads: int) -> dict[str, Any]:
-    """Where the figures were measured: :func:`prunekit.bench.machine.describe_machine` (CPU model and
-    ISA, cores, memory, GPUs, library versions) plus this run's device, torch threads and load."""
-    from prunekit.bench.machine import describe_machine
-
+    """:func:`prunekit.bench.machine.describe_machine` (CPU model and ISA, cores, memory, GPUs, library
+    versions) with this run's device, torch threads and load; ``versions`` is ``libraries``, under the
+    name the results' renderers read."""
     info = describe_machine()
-    info.update(device=device, torch_threads=threads, loadavg=list(os.getloadavg()))
-    info["versions"] = {**info["libraries"], "prunekit": getattr(prunekit, "__version__", "?")}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
+    info.update(
+        device=device, torch_threads=threads, loadavg=list(os.getloadavg()), versions=info["libraries"]
+    )
     return info
+
+
+def ort_interleaved(
+    paths: dict[str, Path], rounds: int = 30, warmup: int = 3, batch: int = 1, threads: int = 0
+) -> dict[str, dict[str, float]]:
+    """Median / p90 / min latency (ms) and FPS (from the median) per ONNX file on ONNX Runtime CPU:
+    :func:`prunekit.bench.latency.ort_cpu_stats`, ``warmup`` calls each, then exactly ``rounds``
+    interleaved rounds (the order rotated each round); ``threads`` 0 is ORT's default."""
+    cfg = TimingConfig(
+        warmup_iters=warmup, min_iters=rounds, max_iters=rounds, min_time_s=0.0, max_time_s=math.inf
+    )
+    stats = ort_cpu_stats(paths, batch, cfg, threads or None)
+    return {
+        n: {"latency_ms_median": s.p50_ms, "latency_ms_p90": s.p90_ms, "latency_ms_min": s.min_ms,
+            "fps": 1000.0 * batch / s.p50_ms, "runs": s.n_iters}
+        for n, s in stats.items()
+    }  # fmt: skip
+
+
+def paired_classification(models: dict[str, Path], test: Any, reference: str) -> dict[str, Any]:
+    """Top-1 of each checkpoint on the same ``test`` images, and ``reference``'s minus each other's
+    with its paired standard error (:func:`prunekit.paired.paired_difference`), in points."""
+    from prunekit.evaluate import evaluate
+
+    cards = {name: evaluate(prunekit.load(path), test, batch_size=256, progress=False, per_image=True)["scorecard"]
+             for name, path in models.items()}  # fmt: skip
+    out: dict[str, Any] = {"metric": "top1", "images": len(test), "reference": reference}
+    out |= {name: {"top1": 100 * float(card.value())} for name, card in cards.items()}
+    for name in models:
+        if name == reference:
+            continue
+        diff, se = paired_difference(cards[reference], cards[name])
+        out[name]["diff_reference_minus_this"] = 100 * diff
+        out[name]["diff_se"] = 100 * se
+    return out
 
 
 def load_cifar(
@@ -190,8 +237,6 @@ class Stages:
         """ONNX Runtime CPU at batch 1 of the stages ``names``, exported and timed interleaved."""
         import tempfile
 
-        from speed_aware import time_ort_interleaved
-
         from prunekit.export import export_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -199,7 +244,7 @@ class Stages:
             for stage in names:
                 paths[stage] = Path(tmp) / f"{stage}.onnx"
                 export_onnx(self.model(stage).cpu(), paths[stage], check=False)
-            return time_ort_interleaved(paths, rounds=rounds, warmup=5)
+            return ort_interleaved(paths, rounds=rounds, warmup=5)
 
     def ort_ratio(self, names: tuple[str, str], rounds: int) -> dict[str, Any]:
         """ONNX Runtime CPU at batch 1: ``names[1]``'s throughput over ``names[0]``'s, interleaved."""
@@ -217,6 +262,24 @@ class Stages:
         return row
 
 
+def save_result(path: Path, res: dict[str, Any], render: Callable[[dict[str, Any]], str]) -> None:
+    """``res`` as ``path`` (JSON) and its markdown view ``render(res)`` beside it (``.md``)."""
+    atomic_write_json(path, res)
+    atomic_write_text(path.with_suffix(".md"), render(res))
+
+
+def render_head(r: dict[str, Any], title: str, about: str) -> list[str]:
+    """A result's markdown head: its title (marked when a smoke run), its command, what it measured where."""
+    return [
+        title + (" - SMOKE RUN, not a result" if r["smoke"] else ""),
+        "",
+        f"`{r['command']}`",
+        "",
+        about,
+        "",
+    ]
+
+
 def render_tail(
     r: dict[str, Any], base: str, compressed: str, stages: tuple[str, ...], what: str
 ) -> list[str]:
@@ -232,21 +295,18 @@ def render_tail(
         lines += ["", "Targets: " + ", ".join(shown)]
     if compressed in r and r[compressed].get("phases"):
         pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-        lines += ["", f"## {compressed}: phases (validation {what})", "",
-                  "| phase | λ | k | before | sparse | thresholded | pruned | retrained | params |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for p in r[compressed]["phases"]:
-            lines.append(
-                f"| {p['phase']} | {p['lam']:.4g} | {p['k']} | {pct(p['val_before'])} | {pct(p['val_sparse'])} | "
-                f"{pct(p['val_thresholded'])} | {pct(p['val_pruned'])} | {pct(p['val_retrained'])} | {p['params']:,} |"
-            )
+        head = ["phase", "λ", "k", "before", "sparse", "thresholded", "pruned", "retrained", "params"]
+        body = [[p["phase"], f"{p['lam']:.4g}", str(p["k"]), pct(p["val_before"]), pct(p["val_sparse"]),
+                 pct(p["val_thresholded"]), pct(p["val_pruned"]), pct(p["val_retrained"]), f"{p['params']:,}"]
+                for p in r[compressed]["phases"]]  # fmt: skip
+        lines += ["", f"## {compressed}: phases (validation {what})", "", markdown_table(head, body)]
     if base in r:
         shown_stages = [s for s in stages if s in r]
-        lines += ["", "## Filters per layer", "", "| layer | " + " | ".join(shown_stages) + " |",
-                  "|---|" + "---:|" * len(shown_stages)]  # fmt: skip
-        for layer in r[base]["filters"]:
-            vals = " | ".join(str(r[s]["filters"].get(layer, "-")) for s in shown_stages)
-            lines.append(f"| {layer} | {vals} |")
+        body = [
+            [layer, *(str(r[s]["filters"].get(layer, "-")) for s in shown_stages)]
+            for layer in r[base]["filters"]
+        ]
+        lines += ["", "## Filters per layer", "", markdown_table(["layer", *shown_stages], body)]
     return lines
 
 

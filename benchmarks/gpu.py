@@ -1,7 +1,7 @@
 """Full-width SSD300 on one NVIDIA GPU: the original, the paper's pruned-6det and prunekit's cut.
 
     sh benchmarks/gpu.sh                 # on the GPU machine (torch preinstalled); < 8 minutes on an H100
-    python benchmarks/gpu.py --dry-run --out /tmp/gpu.json   # CPU, one iteration: checks the script
+    python -m benchmarks.gpu --dry-run --out /tmp/gpu.json   # CPU, one iteration: checks the script
 
 The three architectures (``benchmarks/configs/gpu_architectures.json``: the original 26.3M
 parameters, Singh et al.'s SSD300-pruned-6det from their Table 1, and the kept fractions of
@@ -131,10 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     import torch
 
+    from benchmarks.common import command_line
+
     t_start, cpu0 = time.perf_counter(), time.process_time()
     cuda = torch.cuda.is_available() and not a.dry_run
     if not cuda and not a.dry_run:
-        print("gpu.py: no CUDA device (torch.cuda.is_available() is False); nothing run. --dry-run checks "
+        print("benchmarks.gpu: no CUDA device (torch.cuda.is_available() is False); nothing run. --dry-run checks "
               "the script on the CPU", file=sys.stderr)  # fmt: skip
         return 2
     device = "cuda" if cuda else "cpu"
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [k for k in table if not k.startswith("_")]
     res: dict[str, Any] = {
         "benchmark": "gpu",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "dry_run": a.dry_run,
         "device": torch.cuda.get_device_name(0)
         if cuda

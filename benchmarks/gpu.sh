@@ -8,4 +8,4 @@
 set -eu
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec timeout 470 python benchmarks/gpu.py "$@"
+PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" exec timeout 470 python -m benchmarks.gpu "$@"

@@ -1,7 +1,7 @@
 """Pruning and INT8 together: the pruning benchmarks' originals and pruned models, FP32 and Q/DQ INT8.
 
-    python benchmarks/int8.py      # after benchmarks/cifar10_vgg16.py and benchmarks/bccd_ssd300.py
-    python benchmarks/int8.py --cifar-run runs/cifar10_v3 --bccd-run runs/bccd_v3
+    python -m benchmarks.int8      # after python -m benchmarks.cifar10_vgg16 and python -m benchmarks.bccd_ssd300
+    python -m benchmarks.int8 --cifar-run runs/cifar10_v3 --bccd-run runs/bccd_v3
 
 For CIFAR-10 VGG16 (``baseline.pt``, ``paper.pt``) and BCCD SSD300 (``original.pt``, ``paper.pt``):
 exports both and quantizes them (``VARIANTS``: the ORT CPU layout with every compute layer INT8
@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,17 @@ from typing import Any
 import torch
 
 import prunekit
+from benchmarks.common import (
+    DEFAULT_DATA,
+    RESULTS,
+    command_line,
+    load_bccd,
+    load_cifar,
+    machine_info,
+    ort_interleaved,
+    save_result,
+    standard_error,
+)
 from prunekit.bench.accuracy import load_samples, runner_accuracy
 from prunekit.bench.machine import cpu_isa
 from prunekit.deploy import get_runner
@@ -42,11 +52,8 @@ from prunekit.deploy.quantize import QuantizeConfig, dataset_batches, quantize_m
 from prunekit.deploy.runtime import read_metadata
 from prunekit.deploy.trt_lint import lint_file
 from prunekit.export import export_onnx
-from prunekit.fileio import atomic_write_json, atomic_write_text, file_sha256
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, RESULTS, load_bccd, load_cifar, machine_info, standard_error  # noqa: E402
-from speed_aware import time_ort_interleaved  # noqa: E402
+from prunekit.fileio import file_sha256
+from prunekit.markdown import markdown_table
 
 log = logging.getLogger("int8")
 # Every INT8 row: (source model, QuantizeConfig settings beyond the method and calibration size).
@@ -124,7 +131,7 @@ def measure(task: str, ckpts: dict[str, Path], calib: Any, test: Any, metric: st
             if metric == "ap50":
                 out[row]["map"] = 100.0 * float(acc["map"])
             log.info("%s %s: %s %.2f", task, row, metric, value)
-        timing = time_ort_interleaved(paths, rounds=rounds, warmup=10, batch=1, threads=a.threads)
+        timing = ort_interleaved(paths, rounds=rounds, warmup=10, batch=1, threads=a.threads)
     for row in ROWS:
         out[row]["fps_b1"] = timing[row]["fps"]
         out[row]["latency_ms_b1"] = timing[row]["latency_ms_median"]
@@ -165,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     res: dict[str, Any] = {
         "benchmark": "int8",
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "machine": machine_info("cpu", a.threads),
         "cpu_isa": cpu_isa(),
         "loadavg_start": list(os.getloadavg()),
@@ -193,8 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             **{k: v for k, v in old.items() if k not in res and isinstance(v, dict) and "original_fp32" in v},
             **res,
         }
-    atomic_write_json(a.result, res)
-    atomic_write_text(a.result.with_suffix(".md"), render(res))
+    save_result(a.result, res, render)
     print(render(res))
 
 
@@ -219,16 +225,13 @@ def render(r: dict[str, Any]) -> str:
         if task not in r:
             continue
         t = r[task]
-        lines += ["", f"## {task} (test: {t['test_images']:,} images, calibration: {t['calibration_images']})", "",
-                  f"| model | params | file MB | {metric} (%) | ± SE | img/s b1 | x original FP32 | TensorRT lint |",
-                  "|---|---:|---:|---:|---:|---:|---:|---|"]  # fmt: skip
         base = t["original_fp32"]["fps_b1"]
-        for row in [r for r in ROWS if r in t]:
-            x = t[row]
-            lines.append(
-                f"| {row} | {x['params']:,} | {x['size_mb']:.2f} | {x[metric]:.2f} | {x[metric + '_se']:.2f} | "
-                f"{x['fps_b1']:.1f} | {x['fps_b1'] / base:.2f} | {_lint(x.get('tensorrt_lint'))} |"
-            )
+        head = ["model", "params", "file MB", f"{metric} (%)", "± SE", "img/s b1", "x original FP32", "TensorRT lint"]  # fmt: skip
+        body = [[row, f"{x['params']:,}", f"{x['size_mb']:.2f}", f"{x[metric]:.2f}", f"{x[metric + '_se']:.2f}",
+                 f"{x['fps_b1']:.1f}", f"{x['fps_b1'] / base:.2f}", _lint(x.get("tensorrt_lint"))]
+                for row, x in ((row, t[row]) for row in ROWS if row in t)]  # fmt: skip
+        lines += ["", f"## {task} (test: {t['test_images']:,} images, calibration: {t['calibration_images']})", "",
+                  markdown_table(head, body)]  # fmt: skip
         lines += ["", "Targets (compressed_int8): " + _shown(t["targets"])]
         if "targets_tensorrt" in t:
             lines += ["", "The same targets for compressed_int8_tensorrt (the pipeline's default INT8): "

@@ -1,8 +1,8 @@
 """Prune while training against train-then-prune, from scratch, on the embedded set and on BCCD.
 
-    python benchmarks/joint_training.py --data synth                     # both schedules (~20 min)
-    python benchmarks/joint_training.py --data bccd --reuse-train-then-prune benchmarks/results/bccd_ssd300.json  # ~15 min
-    python benchmarks/joint_training.py --data synth --smoke             # plumbing only
+    python -m benchmarks.joint_training --data synth                     # both schedules (~20 min)
+    python -m benchmarks.joint_training --data bccd --reuse-train-then-prune benchmarks/results/bccd_ssd300.json  # ~15 min
+    python -m benchmarks.joint_training --data synth --smoke             # plumbing only
 
 Stages (each a checkpoint in ``--out``, reused by a later invocation):
 
@@ -30,7 +30,6 @@ import argparse
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,19 +37,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from benchmarks.common import (
+    DEFAULT_DATA,
+    RESULTS,
+    Stages,
+    command_line,
+    head,
+    load_bccd,
+    machine_info,
+    save_result,
+)
 from prunekit.data import build_dataset
 from prunekit.data.transforms import Compose, RandomHorizontalFlip
 from prunekit.evaluate import evaluate
-from prunekit.fileio import atomic_write_json, atomic_write_text
+from prunekit.fileio import atomic_write_json
+from prunekit.markdown import markdown_table
 from prunekit.models import ssd300_vgg16
 from prunekit.prune.config import PruneConfig
 from prunekit.prune.joint import JointConfig, trace_markdown, train_joint
-from prunekit.prune.method import phase_rows, run_phases
+from prunekit.prune.method import run_phases
+from prunekit.prune.phase_report import phase_rows
 from prunekit.prune.trainer import DataTrainer
 from prunekit.train import train
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, RESULTS, Stages, head, load_bccd, machine_info  # noqa: E402
 
 STAGES = ("train_then_prune", "joint", "original", "ort")
 COMPARED = ("train_then_prune", "joint")
@@ -223,7 +231,7 @@ def write_result(b: Stages) -> None:
     keys = ("params", "macs", "ap50", "map", "ap50_se", "cpu_s", "wall_s", "epochs", "source", "stopped",
             "joint_config", "points", "original", "filters", "val_curve", "trace_final", "trace_original")  # fmt: skip
     entry: dict[str, Any] = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "smoke": b.args.smoke,
         "data": {"train_images": len(b.train_set), "val_images": len(b.val_set), "test_images": len(b.test_set)},
         "model": {"arch": "ssd300_vgg16", "batch_norm": True, "width": PRESETS[b.args.data]["width"]},
@@ -247,8 +255,7 @@ def write_result(b: Stages) -> None:
             "cpu_le_0.6x": j["cpu_s"] <= 0.6 * t["cpu_s"],
         }
     res[b.args.data if not b.args.smoke else f"{b.args.data}_smoke"] = entry
-    atomic_write_json(path, res)
-    atomic_write_text(path.with_suffix(".md"), render(res))
+    save_result(path, res, render)
 
 
 def render(res: dict[str, Any]) -> str:
@@ -257,16 +264,15 @@ def render(res: dict[str, Any]) -> str:
         lines += [f"## {key}", "", f"`{e['command']}`", "",
                   f"{e['data']['train_images']} train / {e['data']['val_images']} val / {e['data']['test_images']} "
                   f"test images, width {e['model']['width']}; {e['machine'].get('cpu')} ({e['machine'].get('cpu_count')} "
-                  f"cores), load average at start {e.get('load_avg_start')}.", "",
-                  "| schedule | params | MMACs | test AP50 ± SE | CPU s | wall s | epochs |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for s in (*COMPARED, "original"):
-            if s in e:
-                r = e[s]
-                cpu = "-" if s == "original" else f"{r['cpu_s']:.0f}"
-                wall = "-" if s == "original" else f"{r['wall_s']:.0f}"
-                name = "original (dense, same epochs)" if s == "original" else s
-                lines.append(f"| {name} | {r['params']:,} | {r['macs'] / 1e6:.1f} | {r['ap50']:.2f} ± {r.get('ap50_se', 0):.2f} "
-                             f"| {cpu} | {wall} | {r.get('epochs')} |")  # fmt: skip
+                  f"cores), load average at start {e.get('load_avg_start')}.", ""]  # fmt: skip
+        body = []
+        for s in [s for s in (*COMPARED, "original") if s in e]:
+            r, dense = e[s], s == "original"
+            body.append(["original (dense, same epochs)" if dense else s, f"{r['params']:,}", f"{r['macs'] / 1e6:.1f}",
+                         f"{r['ap50']:.2f} ± {r.get('ap50_se', 0):.2f}", "-" if dense else f"{r['cpu_s']:.0f}",
+                         "-" if dense else f"{r['wall_s']:.0f}", str(r.get("epochs"))])  # fmt: skip
+        head = ["schedule", "params", "MMACs", "test AP50 ± SE", "CPU s", "wall s", "epochs"]
+        lines.append(markdown_table(head, body))
         if "ort_cpu_fps_ratio_b1" in e:
             t = e["ort_timing"]
             lines += ["", f"ONNX Runtime CPU, batch 1, interleaved: joint {t['joint']['fps']:.1f} img/s, dense original "

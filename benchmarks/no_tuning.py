@@ -1,7 +1,7 @@
 """Compression without tuning: the product's command with its defaults, on every data set.
 
-    python benchmarks/no_tuning.py --cases synth_seed0,synth_seed1,synth_seed2   # ~28 min each, 2 cores
-    python benchmarks/no_tuning.py --cases bccd,bccd_model                       # hours on 2 cores
+    python -m benchmarks.no_tuning --cases synth_seed0,synth_seed1,synth_seed2   # ~28 min each, 2 cores
+    python -m benchmarks.no_tuning --cases bccd,bccd_model                       # hours on 2 cores
 
 Each case runs ``prunekit compress-and-export`` (the command users run) with only data, model,
 width, seed, budget and output flags; every flag given is recorded in the row (``flags``) and any
@@ -32,10 +32,8 @@ from typing import Any
 
 import torch
 
+from benchmarks.common import DEFAULT_DATA, RESULTS, machine_info
 from prunekit.fileio import atomic_write_json
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, RESULTS, machine_info  # noqa: E402
 
 log = logging.getLogger("no_tuning")
 ALLOWED = {"--data", "--model", "--width", "--seed", "--max-drop", "--epochs-train", "--out"}
@@ -131,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = cases(a.data_dir.resolve(), a.runs.resolve())
     whole = json.loads(a.result.read_text()) if a.result.is_file() else {}
     whole["machine"] = machine_info("cpu", torch.get_num_threads())
-    whole["command"] = "python benchmarks/no_tuning.py --cases NAME[,NAME...]"
+    whole["command"] = "python -m benchmarks.no_tuning --cases NAME[,NAME...]"
     for name in [c for c in a.cases.split(",") if c]:
         if name not in table:
             raise SystemExit(f"unknown case {name!r}; known: {', '.join(table)}")

@@ -1,22 +1,22 @@
 """Paired comparisons: is one method's accuracy different from another's on the *same* test images?
 
-    python benchmarks/paired.py --task bccd_ssd300 --run runs/peers/bccd_ssd300
-    python benchmarks/paired.py --task cifar10_vgg16 --run runs/peers/cifar10_vgg16
-    python benchmarks/paired.py --task cifar10_vgg16 --run runs/peers/cifar10_v14_macs --key cifar10_vgg16@macs
+    python -m benchmarks.paired --task bccd_ssd300 --run runs/peers/bccd_ssd300
+    python -m benchmarks.paired --task cifar10_vgg16 --run runs/peers/cifar10_vgg16
+    python -m benchmarks.paired --task cifar10_vgg16 --run runs/peers/cifar10_v14_macs --key cifar10_vgg16@macs
 
 Each model's standard error (``± SE`` in every table) answers "how well is this one accuracy
 known"; on BCCD's 72 test images it is ~3.8 AP50 points, larger than any gap between the pruned
 models. Methods scored on the same images are strongly correlated, so the uncertainty of their
 *difference* is much smaller. This script scores every checkpoint of a peers run
-(``benchmarks/peers.py``) image by image and reports, against ``--reference`` (prunekit):
+(``python -m benchmarks.peers``) image by image and reports, against ``--reference`` (prunekit):
 
 * CIFAR top-1: the difference and its paired standard error, sd(correct_a - correct_b) / sqrt(n);
 * BCCD AP50: the difference, its bootstrap standard error and 95% interval, resampling test
   images (the same resample for both models). AP50 is COCO's (IoU 0.5, 101-point interpolated
   precision, 100 detections per image and class, difficult boxes ignored), computed from
   per-image matches (:mod:`prunekit.paired`), so a resample re-weights images instead of
-  re-running pycocotools; the full-sample value is checked against
-  :func:`prunekit.metrics.detection_metrics`.
+  re-running pycocotools (``tests/test_paired.py`` checks the full-sample value against
+  :func:`prunekit.metrics.detection_metrics`).
 
 Writes ``<task>.paired`` into ``benchmarks/results/peers.json`` and re-renders ``peers.md``.
 """
@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +33,17 @@ import numpy as np
 import torch
 
 import prunekit
-from prunekit.fileio import atomic_write_json, atomic_write_text
-from prunekit.paired import bootstrap_weights, match_images, paired_difference, weighted_ap50
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DEFAULT_DATA, RESULTS, load_bccd, load_cifar  # noqa: E402
+from benchmarks.common import (
+    DEFAULT_DATA,
+    RESULTS,
+    command_line,
+    load_bccd,
+    load_cifar,
+    paired_classification,
+    save_result,
+)
+from benchmarks.peers import render
+from prunekit.paired import bootstrap_weights, match_images, weighted_ap50
 
 log = logging.getLogger("paired")
 METHODS = ("unpruned", "prunekit", "tp_magnitude", "tp_bnscale", "tp_groupnorm")
@@ -82,26 +87,10 @@ def paired_detection(
     return out
 
 
-def paired_classification(models: dict[str, Path], test: Any, reference: str) -> dict[str, Any]:
-    from prunekit.evaluate import evaluate
-
-    cards = {name: evaluate(prunekit.load(path), test, batch_size=256, progress=False, per_image=True)["scorecard"]
-             for name, path in models.items()}  # fmt: skip
-    out: dict[str, Any] = {"metric": "top1", "images": len(test), "reference": reference}
-    out |= {name: {"top1": 100 * float(card.value())} for name, card in cards.items()}
-    for name in models:
-        if name == reference:
-            continue
-        diff, se = paired_difference(cards[reference], cards[name])
-        out[name]["diff_reference_minus_this"] = 100 * diff
-        out[name]["diff_se"] = 100 * se
-    return out
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", choices=("bccd_ssd300", "cifar10_vgg16"), required=True)
-    ap.add_argument("--run", type=Path, required=True, help="a benchmarks/peers.py --out folder")
+    ap.add_argument("--run", type=Path, required=True, help="a python -m benchmarks.peers --out folder")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--reference", default="prunekit")
     ap.add_argument("--bootstrap", type=int, default=1000)
@@ -129,23 +118,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         _, _, test = load_cifar(a.data_dir, 45000, 5000, None, a.seed)
         res = paired_classification(models, test, a.reference)
-    res["command"] = " ".join([Path(sys.executable).name, *sys.argv])
+    res["command"] = command_line()
     whole = json.loads(a.result.read_text()) if a.result.is_file() else {}
     whole.setdefault(a.key or a.task, {})["paired"] = res
-    atomic_write_json(a.result, whole)
-    import peers
-
-    atomic_write_text(a.result.with_suffix(".md"), peers.render(whole))
+    save_result(a.result, whole, render)
     print(json.dumps(res, indent=1))
     return res
-
-
-def check_against_pycocotools(preds: list[dict], gts: list[dict], num_classes: int) -> tuple[float, float]:
-    """(this module's AP50, prunekit.metrics' pycocotools AP50) on the same images, in percent."""
-    from prunekit.metrics import detection_metrics
-
-    ours = 100 * weighted_ap50(match_images(preds, gts), np.ones(len(gts)))
-    return ours, 100 * detection_metrics(preds, gts, num_classes)["map50"]
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """prunekit side by side with Torch-Pruning: same checkpoint, parameter budget, trainer and epochs.
 
-    pip install -e ".[peers]"                                # torch-pruning, benchmark-only
-    python benchmarks/peers.py --task cifar10_vgg16          # from runs/cifar10_v14 (its baseline + paper)
-    python benchmarks/peers.py --task bccd_ssd300            # from runs/bccd_v3 (its original + paper)
-    python benchmarks/peers.py --smoke --out /tmp/peers      # plumbing: a tiny VGG, a few images
+    pip install -e ".[peers]"                                   # torch-pruning, benchmark-only
+    python -m benchmarks.peers --task cifar10_vgg16             # from runs/cifar10_v14 (its baseline + paper)
+    python -m benchmarks.peers --task bccd_ssd300               # from runs/bccd_v3 (its original + paper)
+    python -m benchmarks.peers --smoke --out /tmp/peers         # plumbing: a tiny VGG, a few images
+    python -m benchmarks.peers --task bccd_ssd300 --dry-run     # no data, no training: see --dry-run
 
 Every method starts from the source run's unpruned checkpoint (``baseline`` / ``original``) and
 ends at prunekit's parameter count (``--match macs``: its MACs) within ``--tolerance``:
@@ -54,7 +55,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,13 +63,11 @@ import torch
 from torch import nn
 
 import prunekit
-from prunekit.fileio import atomic_write_json, atomic_write_text
+from benchmarks.common import RESULTS, Stages, command_line, machine_info, make_vgg, save_result
+from prunekit.markdown import markdown_table
 from prunekit.models import build_model
 from prunekit.models.io import count_params, layer_names
 from prunekit.prune.report import model_stats
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, Stages, machine_info  # noqa: E402
 
 METHODS = ("tp_magnitude", "tp_bnscale", "tp_groupnorm")
 # prunekit keeps at least 1/8 of every layer (min_keep_fraction): the same cap for Torch-Pruning. Without
@@ -102,6 +100,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--ort-rounds", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true", help="a tiny VGG on a few generated images")
+    ap.add_argument(
+        "--dry-run", action="store_true",
+        help="no data, no training: the source's lineage (epochs, sparse epochs, distillation) and each "
+        "method's Torch-Pruning adapter on an untrained model of the task's architecture (width 0.125) cut "
+        "to a quarter of its --match; prints JSON",
+    )  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -277,32 +281,38 @@ def source_stages(args: argparse.Namespace) -> tuple[Stages, int, int, dict[str,
     done = json.loads((source / "stages.json").read_text()) if (source / "stages.json").is_file() else {}
     for stage in (unpruned, "paper"):
         if stage not in done or not (source / f"{stage}.pt").is_file():
-            raise SystemExit(f"{source}: stage {stage!r} has not run (run benchmarks/{args.task}.py first)")
+            raise SystemExit(
+                f"{source}: stage {stage!r} has not run (run python -m benchmarks.{args.task} first)"
+            )
     if args.task == "cifar10_vgg16":
-        import cifar10_vgg16 as task
+        from benchmarks import cifar10_vgg16 as task
     else:
-        import bccd_ssd300 as task
+        from benchmarks import bccd_ssd300 as task
     targs = task.parse(["--out", str(args.out), "--threads", str(args.threads)])
     b = task.make_stages(targs)
+    for stage, name in ((unpruned, "unpruned"), ("paper", "prunekit")):
+        dst = args.out / f"{name}.source.pt"
+        if not dst.is_file():
+            shutil.copyfile(source / f"{stage}.pt", dst)
+    return (b, *lineage(done))
+
+
+def lineage(done: dict[str, Any]) -> tuple[int, int, dict[str, float] | None]:
+    """(epochs E, sparse epochs S, distillation settings) of a source run's ``paper``, from its ``stages.json``."""
     cfg = done["paper"].get("prune_config", {})
     sparse = len(done["paper"].get("phases", [])) * int(cfg.get("epochs_sparsity", 1))
     distill = None
     if cfg.get("distill"):
         distill = {"alpha": float(cfg["distill_alpha"]), "temperature": float(cfg["distill_temperature"])}
-    for stage, name in ((unpruned, "unpruned"), ("paper", "prunekit")):
-        dst = args.out / f"{name}.source.pt"
-        if not dst.is_file():
-            shutil.copyfile(source / f"{stage}.pt", dst)
-    return b, int(done["paper"]["epochs"]), sparse, distill
+    return int(done["paper"]["epochs"]), sparse, distill
 
 
 def smoke_stages(args: argparse.Namespace) -> tuple[Stages, int, int, dict[str, float] | None]:
     """A tiny VGG trained and pruned by prunekit here, on generated, learnable images."""
-    from common import make_vgg
-
     from prunekit.data import TensorImageDataset
     from prunekit.evaluate import evaluate
-    from prunekit.prune.method import PruneConfig, run_phases
+    from prunekit.prune.config import PruneConfig
+    from prunekit.prune.method import run_phases
     from prunekit.prune.trainer import DataTrainer
     from prunekit.train import train
 
@@ -427,7 +437,7 @@ def write_result(
             "reg": args.reg,
             "torch_pruning": getattr(_tp(), "__version__", "?"),
         },  # fmt: skip
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command_line(),
         "machine": machine_info("cpu", args.threads),
     }
     res.update(compare(rows, args.match, primary))
@@ -435,8 +445,7 @@ def write_result(
     path = args.result if not args.smoke else args.out / "peers.json"
     whole = json.loads(path.read_text()) if path.is_file() else {}
     whole[key] = res
-    atomic_write_json(path, whole)
-    atomic_write_text(path.with_suffix(".md"), render(whole))
+    save_result(path, whole, render)
     return res
 
 
@@ -467,20 +476,16 @@ def render(whole: dict[str, Any]) -> str:
                   "ORT CPU batch 1, all models in one interleaved run. CPU s: process CPU of the method's stage in "
                   "this run (prunekit's model comes from its source run, whose result file gives its cost). "
                   + (f"Every lineage distilled from the unpruned model ({r['distillation']}), as prunekit's was."
-                     if r.get("distillation") else "No distillation."), "",
-                  f"| method | params | MACs | {primary} | ± SE | val before fine-tune | img/s b1 | ratio | CPU s |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-        for n in ("unpruned", "prunekit", *METHODS):
-            if n not in r:
-                continue
+                     if r.get("distillation") else "No distillation."), ""]  # fmt: skip
+        head = ["method", "params", "MACs", primary, "± SE", "val before fine-tune", "img/s b1", "ratio", "CPU s"]  # fmt: skip
+        body = []
+        for n in [n for n in ("unpruned", "prunekit", *METHODS) if n in r]:
             x = r[n]
             vb = x.get("val_before_finetune")
-            lines.append(
-                f"| {n} | {x['params']:,} | {x['macs'] / 1e6:,.1f}M | {x[primary]:.2f} | {x.get(primary + '_se', math.nan):.2f} | "
-                f"{'-' if vb is None else f'{vb:.2f}'} | {x.get('fps_b1', math.nan):.1f} | "
-                f"{_ratio_text(x)} | "
-                f"{x.get('cpu_s', math.nan):.0f} |"
-            )
+            body.append([n, f"{x['params']:,}", f"{x['macs'] / 1e6:,.1f}M", f"{x[primary]:.2f}",
+                         f"{x.get(primary + '_se', math.nan):.2f}", "-" if vb is None else f"{vb:.2f}",
+                         f"{x.get('fps_b1', math.nan):.1f}", _ratio_text(x), f"{x.get('cpu_s', math.nan):.0f}"])  # fmt: skip
+        lines.append(markdown_table(head, body))
         if "margin_points" in r:
             lines += ["", f"At prunekit's {r['match']} (within 5%): prunekit minus the best peer ({r['best_peer']}): "
                       f"**{r['margin_points']:+.2f} points**; targets: {r['targets']}"]  # fmt: skip
@@ -494,18 +499,15 @@ def render(whole: dict[str, Any]) -> str:
 
 
 def _paired_lines(p: dict[str, Any]) -> list[str]:
-    """``benchmarks/paired.py``'s result: the differences measured on the same images."""
+    """``python -m benchmarks.paired``'s result: the differences measured on the same images."""
     how = f"bootstrap over the {p['images']} test images, {p['bootstrap']} resamples" if "bootstrap" in p else (
         f"paired SE over the {p['images']:,} test images")  # fmt: skip
-    lines = [f"Paired against {p['reference']} on the same images ({how}; `{p['command']}`):", "",
-             f"| method | {p['metric']} | {p['reference']} minus it | ± paired SE | 95% interval |", "|---|---:|---:|---:|---:|"]  # fmt: skip
-    for n, x in p.items():
-        if not isinstance(x, dict) or "diff_se" not in x:
-            continue
-        ci = x.get("diff_ci95")
-        lines.append(f"| {n} | {x[p['metric']]:.2f} | {x['diff_reference_minus_this']:+.2f} | {x['diff_se']:.2f} | "
-                     f"{'-' if ci is None else f'{ci[0]:+.2f} .. {ci[1]:+.2f}'} |")  # fmt: skip
-    return lines
+    body = [[n, f"{x[p['metric']]:.2f}", f"{x['diff_reference_minus_this']:+.2f}", f"{x['diff_se']:.2f}",
+             "-" if x.get("diff_ci95") is None else f"{x['diff_ci95'][0]:+.2f} .. {x['diff_ci95'][1]:+.2f}"]
+            for n, x in p.items() if isinstance(x, dict) and "diff_se" in x]  # fmt: skip
+    head = ["method", p["metric"], f"{p['reference']} minus it", "± paired SE", "95% interval"]
+    return [f"Paired against {p['reference']} on the same images ({how}; `{p['command']}`):", "",
+            markdown_table(head, body)]  # fmt: skip
 
 
 def _ratio_text(x: dict[str, Any]) -> str:
@@ -514,11 +516,61 @@ def _ratio_text(x: dict[str, Any]) -> str:
     return f"{x['ratio']:.3f} {x.get('scope', '')} ({x.get('budget_off_pct', 0):+.1f}% of budget)"
 
 
+def dry_run(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``--dry-run`` prints: the source's lineage where its ``stages.json`` is found, then each
+    method's adapter on an untrained model of the task's architecture (width 0.125, BN scales drawn
+    at random: untrained ones are all 1, a tie for BN-scale pruning) cut to a quarter of its ``--match``."""
+    out: dict[str, Any] = {"task": args.task, "match": args.match}
+    source = args.source or Path(TASKS[args.task][0])
+    if (source / "stages.json").is_file():
+        epochs, sparse, distill = lineage(json.loads((source / "stages.json").read_text()))
+        out["source"] = {
+            "path": str(source),
+            "epochs": epochs,
+            "sparse_epochs": sparse,
+            "distillation": distill,
+        }
+        out["distillation"] = distillation_settings(args, distill)
+    torch.manual_seed(0)
+    if args.task == "bccd_ssd300":
+        from prunekit.models import ssd300_vgg16
+
+        model = ssd300_vgg16(num_classes=4, width=0.125, batch_norm=True, class_names=["a", "b", "c"])
+    else:
+        model = make_vgg("imagenet", 0.125, [str(i) for i in range(10)])
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.1, 1.0)
+    out["untrained"] = {"params": count_params(model), args.match: budget_of(model, args.match)}
+    target = out["target"] = out["untrained"][args.match] // 4
+    for method in [m for m in args.methods.split(",") if m]:
+        pruned, found = prune_to(method, model, target, args)
+        row = {k: found[k] for k in ("ratio", "scope", "budget_off_pct")}
+        row.update(params=count_params(pruned), channels=dict(pruned.prunekit_config.channels))
+        pruned.eval()
+        with torch.no_grad():
+            if pruned.prunekit_config.is_detector:
+                convs = lambda net: [m.out_channels for m in net.head.modules() if isinstance(m, nn.Conv2d)]  # noqa: E731
+                row.update(l2norm_scale=pruned.backbone.scale_weight.numel(), head_channels=convs(pruned),
+                           untrained_l2norm_scale=model.backbone.scale_weight.numel(),
+                           untrained_head_channels=convs(model),
+                           outputs=sorted(pruned([torch.rand(3, 300, 300)])[0]))  # fmt: skip
+            else:
+                row["outputs"] = list(pruned(torch.rand(1, 3, 32, 32)).shape)
+        out[method] = row
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args = parse(argv)
-    _tp()
     torch.set_num_threads(args.threads)
+    if args.dry_run:
+        res = dry_run(args)
+        print(json.dumps(res, indent=1))
+        return res
+    _tp()
     args.out = args.out or Path("runs/peers") / args.task
     args.out.mkdir(parents=True, exist_ok=True)
     b, epochs, sparse, source_distill = source_stages(args)

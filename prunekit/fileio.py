@@ -122,3 +122,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def tree_sha256(path: str | os.PathLike) -> str:
+    """One sha256 over the names, modes and contents of everything under ``path`` (or of the file
+    itself): it changes when anything there is added, removed, rewritten or re-moded."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for p in [root] if root.is_file() else sorted(root.rglob("*")):
+        h.update(f"{p.relative_to(root) if p != root else p.name}:{p.stat().st_mode}\n".encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()

@@ -222,8 +222,7 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         check_types(self)
         check_ranges(self)
-        from prunekit.prune.config import PruneConfig
-        from prunekit.prune.joint import JointConfig
+        from prunekit.prune.config import JointConfig, PruneConfig
         from prunekit.prune.search import SearchConfig
 
         if not isinstance(self.prune, PruneConfig):

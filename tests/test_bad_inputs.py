@@ -8,7 +8,6 @@ pipeline case drives ``compress-and-export`` with stand-in stages only.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import pickle
@@ -31,7 +30,7 @@ from prunekit.cli.common import friendly_errors
 from prunekit.data import DatasetError
 from prunekit.data.synth import make_synth_voc
 from prunekit.deploy import runtime as rt
-from prunekit.fileio import DiskFullError, atomic_write_json, atomic_write_text
+from prunekit.fileio import DiskFullError, atomic_write_json, atomic_write_text, tree_sha256
 from prunekit.manifest import FAILED, Manifest
 from prunekit.models import create_model
 from prunekit.pipeline import STAGES, Pipeline
@@ -40,17 +39,6 @@ NO_SPACE = "no space left on device"
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-
-
-def tree_hash(path: Path) -> str:
-    """Names, contents and modes of everything under ``path`` (or of the file itself)."""
-    h = hashlib.sha256()
-    files = [path] if path.is_file() else sorted(path.rglob("*"))
-    for p in files:
-        h.update(f"{p.relative_to(path) if p != path else p.name}:{p.stat().st_mode}\n".encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def cli(*args: str | Path) -> tuple[int, str]:
@@ -118,7 +106,7 @@ def det_onnx(world: dict[str, Path]) -> Path:
 
 
 def snapshot(world: dict[str, Path]) -> dict[str, str]:
-    return {k: tree_hash(world[k]) for k in ("cls", "det", "det_data", "cls_data")}
+    return {k: tree_sha256(world[k]) for k in ("cls", "det", "det_data", "cls_data")}
 
 
 # ---- a DatasetError in a DataLoader worker ---------------------------------------------------
@@ -346,7 +334,7 @@ def test_full_disk_in_a_pipeline_stage_is_recorded(world, tmp_path, monkeypatch)
     assert snapshot(world) == before
 
 
-# ---- a few of benchmarks/bad_inputs.py's cases, as a test (nothing imported from there) ----------
+# ---- a few of benchmarks.bad_inputs' cases, as a test (nothing imported from there) ---------------
 
 
 class _Exploit:

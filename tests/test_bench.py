@@ -446,3 +446,25 @@ def test_interleaved_onnx_runtime_sessions_do_not_spin(tmp_path: Path, monkeypat
     harness.run_benchmark(paths, ["ort-cpu"], [1], out_dir=tmp_path / "c", timing=timing, memory="inprocess",
                           progress=False, render=False, runner_kwargs={"spinning": True})  # fmt: skip
     assert [kw["spinning"] for _, kw in seen] == [True, True]
+
+
+def test_ort_cpu_stats_times_each_onnx_file_for_exactly_the_rounds_asked(tmp_path: Path):
+    """prunekit.bench.latency: one ORT CPU session per file, timed interleaved for exactly the rounds
+    a config asks for (what the benchmarks' ORT timing uses); ort_cpu_latency's fps is from the median."""
+    pytest.importorskip("onnxruntime")
+    from prunekit.bench.latency import ort_cpu_latency, ort_cpu_stats
+    from prunekit.export import export_onnx
+    from prunekit.models import create_model
+
+    paths = {}
+    for name, width in (("wide", 0.25), ("narrow", 0.125)):
+        paths[name] = tmp_path / f"{name}.onnx"
+        export_onnx(create_model("vgg16", 4, width).eval(), paths[name], check=False)
+    cfg = TimingConfig(warmup_iters=1, min_iters=7, max_iters=7, min_time_s=0.0, max_time_s=float("inf"))
+    stats = ort_cpu_stats(paths, batch=2, config=cfg, threads=1)
+    assert set(stats) == {"wide", "narrow"}
+    for s in stats.values():
+        assert (s.n_iters, s.warmup_iters, s.batch_size, s.capped) == (7, 1, 2, False)
+        assert 0 < s.min_ms <= s.p50_ms <= s.p90_ms
+    for row in ort_cpu_latency(paths, config=cfg).values():
+        assert row["fps"] == pytest.approx(1000.0 / row["p50_ms"])

@@ -17,9 +17,10 @@ import torch
 from prunekit.models import vgg16
 from prunekit.prune.config import PruneConfig
 from prunekit.prune.graph import build_dependency_graph
-from prunekit.prune.joint import JointConfig, select_keep, slice_optimizer_state, train_joint
+from prunekit.prune.joint import JointConfig, train_joint
 from prunekit.prune.phases import resolve_phases
-from prunekit.prune.surgery import prune_channels
+from prunekit.prune.selectors import select_keep
+from prunekit.prune.surgery import prune_channels, slice_optimizer_state
 from prunekit.train import LAST_FILE, STATE_FILE, TrainConfig, optimizer_param_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -182,7 +183,7 @@ def test_a_params_budget_stops_pruning_once_met(tmp_path):
 def test_a_point_past_the_budget_cuts_only_as_far_as_the_budget():
     """The full selection would remove about half the parameters; with a budget of 0.9 the point
     lands between 0.9 and the full cut, at a lower threshold; a budget the cut misses keeps it."""
-    from prunekit.prune.joint import land_on_budget
+    from prunekit.prune.budget import land_on_budget
     from prunekit.prune.report import model_stats
 
     torch.manual_seed(0)

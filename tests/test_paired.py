@@ -1,14 +1,17 @@
 """prunekit.paired: per-image AP50 matches pycocotools, a resample is a re-weighting, and the paired
-standard error is that of the per-image difference (benchmarks/paired.py uses the same module)."""
-
-import sys
-from pathlib import Path
+standard error is that of the per-image difference (``python -m benchmarks.paired`` uses the same module)."""
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import paired  # noqa: E402
+from prunekit.metrics import detection_metrics
+from prunekit.paired import Scorecard, bootstrap_weights, match_images, paired_difference, weighted_ap50
+
+
+def _ap50_both_ways(preds: list[dict], gts: list[dict], num_classes: int) -> tuple[float, float]:
+    """(prunekit.paired's AP50 from per-image matches, prunekit.metrics' pycocotools AP50), in percent."""
+    ours = 100 * weighted_ap50(match_images(preds, gts), np.ones(len(gts)))
+    return ours, 100 * detection_metrics(preds, gts, num_classes)["map50"]
 
 
 def _scene(rng: np.random.Generator, n_gt: int, n_classes: int) -> tuple[dict, dict]:
@@ -29,27 +32,25 @@ def test_per_image_ap50_equals_pycocotools_and_resamples_are_weights():
     rng = np.random.default_rng(0)
     scenes = [_scene(rng, int(rng.integers(1, 9)), 4) for _ in range(30)]
     preds, gts = [s[0] for s in scenes], [s[1] for s in scenes]
-    ours, coco = paired.check_against_pycocotools(preds, gts, num_classes=4)
+    ours, coco = _ap50_both_ways(preds, gts, num_classes=4)
     assert 20 < coco < 100 and abs(ours - coco) < 0.05, (ours, coco)
 
     # an image drawn twice counts twice: the weighted AP is pycocotools on the duplicated set
     weights = rng.multinomial(30, np.full(30, 1 / 30)).astype(float)
     idx = [i for i, w in enumerate(weights) for _ in range(int(w))]
-    dup_ours = 100 * paired.weighted_ap50(paired.match_images(preds, gts), weights)
-    _, dup_coco = paired.check_against_pycocotools([preds[i] for i in idx], [gts[i] for i in idx], 4)
+    dup_ours = 100 * weighted_ap50(match_images(preds, gts), weights)
+    _, dup_coco = _ap50_both_ways([preds[i] for i in idx], [gts[i] for i in idx], 4)
     assert abs(dup_ours - dup_coco) < 0.05 and abs(dup_ours - ours) > 0.01, (dup_ours, dup_coco, ours)
 
 
 def test_resamples_at_once_equal_one_by_one_and_paired_errors():
-    from prunekit.paired import Scorecard, bootstrap_weights, paired_difference
-
     rng = np.random.default_rng(1)
     scenes = [_scene(rng, int(rng.integers(1, 9)), 4) for _ in range(40)]
     preds, gts = [s[0] for s in scenes], [s[1] for s in scenes]
     card = Scorecard.detection(preds, gts)
     w = bootstrap_weights(40, 50, seed=3)
     assert np.allclose(card.value(w), [card.value(row) for row in w])
-    assert card.value() == paired.weighted_ap50(paired.match_images(preds, gts), np.ones(40))
+    assert card.value() == weighted_ap50(match_images(preds, gts), np.ones(40))
     assert paired_difference(card, card) == (0.0, 0.0)
     # a second model: the same detections but a found box lost on every third image; its gap has a bootstrap error below the
     # unpaired one (both scored on the same images)

@@ -1,29 +1,41 @@
-"""benchmarks/peers.py: prunekit against Torch-Pruning, end to end on a tiny VGG, and the SSD adapter."""
+"""``python -m benchmarks.peers``, run as a subprocess: prunekit against Torch-Pruning end to end on a
+tiny VGG (``--smoke``), the SSD adapter and the source's lineage (``--dry-run``)."""
 
-import argparse
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import prunekit
-from prunekit.models import ssd300_vgg16
 from prunekit.prune.report import model_stats
 
 tp = pytest.importorskip("torch_pruning", reason="torch-pruning is not installed (pip install -e '.[peers]')")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import peers  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("tp_magnitude", "tp_bnscale", "tp_groupnorm")
+
+
+def peers(*args: str) -> str:
+    """Run the benchmark from the repository root with one thread; its stdout."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--threads", "1", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def smoke(out: Path, *args: str) -> dict:
+    peers("--smoke", "--out", str(out), *args)
+    return json.loads((out / "peers.json").read_text())["smoke"]
 
 
 def test_peers_script_runs_end_to_end_at_prunekits_budget(tmp_path):
-    res = peers.main(["--smoke", "--out", str(tmp_path), "--threads", "1"])
-    assert set(peers.METHODS) | {"unpruned", "prunekit"} <= set(res)
+    res = smoke(tmp_path)
+    assert set(METHODS) | {"unpruned", "prunekit"} <= set(res)
     target = res["prunekit"]["params"]
     assert target < res["unpruned"]["params"]
-    for m in peers.METHODS:
+    for m in METHODS:
         row = res[m]
         off = abs(row["params"] / target - 1)
         if m == "tp_bnscale" and off > 0.10:
@@ -39,44 +51,50 @@ def test_peers_script_runs_end_to_end_at_prunekits_budget(tmp_path):
         assert model_stats(loaded)["params"] == row["params"]
     assert res["tp_bnscale"]["sparse_epochs"] == res["sparse_epochs"] == 1
     assert res["tp_magnitude"]["sparse_epochs"] == 0
+    assert res["distillation"] is None  # the smoke lineage is not distilled, nor then are its peers
     assert "margin_points" in res and (tmp_path / "peers.md").is_file()
 
 
-@pytest.mark.parametrize("method", peers.METHODS)
-def test_torch_pruning_prunes_ssd300_behind_its_heads(method):
+def test_torch_pruning_prunes_ssd300_behind_its_heads(tmp_path):
     """Torch-Pruning traces SSD through SSDRaw, keeps the head convs' outputs and slices the
     L2Norm scale with conv4_3; the result rebuilds as a prunekit SSD and still detects."""
-    torch.manual_seed(0)
-    model = ssd300_vgg16(num_classes=4, width=0.125, batch_norm=True, class_names=["a", "b", "c"])
-    with torch.no_grad():  # trained-looking BN scales: untrained ones are all 1, a tie for BN-scale pruning
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.1, 1.0)
-    target = model_stats(model)["params"] // 4
-    args = argparse.Namespace(reg=5e-4, round_to=8, match="params", tolerance=0.05)
-    pruned, info = peers.prune_to(method, model, target, args)
-    assert abs(model_stats(pruned)["params"] / target - 1) <= 0.05, info
-    ch = pruned.prunekit_config.channels
-    assert pruned.backbone.scale_weight.numel() == ch["conv4_3"] < model.backbone.scale_weight.numel()
-    heads = [m.out_channels for m in pruned.head.modules() if isinstance(m, torch.nn.Conv2d)]
-    assert heads == [m.out_channels for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)]
-    pruned.eval()
-    with torch.no_grad():
-        out = pruned([torch.rand(3, 300, 300)])
-    assert set(out[0]) == {"boxes", "scores", "labels"}
+    flags = ["--dry-run", "--source", str(tmp_path / "none"), "--round-to", "8", "--tolerance", "0.05"]
+    res = json.loads(peers("--task", "bccd_ssd300", *flags))
+    assert "source" not in res  # no source run: the adapter alone
+    target = res["target"]
+    assert target == res["untrained"]["params"] // 4
+    for method in METHODS:
+        row = res[method]
+        assert abs(row["params"] / target - 1) <= 0.05, row
+        assert row["l2norm_scale"] == row["channels"]["conv4_3"] < row["untrained_l2norm_scale"]
+        assert row["head_channels"] == row["untrained_head_channels"]
+        assert row["outputs"] == ["boxes", "labels", "scores"]
+
+
+def _source(path: Path, distill: bool) -> Path:
+    """A source run's ``stages.json`` (all a dry run reads of it): 5 epochs, two phases of 1 sparse epoch."""
+    cfg = {"epochs_sparsity": 1, "distill": distill, "distill_alpha": 0.8, "distill_temperature": 3.0}
+    path.mkdir()
+    (path / "stages.json").write_text(
+        json.dumps({"paper": {"epochs": 5, "phases": [{}, {}], "prune_config": cfg}})
+    )
+    return path
 
 
 def test_peers_distil_as_the_source_paper_did(tmp_path):
     """A distilled prunekit lineage is compared with distilled peers: same teacher settings, recorded."""
-    source = {"alpha": 0.8, "temperature": 3.0}
-    ns = argparse.Namespace
-    assert peers.distillation_settings(ns(distill=None), source) == source
-    assert peers.distillation_settings(ns(distill=None), None) is None
-    assert peers.distillation_settings(ns(distill=False), source) is None
-    assert peers.distillation_settings(ns(distill=True), None) == {"alpha": 0.9, "temperature": 4.0}
-    res = peers.main(
-        ["--smoke", "--out", str(tmp_path), "--threads", "1", "--methods", "tp_magnitude", "--distill"]
-    )
+    distilled, plain = _source(tmp_path / "distilled", True), _source(tmp_path / "plain", False)
+
+    def settings(source: Path, *flag: str) -> dict | None:
+        res = json.loads(peers("--source", str(source), "--dry-run", "--methods", "", *flag))
+        assert (res["source"]["epochs"], res["source"]["sparse_epochs"]) == (5, 2)
+        return res["distillation"]
+
+    assert settings(distilled) == {"alpha": 0.8, "temperature": 3.0}
+    assert settings(plain) is None
+    assert settings(distilled, "--no-distill") is None
+    assert settings(plain, "--distill") == {"alpha": 0.9, "temperature": 4.0}
+    res = smoke(tmp_path / "run", "--methods", "tp_magnitude", "--distill")
     assert res["distillation"] == {"alpha": 0.9, "temperature": 4.0}
     assert res["tp_magnitude"]["distilled"] is True
-    assert "distilled from the unpruned model" in (tmp_path / "peers.md").read_text()
+    assert "distilled from the unpruned model" in (tmp_path / "run" / "peers.md").read_text()

@@ -11,7 +11,8 @@ from torch import nn
 import prunekit
 from prunekit.prune.budget import phase_cost_weights, set_caps
 from prunekit.prune.layer_costs import l1_layer_weights
-from prunekit.prune.method import PruneConfig, load_table_for, run_phases
+from prunekit.prune.method import PruneConfig, run_phases
+from prunekit.prune.phase_budget import load_table_for
 from prunekit.prune.report import model_stats
 from prunekit.prune.selection import select_filters
 from prunekit.prune.trainer import FnTrainer
@@ -267,13 +268,13 @@ def test_two_round_budget_caps_every_phase_on_its_own_layers():
     with one running-total target the FC phase of round one was left the convs' reduction to do."""
     import dataclasses
 
-    from prunekit.prune.method import _budget_plan
+    from prunekit.prune.phase_budget import budget_plan
     from prunekit.prune.phases import resolve_phases
 
     model = _model()
     base = resolve_phases("vgg16", model)
     phases = [dataclasses.replace(p, name=f"{p.name}.r{r + 1}") for r in range(2) for p in base]
-    plan = _budget_plan(_hp(target_flops=0.4, rounds=2), model, phases, None)
+    plan = budget_plan(_hp(target_flops=0.4, rounds=2), model, phases, None)
     assert plan.targets == pytest.approx([0.7, 0.7, 0.4, 0.4])
     assert plan.layers[0] == plan.layers[2] and plan.layers[1] == plan.layers[3]
     assert sum(plan.weights[:2]) == pytest.approx(plan.original_cost)  # the two sets cover every layer

@@ -12,10 +12,10 @@ from torch import nn
 import prunekit
 from prunekit.prune.fold import folded_weights
 from prunekit.prune.graph import build_dependency_graph
-from prunekit.prune.method import PruneConfig, run_phases, statistic_layers
+from prunekit.prune.method import PruneConfig, run_phases
 from prunekit.prune.phases import resolve, resolve_phases
 from prunekit.prune.selection import filter_sparsity, keep_floor, select_filters
-from prunekit.prune.selectors import BNScale, L1Norm, Random, TauRule, match_budget
+from prunekit.prune.selectors import BNScale, L1Norm, Random, TauRule, match_budget, statistic_layers
 from prunekit.prune.sparsity import NoAdmissibleLambda, Sparsity, induce_sparsity, sparsity_targets
 from prunekit.prune.surgery import mask_channels, predict_params, prune_channels
 from prunekit.prune.trainer import FnTrainer, recalibrate_bn

@@ -8,7 +8,6 @@ reader, and a BCCD image through ONNX export and ONNX Runtime.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,11 @@ import torch
 from prunekit.data import TensorImageDataset, build_dataset, cached_uint8
 from prunekit.data.transforms import classification_train_transforms
 from prunekit.evaluate import evaluate
-from prunekit.models import SSDRaw, ssd300_vgg16
+from prunekit.models import SSDRaw, create_model, ssd300_vgg16
 from prunekit.train import TrainConfig, train
 
 pytestmark = pytest.mark.shared_data
 BCCD_CLASSES = ["Platelets", "RBC", "WBC"]
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _cifar(shared: Path, split: str, per_class: int) -> TensorImageDataset:
@@ -34,13 +32,10 @@ def _cifar(shared: Path, split: str, per_class: int) -> TensorImageDataset:
 
 
 def test_vgg16_trains_on_real_cifar_subset(shared_data: Path, tmp_path: Path) -> None:
-    sys.path.insert(0, str(BENCHMARKS))
-    from common import make_vgg
-
     train_set = _cifar(shared_data, "train", 26)  # 260 images, 26 per class
     test_set = _cifar(shared_data, "test", 13)  # 130 images, every class
     assert len(train_set) == 260 and sorted(set(train_set.targets)) == list(range(10))
-    model = make_vgg("imagenet", 0.0625, train_set.classes)
+    model = create_model("vgg16", 10, 0.0625, class_names=train_set.classes)  # what --model vgg16 builds
     assert model.prunekit_config.input_size == (32, 32)
     cfg = TrainConfig(epochs=1, max_steps=2, lr=0.01, batch_size=128, log_every=1)
     hist = train(model, train_set, cfg, out_dir=tmp_path, progress=False)

@@ -106,7 +106,7 @@ def test_generous_budget_compresses_and_resume_reproduces(tmp_path: Path):
 
 
 def test_a_cut_that_already_failed_is_not_trained_again():
-    from prunekit.prune.joint import layer_channels
+    from prunekit.prune.report import layer_channels
     from prunekit.prune.search import _same_cut
 
     model = vgg16(4, "cifar", 0.125, batch_norm=True)

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prunekit.bench.report import markdown_table
+from prunekit.markdown import markdown_table
 from prunekit.prune.search import pareto
 
 PLOT_FILE = "operating_points.png"

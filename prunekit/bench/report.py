@@ -16,6 +16,7 @@ from typing import Any
 
 from prunekit.bench.plots import accuracy_key, render_plots
 from prunekit.fileio import atomic_write_text
+from prunekit.markdown import markdown_table
 
 Row = tuple[str, dict[str, Any], Callable[[Any], str], str]  # name, {label: value}, fmt, "ratio"|"delta"|""
 
@@ -82,12 +83,6 @@ def build_table(rows: list[Row], labels: list[str], reference: str) -> tuple[lis
         cells += [_ratio_cell(vals.get(lab), vals.get(reference), kind) if kind else "" for lab in others]
         body.append(cells)
     return header, body
-
-
-def markdown_table(header: list[str], body: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- tables

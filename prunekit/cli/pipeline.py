@@ -11,8 +11,7 @@ import click
 from prunekit.cli.common import UserError, friendly_errors
 from prunekit.cli.options import dataclass_options
 from prunekit.pipeline import PIPELINE_HELP, PIPELINE_JOINT, PIPELINE_PRUNE, RUN_CHOICES, PipelineConfig
-from prunekit.prune.config import FIELD_CHOICES, FIELD_HELP, PruneConfig
-from prunekit.prune.joint import JOINT_HELP, JointConfig
+from prunekit.prune.config import FIELD_CHOICES, FIELD_HELP, JOINT_HELP, JointConfig, PruneConfig
 from prunekit.prune.search import SEARCH_HELP, SearchConfig
 
 

@@ -113,7 +113,9 @@ def prune(
                     manifest=False)  # fmt: skip
     from prunekit.models import get_config
     from prunekit.prune.layer_costs import render_cost_markdown
-    from prunekit.prune.method import cost_rows, load_table_for, run_phases
+    from prunekit.prune.method import run_phases
+    from prunekit.prune.phase_budget import load_table_for
+    from prunekit.prune.phase_report import cost_rows
     from prunekit.prune.phases import resolve_phases
     from prunekit.prune.report import model_stats, write_table
     from prunekit.prune.trainer import DataTrainer

@@ -11,7 +11,7 @@ import click
 from prunekit.cli.common import UserError, auto_device, friendly_errors
 from prunekit.cli.options import collect, dataclass_options, given_names
 from prunekit.cli.prune import prune_config_options
-from prunekit.prune.joint import JOINT_HELP, JointConfig
+from prunekit.prune.config import JOINT_HELP, JointConfig
 
 joint_options = dataclass_options(JointConfig, JOINT_HELP, prefix="joint_")
 

@@ -194,11 +194,19 @@ class DetectionDataset(Dataset):
         classes: Sequence[str],
         transforms: DetectionTransform | None = None,
         source: str = "",
+        split: str | None = None,
+        bad: BadInputs | None = None,
     ):
+        """A reader passes its ``split`` and the problems it met (``bad``): kept as ``split``,
+        ``skipped`` and ``empty_boxes``."""
         self.records = records
         self.classes = list(classes)
         self.transforms = transforms
         self.source = source
+        if split is not None:
+            self.split = split
+        if bad is not None:
+            self.skipped, self.empty_boxes = bad.problems, bad.empty
 
     @property
     def num_classes(self) -> int:

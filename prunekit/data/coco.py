@@ -16,7 +16,7 @@ import logging
 import math
 import os
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,21 @@ def resolve_coco(path: str | os.PathLike, images: str | os.PathLike | None, spli
     return p, Path(images)
 
 
+def _usable(
+    items: list[dict[str, Any]], problem_of: Callable[[dict[str, Any]], str | None], what: str, bad: BadInputs
+) -> list[dict[str, Any]]:
+    """``items`` without those ``problem_of`` finds fault with, each reported through ``bad`` as
+    ``<what> <index> (id <id>): <problem>``."""
+    usable = []
+    for k, item in enumerate(items):
+        problem = problem_of(item)
+        if problem:
+            bad.report(f"{what} {k} (id {item.get('id')!r}): {problem}")
+        else:
+            usable.append(item)
+    return usable
+
+
 def _checked_ids(data: dict[str, Any], ann_file: Path, bad: BadInputs) -> dict[str, Any]:
     """``data`` without what pycocotools' index would silently lose or mis-attribute.
 
@@ -126,20 +141,8 @@ def _checked_ids(data: dict[str, Any], ann_file: Path, bad: BadInputs) -> dict[s
             raise DatasetError(
                 f"{ann_file}: category id {cid} appears {len(names)} times (names {', '.join(names)})"
             )
-    usable_images = []
-    for k, img in enumerate(data["images"]):
-        problem = _image_problem(img)
-        if problem:
-            bad.report(f"{ann_file}: image {k} (id {img.get('id')!r}): {problem}")
-        else:
-            usable_images.append(img)
-    usable_anns = []
-    for k, a in enumerate(data["annotations"]):
-        problem = _annotation_problem(a)
-        if problem:
-            bad.report(f"{ann_file}: annotation {k} (id {a.get('id')!r}): {problem}")
-        else:
-            usable_anns.append(a)
+    usable_images = _usable(data["images"], _image_problem, f"{ann_file}: image", bad)
+    usable_anns = _usable(data["annotations"], _annotation_problem, f"{ann_file}: annotation", bad)
     files: dict[Any, list[str]] = defaultdict(list)
     for img in usable_images:
         files[img["id"]].append(img["file_name"])
@@ -253,6 +256,4 @@ class COCODetection(DetectionDataset):
         bad.finish()
         if not records:
             raise DatasetError(f"{ann_file}: no usable images")
-        super().__init__(records, class_list, transforms, source=f"coco:{ann_file},{image_dir}")
-        self.skipped = bad.problems
-        self.empty_boxes = bad.empty
+        super().__init__(records, class_list, transforms, source=f"coco:{ann_file},{image_dir}", bad=bad)

@@ -121,7 +121,4 @@ class GTSDBDetection(DetectionDataset):
             log.info("%s: %d 'other' signs outside the 3 GTSDB categories dropped", gt, dropped_other)
         if not records:
             raise DatasetError(f"{folder}: split {split!r} has no images")
-        super().__init__(records, classes, transforms, source=f"gtsdb:{folder}")
-        self.split = split
-        self.skipped = bad.problems
-        self.empty_boxes = bad.empty
+        super().__init__(records, classes, transforms, source=f"gtsdb:{folder}", split=split, bad=bad)

@@ -341,10 +341,7 @@ class VOCDetection(DetectionDataset):
             raise MissingSplitError(f"{root}: split {split!r} lists no images")
         if not records:
             raise DatasetError(f"{root}: split {split!r} has no usable images")
-        super().__init__(records, class_list, transforms, source=f"voc:{root}")
-        self.split = split
-        self.skipped = bad.problems
-        self.empty_boxes = bad.empty
+        super().__init__(records, class_list, transforms, source=f"voc:{root}", split=split, bad=bad)
 
     def _flat_items(
         self, root: Path, flat: dict[str, FlatVOC], split: str, train_fraction: float, seed: int

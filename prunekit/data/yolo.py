@@ -229,10 +229,7 @@ class YOLODetection(DetectionDataset):
             raise MissingSplitError(f"{yaml_file}: split {split!r} lists no images")
         if not records:
             raise DatasetError(f"{yaml_file}: split {split!r} has no usable images")
-        super().__init__(records, names, transforms, source=f"yolo:{yaml_file}")
-        self.split = split
-        self.skipped = bad.problems
-        self.empty_boxes = bad.empty
+        super().__init__(records, names, transforms, source=f"yolo:{yaml_file}", split=split, bad=bad)
 
     def _read_one(
         self, img: Path, root: Path, new_id: int, num_classes: int, bad: BadInputs

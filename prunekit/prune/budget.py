@@ -20,7 +20,7 @@ import itertools
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import Tensor, nn
 
@@ -28,6 +28,10 @@ from prunekit.models.config import ArchConfig
 from prunekit.prune.cost import config_macs
 from prunekit.prune.graph import DependencyGraph
 from prunekit.prune.profile import LatencyTable, estimate_latency, layer_latency_estimates
+
+if TYPE_CHECKING:
+    from prunekit.prune.config import PruneConfig
+    from prunekit.prune.phases import Phase
 
 __all__ = [
     "BudgetResult",
@@ -310,3 +314,49 @@ def set_caps(target: float, total: float, in_sets: float, rounds: int = 1) -> li
             f"{fixed / total:.3f} x the original"
         )
     return [1.0 - (1.0 - s) * (r + 1) / rounds for r in range(rounds)]
+
+
+def land_on_budget(
+    model: nn.Module,
+    keep: dict[str, Tensor],
+    phases: Sequence[Phase],
+    hp: PruneConfig,
+    k: float,
+    graph: DependencyGraph,
+    original_channels: dict[str, int],
+    budget: list[tuple[str, float, Any]],
+    steps: int = 8,
+) -> dict[str, Tensor]:
+    """The cut of a point whose full selection would pass a budget, made only as deep as the budget.
+
+    A budget stops pruning once met, but one point can remove far more than asked: the demo at
+    λ 0.7 with a target of 0.3 went 0.374 -> 0.163 of the parameters in one point (AP50 97.3 ->
+    88.4 at the end). Here the threshold is bisected in (0, k] for the lowest one whose selection
+    still meets every target, so the point lands near it. A selection that does not reach the
+    budget is returned as it is.
+    """
+    from prunekit.prune.selectors import select_keep
+    from prunekit.prune.surgery import prune_channels
+
+    if not keep or not budget:
+        return keep
+
+    def meets(sel: dict[str, Tensor]) -> bool:
+        if not sel:
+            return False
+        new = prune_channels(model, sel, graph, fold_bias=hp.fold_bias, dropout_rule=hp.dropout_rule)
+        return all(fn(new) <= target for _, target, fn in budget)
+
+    if not meets(keep):
+        return keep
+    lo, hi, best = 0.0, k, keep
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        sel = select_keep(model, phases, hp, mid, graph, original_channels)
+        if meets(sel):
+            best, hi = sel, mid
+        else:
+            lo = mid
+    if best is not keep:
+        log.info("budget: the point cuts at k %.3g instead of %.3g, as far as the budget asks", hi, k)
+    return best

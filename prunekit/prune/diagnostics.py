@@ -75,23 +75,36 @@ def phase_diagnostics(
 
 
 def render_diagnostics(d: Mapping[str, Any]) -> str:
+    """Markdown of :func:`phase_diagnostics`: why the τ rule kept what it kept, layer by layer."""
+    from prunekit.markdown import markdown_table
+
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    head = [
+        "layer",
+        "filters",
+        "kept",
+        "p zero",
+        "chance rows",
+        "mean rows",
+        "max rows",
+        "> τ1",
+        "γ = 0",
+        "γ median",
+    ]
+    body = []
+    for r in d["layers"]:
+        gq = r.get("gamma_quantiles")
+        body.append([r["layer"], str(r["filters"]), str(r["kept"]), f(r["zero_weights"]), f(r["chance_zero_rows"]),
+                     f(r["mean_zero_rows"]), f(r["max_zero_rows"]), str(r["above_tau1"]), str(r.get("gamma_zero", "-")),
+                     f(gq[2]) if gq else "-"])  # fmt: skip
     lines = [
         f"# {d['phase']}: why these filters",
         "",
         "Zero weights p in the thresholded model, the zero-row fraction a filter gets by chance (p^k_w), "
         f"the filters' mean and largest zero-row fraction, how many pass τ1 = {d['tau1']}, BN scales at zero.",
         "",
-        "| layer | filters | kept | p zero | chance rows | mean rows | max rows | > τ1 | γ = 0 | γ median |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        markdown_table(head, body),
     ]
-    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-    for r in d["layers"]:
-        gq = r.get("gamma_quantiles")
-        lines.append(
-            f"| {r['layer']} | {r['filters']} | {r['kept']} | {f(r['zero_weights'])} | {f(r['chance_zero_rows'])} | "
-            f"{f(r['mean_zero_rows'])} | {f(r['max_zero_rows'])} | {r['above_tau1']} | {r.get('gamma_zero', '-')} | "
-            f"{f(gq[2]) if gq else '-'} |"
-        )
     return "\n".join(lines) + "\n"
 
 

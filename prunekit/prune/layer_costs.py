@@ -7,13 +7,18 @@ on: this module reads both, neither reads it.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from prunekit.markdown import markdown_table
 from prunekit.models import get_config
 from prunekit.prune.cost import _prunable_modules, cost_shares, layer_macs
 from prunekit.prune.profile import LatencyTable, layer_latency_estimates
+
+if TYPE_CHECKING:
+    from prunekit.prune.config import PruneConfig
 
 KINDS = ("macs", "latency")
 PER = ("weight", "layer")
@@ -122,23 +127,35 @@ def render_cost_markdown(rows: list[dict[str, Any]], title: str = "Cost per laye
     head = ["layer", "MACs before", "MACs after", "MACs share before %", "MACs share after %"]
     if lat:
         head += ["latency ms before", "latency ms after", "latency share before %", "latency share after %"]
-    lines = [f"## {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     pct = lambda v: "-" if v is None else f"{100 * float(v):.1f}"  # noqa: E731
     ms = lambda v: "-" if v is None else f"{float(v):.3f}"  # noqa: E731
+    body = []
     for r in rows:
-        cells = [
-            r["layer"],
-            f"{int(r['macs_before']):,}",
-            f"{int(r['macs_after']):,}",
-            pct(r["macs_share_before"]),
-            pct(r["macs_share_after"]),
-        ]
+        cells = [r["layer"], f"{int(r['macs_before']):,}", f"{int(r['macs_after']):,}", pct(r["macs_share_before"]),
+                 pct(r["macs_share_after"])]  # fmt: skip
         if lat:
-            cells += [
-                ms(r.get("latency_ms_before")),
-                ms(r.get("latency_ms_after")),
-                pct(r.get("latency_share_before")),
-                pct(r.get("latency_share_after")),
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            cells += [ms(r.get("latency_ms_before")), ms(r.get("latency_ms_after")),
+                      pct(r.get("latency_share_before")), pct(r.get("latency_share_after"))]  # fmt: skip
+        body.append(cells)
+    return f"## {title}\n\n" + markdown_table(head, body) + "\n"
+
+
+def l1_weights_for(
+    model: nn.Module, l1_layers: Sequence[str], hp: PruneConfig, table: LatencyTable | None = None
+) -> dict[str, float] | None:
+    """The per-layer L1 multipliers ``hp`` asks for on ``l1_layers``: given ones, cost-aware ones
+    (MACs or a latency table), or None (uniform)."""
+    if hp.layer_weights:
+        return {n: float(w) for n, w in hp.layer_weights.items() if n in l1_layers}
+    if hp.cost_aware is None:
+        return None
+    if hp.cost_aware == "latency" and table is None:
+        raise ValueError("cost_aware='latency' needs latency_table (a `prunekit profile` JSON file)")
+    return l1_layer_weights(
+        model,
+        l1_layers,
+        kind=hp.cost_aware,
+        table=table if hp.cost_aware == "latency" else None,
+        alpha=hp.cost_alpha,
+        per=hp.cost_per,
+    )

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunekit.fileio import atomic_write_json, atomic_write_text
+from prunekit.markdown import markdown_table
 from prunekit.prune.graph import example_input, layer_names_of, traced_network
 
 BYTES_PER_PARAM = 4  # FP32
@@ -160,23 +161,18 @@ def render_markdown(
     if has_before:
         head[4:4] = ["params before"]
         head += ["MACs before"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in table:
-        cells = [
-            r["layer"],
-            str(r["filters_before"]),
-            str(r["filters_after"]),
-            f"{r['kept_pct']:.1f}",
-            _fmt_int(r["params"]),
-            _fmt_macs(r["macs"]),
-        ]
+        cells = [r["layer"], str(r["filters_before"]), str(r["filters_after"]), f"{r['kept_pct']:.1f}",
+                 _fmt_int(r["params"]), _fmt_macs(r["macs"])]  # fmt: skip
         if has_before:
             cells[4:4] = [_fmt_int(r.get("params_before", 0))]
             cells += [_fmt_macs(r.get("macs_before", 0))]
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
+    lines.append(markdown_table(head, body))
     if totals:
         keys = list(totals)
-        lines += ["", "| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        rows = []
         for label, key, fmt in (
             ("parameters", "params", _fmt_int),
             ("size (MiB, fp32)", "size_mb", lambda v: f"{v:.2f}"),
@@ -184,8 +180,10 @@ def render_markdown(
             ("metric", "metric", lambda v: f"{100 * v:.2f}"),
         ):
             if any(key in totals[k] and totals[k][key] is not None for k in keys):
-                vals = [fmt(totals[k][key]) if totals[k].get(key) is not None else "-" for k in keys]
-                lines.append(f"| {label} | " + " | ".join(vals) + " |")
+                rows.append(
+                    [label] + [fmt(totals[k][key]) if totals[k].get(key) is not None else "-" for k in keys]
+                )
+        lines += ["", markdown_table(["", *keys], rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -203,3 +201,15 @@ def write_table(
     )
     md = atomic_write_text(stem.with_suffix(".md"), render_markdown(table, totals, title))
     return js, md
+
+
+def layer_channels(model: nn.Module) -> dict[str, int]:
+    """Layer name -> its current filter count (the widths the keep floors are fractions of)."""
+    return {r["layer"]: int(r["filters_after"]) for r in layer_table(model)}
+
+
+def removed_filters(before: nn.Module, after: nn.Module) -> dict[str, str]:
+    """Layer name -> "before->after" filter counts of every layer a surgery narrowed."""
+    a = {r["layer"]: r["filters_after"] for r in layer_table(after)}
+    return {r["layer"]: f"{r['filters_after']}->{a[r['layer']]}" for r in layer_table(before)
+            if a.get(r["layer"], r["filters_after"]) != r["filters_after"]}  # fmt: skip

@@ -58,9 +58,9 @@ from torch import nn
 from prunekit.fileio import atomic_write_json
 from prunekit.prune.config import PruneConfig
 from prunekit.prune.graph import build_dependency_graph
-from prunekit.prune.joint import layer_channels, sparsity_multipliers
+from prunekit.prune.joint import sparsity_multipliers
 from prunekit.prune.phases import Phase
-from prunekit.prune.report import model_stats
+from prunekit.prune.report import layer_channels, model_stats
 from prunekit.prune.sparsity import POINT, Sparsity
 from prunekit.prune.surgery import prune_channels
 from prunekit.prune.trainer import Trainer, standard_error
@@ -405,7 +405,7 @@ def _select_to(
     norm, relative to the layer's mean) are given back while the cost stays within ``want``. The
     rule decides which filters may go, the step how many.
     """
-    from prunekit.prune.joint import select_keep
+    from prunekit.prune.selectors import select_keep
 
     graph = build_dependency_graph(model)
 

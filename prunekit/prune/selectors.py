@@ -11,13 +11,18 @@ removed is :mod:`prunekit.prune.surgery`'s business, the same for all. Two famil
   (|gamma|, network slimming), and :class:`CostAware`, which scales the ratio by the layer's cost
   so that expensive layers give up more. :func:`match_budget` finds the ratio that
   meets a parameter or MACs budget for any of them.
+
+The τ rule reads a thresholded model: :func:`threshold_at` makes it in the units the configuration
+names, on the phase's layers plus their consumers (:func:`statistic_layers`), and
+:func:`select_keep` runs both at one threshold over every phase, as a pruning point does.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +38,11 @@ from prunekit.prune.selection import (
     keep_floor,
     select_filters,
 )
+from prunekit.prune.threshold import apply_threshold, global_std, threshold_model
+
+if TYPE_CHECKING:
+    from prunekit.prune.config import PruneConfig
+    from prunekit.prune.phases import Phase, ResolvedPhase
 
 
 class Selector:
@@ -46,7 +56,10 @@ class Selector:
 
 @dataclass
 class TauRule(Selector):
-    """The paper's τ rule on Θ_L1^th (pass the thresholded model as ``model``)."""
+    """The paper's τ rule on Θ_L1^th (pass the thresholded model as ``model``).
+
+    Both algorithms select through it (:func:`TauRule.from_config`): the post-training phases at
+    the threshold their search chose, prune-while-training at every pruning point."""
 
     tau1: float = TAU1
     tau2: float = TAU2
@@ -55,13 +68,96 @@ class TauRule(Selector):
     min_keep_fraction: float = MIN_KEEP_FRACTION
     align: int = 1
     fold_bn: bool = True
+    floors: Mapping[str, int] | None = None  # per-layer floors, relative to an original width
     name = "tau"
+
+    @classmethod
+    def from_config(
+        cls,
+        hp: PruneConfig,
+        taus: Sequence[float] | None = None,
+        floors: Mapping[str, int] | None = None,
+    ) -> TauRule:
+        """The rule as ``hp`` configures it (its τ triple unless ``taus`` is given; ``floors``
+        replace the fraction floor, for a model already pruned); statistics are read on BN-folded
+        weights when ``hp``'s thresholds are."""
+        t1, t2, t3 = taus if taus is not None else (hp.tau1, hp.tau2, hp.tau3)
+        fraction = 0.0 if floors else hp.min_keep_fraction
+        return cls(t1, t2, t3, hp.min_keep, fraction, hp.align, threshold_settings(hp)[1], floors)
 
     def select(self, model: nn.Module, layers: Sequence[str], graph: DependencyGraph) -> SelectionResult:
         return select_filters(
             model, layers, graph, self.tau1, self.tau2, self.tau3, self.min_keep, self.align,
-            self.min_keep_fraction, self.fold_bn,
+            self.min_keep_fraction, self.fold_bn, self.floors,
         )  # fmt: skip
+
+
+def threshold_settings(hp: PruneConfig) -> tuple[str | None, bool]:
+    """``(scale, fold)``: the unit k is read in (None: the paper's raw pooled std) and whether
+    thresholds and statistics are read on BN-folded weights."""
+    scale = None if hp.threshold_scale == "raw" else hp.threshold_scale
+    return scale, hp.fold_stats and scale is not None
+
+
+def threshold_at(
+    model: nn.Module, layers: Sequence[str], k: float, graph: DependencyGraph, hp: PruneConfig
+) -> nn.Module:
+    """Θ^th: a copy of ``model`` with the weights of ``layers`` below ``k`` units zeroed, in the units
+    ``hp`` names (one global threshold over the set)."""
+    scale, fold = threshold_settings(hp)
+    if scale is None:
+        return apply_threshold(model, layers, k * global_std(model, layers))
+    return threshold_model(model, layers, k, graph, scale, fold)
+
+
+def statistic_layers(rp: ResolvedPhase, graph: DependencyGraph) -> list[str]:
+    """The phase's L1 set plus every consumer of its pruned layers outside it (conv5_3's fc6):
+    thresholded too, so that the outgoing statistic s(W_{l+1}[:, i]) of the last layer exists."""
+    out = list(rp.l1_layers)
+    for name in rp.prune_layers:
+        for c in graph.group(name).consumers:
+            cname = graph.name_of(c.target)
+            if cname not in out:
+                out.append(cname)
+    return out
+
+
+def select_keep(
+    model: nn.Module,
+    phases: Sequence[Phase],
+    hp: PruneConfig,
+    k: float,
+    graph: DependencyGraph | None = None,
+    original_channels: Mapping[str, int] | None = None,
+) -> dict[str, Tensor]:
+    """Kept channels of every layer the τ rule cuts at threshold ``k``, one global threshold per
+    phase's set: steps 2-3 of the post-training method at a fixed ``k``, what a pruning point of
+    prune-while-training does (no ε2 search: the check after surgery guards the accuracy).
+
+    ``min_keep_fraction`` is of ``original_channels`` (the width before the first pruning point),
+    not of the current width, or the floor would shrink with every point (measured on a toy VGG:
+    8 -> 1 -> 1 filters in two points at 1/8). Layers that would keep every channel are left out.
+    """
+    from prunekit.prune.graph import build_dependency_graph
+    from prunekit.prune.phases import resolve
+
+    floors = {
+        n: keep_floor(c, hp.min_keep, hp.min_keep_fraction) for n, c in (original_channels or {}).items()
+    }
+    rule = TauRule.from_config(hp, floors=floors)
+    graph = graph or build_dependency_graph(model)
+    keep: dict[str, Tensor] = {}
+    already: set[str] = set()
+    for phase in phases:
+        rp = resolve(phase, graph, already)
+        already |= set(rp.prune_layers)
+        if not rp.prune_layers:
+            continue
+        sel = rule.select(
+            threshold_at(model, statistic_layers(rp, graph), k, graph, hp), rp.prune_layers, graph
+        )
+        keep.update({n: idx for n, idx in sel.keep.items() if len(idx) < graph.group(n).channels})
+    return keep
 
 
 def prunable_groups(graph: DependencyGraph, layers: Sequence[str] | None) -> list[Group]:

@@ -433,3 +433,41 @@ def keep_detection_layers(model: nn.Module, k: int) -> nn.Module:
     load_state(new, {key: state[key] for key in new.state_dict()}, f"<{cfg.arch} pruned-{k}det>")
     new.train(model.training)
     return new.to(next(model.parameters()).device)
+
+
+def slice_optimizer_state(
+    optimizer_state: dict[str, Any],
+    param_names: list[list[str]],
+    model: nn.Module,
+    keep: dict[str, torch.Tensor],
+    graph: DependencyGraph,
+) -> dict[str, Any]:
+    """The optimizer state dict with every per-parameter buffer cut like its parameter.
+
+    The buffers are loaded into a copy of ``model`` in place of the parameters and the very surgery
+    of the weights is applied to it (without the bias fold, which is not a slice): whatever couples
+    a BN, a consumer's input slice or a head, the buffers follow the weights.
+    """
+    by_index = {
+        idx: name
+        for group, names in zip(optimizer_state["param_groups"], param_names)
+        for idx, name in zip(group["params"], names)
+    }
+    keys = sorted(
+        {k for s in optimizer_state["state"].values() for k, v in s.items() if torch.is_tensor(v) and v.dim()}
+    )
+    sliced: dict[str, dict[str, torch.Tensor]] = {}
+    for key in keys:
+        holder = copy.deepcopy(model)
+        with torch.no_grad():
+            for idx, name in by_index.items():
+                p = holder.get_parameter(name)
+                buf = optimizer_state["state"].get(idx, {}).get(key)
+                p.copy_(buf if buf is not None else torch.zeros_like(p))
+        cut = prune_channels(holder, keep, graph, fold_bias=False)
+        sliced[key] = {n: p.detach().clone() for n, p in cut.named_parameters()}
+    state = {}
+    for idx, entry in optimizer_state["state"].items():
+        name = by_index[idx]
+        state[idx] = {k: (sliced[k][name] if k in sliced else v) for k, v in entry.items()}
+    return {"state": state, "param_groups": copy.deepcopy(optimizer_state["param_groups"])}

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DEFAULT_DATA, RESULTS, machine_info
+from benchmarks.common import DEFAULT_DATA, RESULTS, git_commit, machine_info
 from prunekit.fileio import atomic_write_json
 
 log = logging.getLogger("no_tuning")
@@ -101,7 +101,9 @@ def collect(name: str, flags: list[str], runs: Path, timing: dict[str, Any]) -> 
         "stage_wall_s": {k: v.get("wall_s") for k, v in manifest["stages"].items()},
     }  # fmt: skip
     row["wall_s"] = sum(v or 0.0 for v in row["stage_wall_s"].values())
-    row.update({k: v for k, v in timing.items() if k in ("cpu_s", "load_avg_start", "exit_code")})
+    row.update(
+        {k: v for k, v in timing.items() if k in ("cpu_s", "load_avg_start", "exit_code", "invocations")}
+    )
     # the run's own test stage: original, control and compressed on the test split it never selected on
     test_path = out / "test.json"
     if not test_path.is_file():
@@ -135,12 +137,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"unknown case {name!r}; known: {', '.join(table)}")
         a.runs.mkdir(parents=True, exist_ok=True)
         timing = run_case(name, table[name], a.runs.resolve())
+        prev = whole.get(name, {})
+        # an interrupted or refused invocation that --resume then continued: its time counts too
+        earlier = list(prev.get("invocations", [])) if prev.get("exit_code") else []
+        if not timing.get("reused"):
+            timing["commit"] = git_commit()
+            earlier.append(
+                {
+                    k: timing.get(k)
+                    for k in ("exit_code", "wall_s", "cpu_s", "load_avg_start", "error", "commit")
+                }
+            )
         if timing.get("exit_code"):
-            whole[name] = {"flags": table[name], "exit_code": timing["exit_code"], "error": timing["error"]}
+            whole[name] = {"flags": table[name], "exit_code": timing["exit_code"], "error": timing["error"],
+                           "invocations": earlier}  # fmt: skip
         else:
-            prev = whole.get(name, {})
-            if timing.get("reused"):  # collected again: keep the timing of the invocation that ran it
-                timing = {k: prev[k] for k in ("cpu_s", "load_avg_start", "exit_code") if k in prev}
+            if timing.get("reused"):  # collected again: keep the timing of the invocation(s) that ran it
+                timing = {
+                    k: prev[k] for k in ("cpu_s", "load_avg_start", "exit_code", "invocations") if k in prev
+                }
+            elif len(earlier) > 1:
+                timing = {**timing, "cpu_s": sum(i["cpu_s"] or 0.0 for i in earlier), "invocations": earlier}
             whole[name] = collect(name, table[name], a.runs.resolve(), timing)
         atomic_write_json(a.result, whole)
         log.info("%s: %s", name, json.dumps(whole[name])[:400])

@@ -215,3 +215,76 @@ def test_the_whole_command_under_torchrun(tmp_path):
     sums = (out / "deploy" / "SHA256SUMS").read_text().splitlines()
     assert len(sums) == len({line.split()[1] for line in sums}) >= 10
     assert not list(out.rglob("*.tmp*")) and not list(out.glob(".deploy-*"))  # no half-written leftovers
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (Linux /proc; no psutil needed)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(e.split(b"=", 1)[1]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_a_killed_rank_ends_the_run_cleanly_and_the_manifest_says_so(tmp_path):
+    """SIGKILL rank 1 while the original trains under torchrun: the other rank does not hang, the
+    command exits non-zero, and rank 0's manifest records the stage as failed or interrupted (not
+    "running"), with no half-written file left; --resume on one process then finishes the run."""
+    import signal
+    import time
+
+    import yaml
+
+    from prunekit.data.synth import make_synth_voc
+    from tests.test_pipeline import TINY
+
+    data = tmp_path / "synth"
+    make_synth_voc(data, n_train=24, n_val=16, n_test=12, seed=0)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "data": f"voc:{data}", "epochs_train": 40}))
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m",
+           "prunekit.cli", "compress-and-export", "--config", str(cfg), "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        victim = None
+        while victim is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            training = (out / "train" / "train_log.jsonl").is_file()  # a step of the original was taken
+            ranks = {_rank_of(p): p for p in _children(proc.pid)}
+            victim = ranks.get(1) if training else None
+        assert victim is not None, "rank 1 never reached training"
+        os.kill(victim, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=180)  # the others end: no hang at a collective
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0, output[-3000:]
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert stages["train"]["status"] in ("failed", "interrupted"), (stages["train"], output[-3000:])
+    assert stages["train"].get("error"), stages["train"]
+    assert not list(out.rglob("*.tmp*"))
+    _run([sys.executable, "-m", "prunekit.cli", "compress-and-export", "--config", str(cfg), "--out", str(out),
+          "--resume"], tmp_path)  # fmt: skip
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert all(s["status"] in ("done", "skipped") for s in stages.values()), stages

@@ -31,9 +31,9 @@ from benchmarks.common import RESULTS, machine_info, ort_interleaved
 from prunekit.fileio import atomic_write_json, atomic_write_text
 from prunekit.markdown import markdown_table
 from prunekit.models import SSDRaw, build_model, count_params, default_config, get_config
-from prunekit.prune.align import align_counts
 from prunekit.prune.cost import layer_macs, total_macs
 from prunekit.prune.profile import estimate_latency, profile_model, save_latency_table
+from prunekit.prune.selection import align_counts
 
 log = logging.getLogger("speed_aware")
 NOTE = "CPU shared with other processes; interleaved rounds keep ratios fair, absolutes are noisy"

@@ -10,7 +10,6 @@ import torch
 from click.testing import CliRunner
 
 from prunekit.models import default_config, get_config, ssd300_vgg16, vgg16
-from prunekit.prune.align import align_counts, align_keep, aligned_count
 from prunekit.prune.budget import channels_cost_fn, param_grid, search_budget
 from prunekit.prune.cost import (
     config_macs,
@@ -28,6 +27,7 @@ from prunekit.prune.profile import (
     save_latency_table,
     table_key,
 )
+from prunekit.prune.selection import align_counts, align_keep, aligned_count
 
 # --------------------------------------------------------------------------- alignment
 

@@ -32,6 +32,7 @@ from prunekit.prune.profile import LatencyTable, estimate_latency, layer_latency
 if TYPE_CHECKING:
     from prunekit.prune.config import PruneConfig
     from prunekit.prune.phases import Phase
+    from prunekit.prune.selectors import TauRule
 
 __all__ = [
     "BudgetResult",
@@ -236,20 +237,16 @@ def selection_candidates(
     graph: DependencyGraph,
     k_range: Sequence[float],
     taus: Sequence[tuple[float, float, float]],
-    min_keep: int = 1,
-    align: int = 1,
-    min_keep_fraction: float = 0.0,
-    fold_bn: bool = False,
+    rule: TauRule,
     make_threshold: Callable[[float], nn.Module] | None = None,
 ) -> tuple[list[SelectionCandidate], float]:
     """Every distinct selection over ``k_range`` x ``taus`` on Θ_L1 (``sparse``); and the std.
 
     The threshold is ``make_threshold(k)`` (default: the paper's global ``k * std`` over
-    ``l1_layers``); selection is the τ rule (then the floors and ``align``) on ``prune_layers``,
-    on BN-folded statistics with ``fold_bn``. Many settings select the same filters, so candidates
-    are deduplicated: each is priced and evaluated once.
+    ``l1_layers``); selection is ``rule`` (the τ rule as configured: floors, alignment, folded
+    statistics) with each triple of ``taus`` on ``prune_layers``. Many settings select the same
+    filters, so candidates are deduplicated: each is priced and evaluated once.
     """
-    from prunekit.prune.selection import select_filters_grid
     from prunekit.prune.threshold import apply_threshold, global_std
 
     ks = sorted({float(k) for k in k_range if k >= 0})
@@ -260,10 +257,7 @@ def selection_candidates(
     grid = [(float(t[0]), float(t[1]), float(t[2])) for t in taus]
     for k in ks:
         thresholded = make_threshold(k) if make_threshold else apply_threshold(sparse, l1_layers, k * std)
-        sels = select_filters_grid(
-            thresholded, prune_layers, graph, grid, min_keep=min_keep, align=align,
-            min_keep_fraction=min_keep_fraction, fold_bn=fold_bn,
-        )  # fmt: skip
+        sels = rule.select_grid(thresholded, prune_layers, graph, grid)
         for t3, sel in zip(grid, sels):
             key = tuple((n, tuple(v.tolist())) for n, v in sorted(sel.keep.items()))
             if key not in found:

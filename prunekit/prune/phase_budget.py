@@ -35,6 +35,7 @@ from prunekit.prune.config import PruneConfig
 from prunekit.prune.graph import DependencyGraph, build_dependency_graph
 from prunekit.prune.phases import Phase, ResolvedPhase, resolve
 from prunekit.prune.selection import tau_grid
+from prunekit.prune.selectors import TauRule
 from prunekit.prune.surgery import prune_channels
 
 if TYPE_CHECKING:
@@ -202,9 +203,15 @@ def budget_search(
     own = (hp.tau1, hp.tau2, hp.tau3)
     taus = [own] + [t for t in tau_grid(hp.budget_taus) if t != own]
     cands, std = selection_candidates(
-        sparse, rp.l1_layers, rp.prune_layers, graph, hp.k_range, taus, hp.min_keep, hp.align,
-        hp.min_keep_fraction, fold, make_threshold,
-    )  # fmt: skip
+        sparse,
+        rp.l1_layers,
+        rp.prune_layers,
+        graph,
+        hp.k_range,
+        taus,
+        TauRule.from_config(hp),
+        make_threshold,
+    )
     prices: dict[tuple, float] = {}
 
     own = plan.layers[index]

@@ -36,7 +36,7 @@ from prunekit.prune.selection import (
     TAU3,
     SelectionResult,
     keep_floor,
-    select_filters,
+    select_filters_grid,
 )
 from prunekit.prune.threshold import apply_threshold, global_std, threshold_model
 
@@ -86,9 +86,20 @@ class TauRule(Selector):
         return cls(t1, t2, t3, hp.min_keep, fraction, hp.align, threshold_settings(hp)[1], floors)
 
     def select(self, model: nn.Module, layers: Sequence[str], graph: DependencyGraph) -> SelectionResult:
-        return select_filters(
-            model, layers, graph, self.tau1, self.tau2, self.tau3, self.min_keep, self.align,
-            self.min_keep_fraction, self.fold_bn, self.floors,
+        return self.select_grid(model, layers, graph, [(self.tau1, self.tau2, self.tau3)])[0]
+
+    def select_grid(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        graph: DependencyGraph,
+        taus: Sequence[tuple[float, float, float]],
+    ) -> list[SelectionResult]:
+        """The rule with each (τ1, τ2, τ3) of ``taus`` in place of its own, everything else (floors,
+        alignment, folding) as configured: what a budget search over τ triples needs."""
+        return select_filters_grid(
+            model, layers, graph, taus, self.min_keep, self.align, self.min_keep_fraction, self.fold_bn,
+            self.floors,
         )  # fmt: skip
 
 

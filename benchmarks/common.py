@@ -111,10 +111,9 @@ def load_cifar(
     Train and val are disjoint seeded random subsets of the train split (class-mixed: the archive
     is sorted by class); test is a seeded random subset of the test split (all of it by default).
     """
-    spec = f"folder:{data_dir}/cifar10-jpg-{{split}}.tar.gz"
-    tr = build_dataset(spec, "train")
-    te = build_dataset(spec, "test")
-    assert isinstance(tr, ImageFolder) and isinstance(te, ImageFolder)
+    # the whole train archive, split here (build_dataset's "train" would be its held-out 90%)
+    tr = ImageFolder(data_dir / "cifar10-jpg-train.tar.gz", "train")
+    te = ImageFolder(data_dir / "cifar10-jpg-test.tar.gz", "test")
     x_tr, y_tr = cached_uint8(tr)
     x_te, y_te = cached_uint8(te)
     if n_train + n_val > len(x_tr):

@@ -1,14 +1,13 @@
 """Paired comparisons: is one method's accuracy different from another's on the *same* test images?
 
-    python -m benchmarks.paired --task bccd_ssd300 --run runs/peers/bccd_ssd300
-    python -m benchmarks.paired --task cifar10_vgg16 --run runs/peers/cifar10_vgg16
-    python -m benchmarks.paired --task cifar10_vgg16 --run runs/peers/cifar10_v14_macs --key cifar10_vgg16@macs
+    python -m benchmarks.paired --task bccd_ssd300 --run FOLDER      # FOLDER/{unpruned,prunekit,tp_*}.pt
+    python -m benchmarks.paired --task cifar10_vgg16 --run FOLDER
 
 Each model's standard error (``± SE`` in every table) answers "how well is this one accuracy
 known"; on BCCD's 72 test images it is ~3.8 AP50 points, larger than any gap between the pruned
 models. Methods scored on the same images are strongly correlated, so the uncertainty of their
-*difference* is much smaller. This script scores every checkpoint of a peers run
-(``python -m benchmarks.peers``) image by image and reports, against ``--reference`` (prunekit):
+*difference* is much smaller. This script scores every checkpoint of a folder image by image
+and reports, against ``--reference`` (prunekit):
 
 * CIFAR top-1: the difference and its paired standard error, sd(correct_a - correct_b) / sqrt(n);
 * BCCD AP50: the difference, its bootstrap standard error and 95% interval, resampling test
@@ -18,7 +17,9 @@ models. Methods scored on the same images are strongly correlated, so the uncert
   re-running pycocotools (``tests/test_paired.py`` checks the full-sample value against
   :func:`prunekit.metrics.detection_metrics`).
 
-Writes ``<task>.paired`` into ``benchmarks/results/peers.json`` and re-renders ``peers.md``.
+:func:`paired_detection` is also what ``python -m benchmarks.peers`` pairs its detection rows
+with (classification: :func:`benchmarks.common.paired_classification`); that benchmark pairs its
+own models, so this script only prints and writes ``--result`` (default ``<run>/paired.json``).
 """
 
 from __future__ import annotations
@@ -33,16 +34,8 @@ import numpy as np
 import torch
 
 import prunekit
-from benchmarks.common import (
-    DEFAULT_DATA,
-    RESULTS,
-    command_line,
-    load_bccd,
-    load_cifar,
-    paired_classification,
-    save_result,
-)
-from benchmarks.peers import render
+from benchmarks.common import DEFAULT_DATA, command_line, load_bccd, load_cifar, paired_classification
+from prunekit.fileio import atomic_write_json
 from prunekit.paired import bootstrap_weights, match_images, weighted_ap50
 
 log = logging.getLogger("paired")
@@ -90,18 +83,13 @@ def paired_detection(
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", choices=("bccd_ssd300", "cifar10_vgg16"), required=True)
-    ap.add_argument("--run", type=Path, required=True, help="a python -m benchmarks.peers --out folder")
+    ap.add_argument("--run", type=Path, required=True, help="a folder of model checkpoints")
     ap.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--reference", default="prunekit")
     ap.add_argument("--bootstrap", type=int, default=1000)
-    ap.add_argument("--result", type=Path, default=RESULTS / "peers.json")
+    ap.add_argument("--result", type=Path, default=None, help="default <run>/paired.json")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument(
-        "--key",
-        default=None,
-        help="the peers.json entry to write into (default: --task; e.g. cifar10_vgg16@macs)",
-    )
     return ap.parse_args(argv)
 
 
@@ -119,9 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _, _, test = load_cifar(a.data_dir, 45000, 5000, None, a.seed)
         res = paired_classification(models, test, a.reference)
     res["command"] = command_line()
-    whole = json.loads(a.result.read_text()) if a.result.is_file() else {}
-    whole.setdefault(a.key or a.task, {})["paired"] = res
-    save_result(a.result, whole, render)
+    atomic_write_json(a.result or a.run / "paired.json", res)
     print(json.dumps(res, indent=1))
     return res
 

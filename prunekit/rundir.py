@@ -86,6 +86,8 @@ def data_paths(spec: str, splits: Iterable[str] = ("train", "val")) -> list[Path
     if arg is None:
         return []
     args = list(dict.fromkeys(arg.replace("{split}", s) for s in splits if s)) or [arg]
+    if "{split}" in arg:  # a split the set has no file for (val, held out of train) adds nothing
+        args = [a for a in args if Path(a.split(",")[0]).exists()] or args
     paths: list[Path] = []
     for a in args:
         if kind == "coco":

@@ -170,3 +170,49 @@ def test_data_check_shows_and_writes_the_split(tmp_path: Path) -> None:
     (voc / "ImageSets" / "Main" / "train.txt").write_text("s00\n")
     r = runner.invoke(data_cli, ["check", f"voc:{voc}", "--write-split", str(out)])
     assert r.exit_code == 2 and "has its own split" in r.output
+
+
+def _class_folders(root: Path, n_per_class: int) -> None:
+    for c, colour in (("cat", (200, 0, 0)), ("dog", (0, 0, 200))):
+        (root / c).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.new("RGB", (8, 8), (colour[0], i * 5, colour[2])).save(root / c / f"{i:03d}.png")
+
+
+def test_a_set_without_a_validation_split_gets_one_held_out_of_train(tmp_path: Path) -> None:
+    """A folder per split with only train and test (CIFAR-10's JPEG archives): val is a seeded,
+    stratified 10% of train, the training split the other 90%, the two disjoint, the test split untouched; the
+    same images on every call. CIFAR-10's pickles likewise (their "val" once meant the test set)."""
+    from prunekit.data import HeldOut
+    from prunekit.data.build import HELD_OUT_FRACTION, has_own_val
+    from prunekit.data.synth import make_synth_cifar
+
+    _class_folders(tmp_path / "set-train", 20)
+    _class_folders(tmp_path / "set-test", 5)
+    spec = f"folder:{tmp_path}/set-{{split}}"
+    assert not has_own_val("folder", f"{tmp_path}/set-{{split}}")
+    train, val = build_dataset(spec, "train", train=True), build_dataset(spec, "val")
+    test = build_dataset(spec, "test")
+    assert isinstance(val, HeldOut) and isinstance(train, HeldOut)
+    assert (len(train), len(val), len(test)) == (36, 4, 10) and HELD_OUT_FRACTION == 0.1
+    assert val.class_counts() == {"cat": 2, "dog": 2}  # stratified
+    assert set(train.indices).isdisjoint(val.indices) and sorted(train.indices + val.indices) == list(
+        range(40)
+    )
+    assert val.indices == build_dataset(spec, "val").indices  # seeded: the same every call
+    assert train.transform is not None and val.transform is None  # each part its own transforms
+    names = {val.image_source(i)[0] for i in range(len(val))}
+    assert all("set-train" in n for n in names)
+    image, label = val[0]
+    assert image.shape == (3, 8, 8) and 0.0 <= float(image.min()) <= float(image.max()) <= 1.0
+    assert label == val.base.targets[val.indices[0]]
+
+    (tmp_path / "set-val").mkdir()
+    _class_folders(tmp_path / "set-val", 3)
+    assert has_own_val("folder", f"{tmp_path}/set-{{split}}") and len(build_dataset(spec, "val")) == 6
+
+    root = make_synth_cifar(tmp_path / "cifar", n_train=100, n_test=10)
+    cval, ctest = build_dataset(f"cifar10:{root}", "val"), build_dataset(f"cifar10:{root}", "test")
+    assert len(cval) == 10 and len(build_dataset(f"cifar10:{root}", "train")) == 90 and len(ctest) == 10
+    images, labels = cval.uint8_arrays()
+    assert images.shape[0] == 10 and labels.tolist() == cval.targets

@@ -1,5 +1,6 @@
-"""``python -m benchmarks.peers``, run as a subprocess: prunekit against Torch-Pruning end to end on a
-tiny VGG (``--smoke``), the SSD adapter and the source's lineage (``--dry-run``)."""
+"""``python -m benchmarks.peers``, run as a subprocess: the plan from a source run's files
+(``--dry-run``), the Torch-Pruning adapter on SSD300 (``--dry-run --adapter``) and every method x
+matching end to end on a tiny VGG from the product's own command (``--smoke``, slow)."""
 
 import json
 import subprocess
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 import prunekit
 from prunekit.prune.report import model_stats
@@ -14,7 +16,9 @@ from prunekit.prune.report import model_stats
 tp = pytest.importorskip("torch_pruning", reason="torch-pruning is not installed (pip install -e '.[peers]')")
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("tp_magnitude", "tp_bnscale", "tp_groupnorm")
+TP_METHODS = ("tp_magnitude", "tp_bnscale", "tp_groupnorm")
+MATCHINGS = ("equal_params", "equal_macs", "equal_latency")
+FIELDS = ("params", "macs", "ort_b1_ms", "metric", "cpu_s")
 
 
 def peers(*args: str) -> str:
@@ -25,76 +29,109 @@ def peers(*args: str) -> str:
     return proc.stdout
 
 
-def smoke(out: Path, *args: str) -> dict:
-    peers("--smoke", "--out", str(out), *args)
-    return json.loads((out / "peers.json").read_text())["smoke"]
+def _source(
+    path: Path, depth: int = 2, per: int = 3, schedule: str = "search", distill: bool = False
+) -> Path:
+    """The files of a compress-and-export run a dry run reads: config.yaml, search.json, manifest.json."""
+    (path / "search").mkdir(parents=True)
+    prune = {"distill": distill, "distill_alpha": 0.8, "distill_temperature": 3.0}
+    cfg = {"model": "ssd300", "data": "voc:somewhere", "width": 0.125, "schedule": schedule, "prune": prune}
+    (path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    points = [{"index": 0, "depth": 0}] + [{"index": i, "depth": i} for i in range(1, depth + 1)]
+    search = {"points": points, "kept": depth, "epochs_per_stage": per, "cpu_s": 1234.0}
+    (path / "search" / "search.json").write_text(json.dumps(search))
+    train = {"metrics": {"epochs": 10, "cpu_s": 1000.0}}
+    (path / "manifest.json").write_text(json.dumps({"stages": {"train": train}}))
+    return path
 
 
-def test_peers_script_runs_end_to_end_at_prunekits_budget(tmp_path):
-    res = smoke(tmp_path)
-    assert set(METHODS) | {"unpruned", "prunekit"} <= set(res)
-    target = res["prunekit"]["params"]
-    assert target < res["unpruned"]["params"]
-    for m in METHODS:
-        row = res[m]
-        off = abs(row["params"] / target - 1)
-        if m == "tp_bnscale" and off > 0.10:
-            # BN-scale importance only ranks conv+BN channels: the VGG classifier's FC layers have no
-            # BN, so it may not reach prunekit's size; then the result must say so, not compare
-            assert abs(row["budget_off_pct"]) > 10 and m in res["peers_off_budget"]
-        else:
-            assert off <= 0.10, (m, row["params"], target)  # the budget, matched
-        assert 0.0 <= row["top1"] <= 100.0 and row["fps_b1"] > 0
-        assert row["epochs"] == res["epochs"]
-        # a real, rebuilt prunekit model: loads from its checkpoint with the pruned shapes
-        loaded = prunekit.load(tmp_path / f"{m}.pt")
-        assert model_stats(loaded)["params"] == row["params"]
-    assert res["tp_bnscale"]["sparse_epochs"] == res["sparse_epochs"] == 1
-    assert res["tp_magnitude"]["sparse_epochs"] == 0
-    assert res["distillation"] is None  # the smoke lineage is not distilled, nor then are its peers
-    assert "margin_points" in res and (tmp_path / "peers.md").is_file()
+def test_dry_run_plans_from_the_source_runs_search(tmp_path):
+    """E = 2 x depth x epochs_per_stage epochs, S = half under a sparsity term; recipes global/uniform
+    x one-shot/iterative (depth rounds); the files it would read; a cost estimate from the run's own
+    training CPU time."""
+    res = json.loads(peers("--dry-run", "--source", str(_source(tmp_path / "run"))))
+    lin = res["lineage"]
+    assert (lin["depth"], lin["epochs_per_stage"], lin["epochs"], lin["sparse_epochs"]) == (2, 3, 12, 6)
+    assert lin["rounds"] == [1, 2] and lin["search_cpu_s"] == 1234.0
+    assert res["recipes"] == ["global_x1", "global_x2", "uniform_x1", "uniform_x2"]
+    assert res["methods"] == ["prunekit", *TP_METHODS] and res["matchings"] == list(MATCHINGS)
+    assert res["files"]["config.yaml"] and res["files"]["search/search.json"] and not res["files"]["model.pt"]
+    est = res["estimate"]
+    # magnitude 12 lineages x 12 epochs; a sparse method 6 x (12 - 6) + 6 x (12 - 3), its first sparse
+    # shares (6 epochs one-shot, 3 in round one of two) trained once
+    assert est["lineages"] == 36 and est["epochs"] == 144 + 2 * (36 + 54 + 6 + 3)
+    assert est["cpu_s_per_epoch"] == 100.0 and est["cpu_h"] == pytest.approx(342 * 100 * 1.15 / 3600)
+    assert res["distillation"] is None  # the budget search trains without a teacher
+    assert res["config"]["width"] == 0.125
+
+
+def test_dry_run_distils_only_where_the_source_did(tmp_path):
+    post = _source(tmp_path / "post", depth=1, per=2, schedule="post", distill=True)
+    res = json.loads(peers("--dry-run", "--source", str(post), "--methods", "tp_magnitude"))
+    assert res["distillation"] == {"alpha": 0.8, "temperature": 3.0}
+    assert res["lineage"]["rounds"] == [1, 2]  # depth 1: two rounds still fit the 2 fine-tuning epochs
+    assert res["estimate"]["lineages"] == 1 * 3 * 2 * 2 and res["estimate"]["epochs"] == 12 * 4
+    # a run still training: the plan says so and exits 0
+    res = json.loads(peers("--dry-run", "--source", str(tmp_path / "none")))
+    assert not any(res["files"].values()) and "unknown" in res["lineage"]
 
 
 def test_torch_pruning_prunes_ssd300_behind_its_heads(tmp_path):
     """Torch-Pruning traces SSD through SSDRaw, keeps the head convs' outputs and slices the
-    L2Norm scale with conv4_3; the result rebuilds as a prunekit SSD and still detects."""
-    flags = ["--dry-run", "--source", str(tmp_path / "none"), "--round-to", "8", "--tolerance", "0.05"]
-    res = json.loads(peers("--task", "bccd_ssd300", *flags))
-    assert "source" not in res  # no source run: the adapter alone
-    target = res["target"]
-    assert target == res["untrained"]["params"] // 4
-    for method in METHODS:
-        row = res[method]
-        assert abs(row["params"] / target - 1) <= 0.05, row
-        assert row["l2norm_scale"] == row["channels"]["conv4_3"] < row["untrained_l2norm_scale"]
-        assert row["head_channels"] == row["untrained_head_channels"]
-        assert row["outputs"] == ["boxes", "labels", "scores"]
+    L2Norm scale with conv4_3; the result rebuilds as a prunekit SSD and still detects; global and
+    uniform ratios both reach a quarter of the parameters."""
+    res = json.loads(peers("--task", "helmet_ssd300", "--dry-run", "--adapter", "--source", str(tmp_path)))
+    a = res["adapter"]
+    for method in TP_METHODS:
+        for scope in ("global", "uniform"):
+            row = a[f"{method}.{scope}"]
+            assert abs(row["params"] / a["target"] - 1) <= 0.05, (method, scope, row)
+            assert row["l2norm_scale"] == row["conv4_3"] < 64  # width 0.125: conv4_3 has 64 channels
+            assert row["heads_kept"] and row["outputs"] == ["boxes", "labels", "scores"]
 
 
-def _source(path: Path, distill: bool) -> Path:
-    """A source run's ``stages.json`` (all a dry run reads of it): 5 epochs, two phases of 1 sparse epoch."""
-    cfg = {"epochs_sparsity": 1, "distill": distill, "distill_alpha": 0.8, "distill_temperature": 3.0}
-    path.mkdir()
-    (path / "stages.json").write_text(
-        json.dumps({"paper": {"epochs": 5, "phases": [{}, {}], "prune_config": cfg}})
-    )
-    return path
-
-
-def test_peers_distil_as_the_source_paper_did(tmp_path):
-    """A distilled prunekit lineage is compared with distilled peers: same teacher settings, recorded."""
-    distilled, plain = _source(tmp_path / "distilled", True), _source(tmp_path / "plain", False)
-
-    def settings(source: Path, *flag: str) -> dict | None:
-        res = json.loads(peers("--source", str(source), "--dry-run", "--methods", "", *flag))
-        assert (res["source"]["epochs"], res["source"]["sparse_epochs"]) == (5, 2)
-        return res["distillation"]
-
-    assert settings(distilled) == {"alpha": 0.8, "temperature": 3.0}
-    assert settings(plain) is None
-    assert settings(distilled, "--no-distill") is None
-    assert settings(plain, "--distill") == {"alpha": 0.9, "temperature": 4.0}
-    res = smoke(tmp_path / "run", "--methods", "tp_magnitude", "--distill")
-    assert res["distillation"] == {"alpha": 0.9, "temperature": 4.0}
-    assert res["tp_magnitude"]["distilled"] is True
-    assert "distilled from the unpruned model" in (tmp_path / "run" / "peers.md").read_text()
+@pytest.mark.slow
+def test_smoke_every_method_and_matching_end_to_end(tmp_path):
+    """~75 s on one thread: the product's command on generated images, then every Torch-Pruning
+    method x matching x recipe, exported, verified, timed and paired; a second run resumes."""
+    peers("--smoke", "--out", str(tmp_path))
+    whole = json.loads((tmp_path / "peers.json").read_text())
+    res = whole["smoke"]
+    pk = res["prunekit"]["equal_params"]
+    assert pk["params"] == model_stats(prunekit.load(tmp_path / "source" / "model.pt"))["params"]
+    assert pk["params"] < model_stats(prunekit.load(tmp_path / "source" / "original.pt"))["params"]
+    assert pk["metric"] == pytest.approx(pk["metric_run_test_json"])  # our test scoring = the run's
+    lin = res["setup"]["lineage"]
+    assert (lin["epochs"], lin["sparse_epochs"], lin["rounds"]) == (4, 2, [1, 2])
+    for m in ("prunekit", *TP_METHODS):
+        for k in MATCHINGS:
+            row = res[m][k]
+            assert all(isinstance(row[f], int | float) for f in FIELDS), (m, k, row)
+            assert 0.0 <= row["metric"] <= 100.0 and row["ort_b1_ms"] > 0
+            if m == "prunekit":
+                continue
+            assert isinstance(row["paired_diff"], float) and row["paired_se"] >= 0
+            assert row["paired_diff"] == pytest.approx(pk["metric"] - row["metric"])
+            assert row["epochs"] == 4 and row["sparse_epochs"] == (0 if m == "tp_magnitude" else 2)
+            assert set(row["recipes"]) == {"global_x1", "global_x2", "uniform_x1", "uniform_x2"}
+            assert row["verify"]["passed"], row["verify"]
+            # a real prunekit model: its checkpoint loads with the pruned shapes
+            loaded = prunekit.load(tmp_path / m / k / f"{row['recipe']}.pt")
+            assert model_stats(loaded)["params"] == row["params"]
+        for k, what in (("equal_params", "params"), ("equal_macs", "macs")):
+            assert abs(res[m][k][what] / pk[what] - 1) <= 0.03, (m, k, res[m][k][what], pk[what])
+    for m in TP_METHODS:  # measured: the latency search's own ratio is within 5% where it says matched
+        row = res[m]["equal_latency"]
+        assert row["latency_ratio_to_prunekit"] > 0
+        assert row["matched"] == (abs(row["off_pct"]) <= 5.0)
+    t = res["targets"]
+    for k in MATCHINGS:
+        assert t[k]["best_peer"] in TP_METHODS
+        assert t[k]["met"] == (t[k]["paired_diff"] >= 1.0 and t[k]["paired_diff"] > 2 * t[k]["paired_se"])
+        assert t[k]["met"] or t[k]["to_close"]
+    assert "machine" in res and "equal_latency" in (tmp_path / "peers.md").read_text()
+    # resumed: nothing is trained again, the same models come back
+    out = peers("--smoke", "--out", str(tmp_path))
+    assert "fine-tuning" not in out and "sparse training" not in out
+    again = json.loads((tmp_path / "peers.json").read_text())["smoke"]
+    assert all(again[m][k]["params"] == res[m][k]["params"] for m in TP_METHODS for k in MATCHINGS)

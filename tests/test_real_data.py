@@ -32,9 +32,9 @@ def _cifar(shared: Path, split: str, per_class: int) -> TensorImageDataset:
 
 
 def test_vgg16_trains_on_real_cifar_subset(shared_data: Path, tmp_path: Path) -> None:
-    train_set = _cifar(shared_data, "train", 26)  # 260 images, 26 per class
+    train_set = _cifar(shared_data, "train", 30)  # 270 images: 30 a class read, 3 held out as validation
     test_set = _cifar(shared_data, "test", 13)  # 130 images, every class
-    assert len(train_set) == 260 and sorted(set(train_set.targets)) == list(range(10))
+    assert len(train_set) == 270 and sorted(set(train_set.targets)) == list(range(10))
     model = create_model("vgg16", 10, 0.0625, class_names=train_set.classes)  # what --model vgg16 builds
     assert model.prunekit_config.input_size == (32, 32)
     cfg = TrainConfig(epochs=1, max_steps=2, lr=0.01, batch_size=128, log_every=1)

@@ -310,6 +310,45 @@ class ClassificationDataset(Dataset):
         return f"{type(self).__name__}({self.source!r}, images={len(self)}, classes={len(self.classes)})"
 
 
+class HeldOut(ClassificationDataset):
+    """The items ``indices`` of another classification set, seen through this set's own transform.
+
+    What :func:`prunekit.data.build.build_dataset` hands out for the validation split of a set
+    that has none (and for the training split it was carved from): the images are the base set's,
+    decoded by it; only the index map and the transform differ, so the two parts share no item."""
+
+    def __init__(
+        self,
+        base: ClassificationDataset,
+        indices: Sequence[int],
+        transform: ImageTransform | None,
+        split: str,
+    ):
+        self.base = base
+        self.split = split
+        self.indices = [int(i) for i in indices]
+        self.targets = [int(base.targets[i]) for i in self.indices]
+        self.classes = list(base.classes)
+        self.transform = transform
+        self.source = base.source
+
+    def load_uint8(self, index: int) -> Tensor:
+        return self.base.load_uint8(self.indices[index])
+
+    def image_source(self, index: int) -> tuple[str, Path | bytes] | None:
+        return self.base.image_source(self.indices[index])
+
+    def uint8_arrays(self, *args: Any, **kw: Any) -> tuple[Tensor, Tensor]:
+        """The base set's fast path where it has one (CIFAR arrays: an index), else one by one."""
+        fast = getattr(self.base, "uint8_arrays", None)
+        idx = torch.tensor(self.indices, dtype=torch.long)
+        if fast is not None and len(self.indices) * 2 > len(self.base):
+            images, labels = fast(*args, **kw)
+            return images[idx], labels[idx]
+        images = torch.stack([self.load_uint8(i) for i in range(len(self))])
+        return images, torch.tensor(self.targets, dtype=torch.long)
+
+
 def collate_detection(batch: Sequence[tuple[Tensor, dict[str, Any]]]) -> tuple[list[Tensor], list[dict]]:
     """Keep images as a list: detection images differ in size and the SSD batches them itself."""
     images = [item[0] for item in batch]

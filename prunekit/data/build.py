@@ -34,13 +34,14 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from prunekit.data.base import ClassificationDataset, DetectionDataset
+from prunekit.data.base import ClassificationDataset, DetectionDataset, HeldOut
 from prunekit.data.cifar import CIFAR10
 from prunekit.data.coco import COCODetection, resolve_coco
 from prunekit.data.errors import DatasetError
-from prunekit.data.folder import ImageFolder
+from prunekit.data.folder import ImageFolder, split_folders
 from prunekit.data.gtsdb import GTSDBDetection
 from prunekit.data.gtsrb import GTSRB
+from prunekit.data.split import seeded_split
 from prunekit.data.synth import ensure_synth_voc
 from prunekit.data.transforms import (
     DEFAULT_FILL,
@@ -56,6 +57,13 @@ log = logging.getLogger(__name__)
 DATASET_KINDS = ("synth", "voc", "yolo", "coco", "gtsdb", "cifar10", "gtsrb", "folder")
 DETECTION_KINDS = ("synth", "voc", "yolo", "coco", "gtsdb")
 _SYNTH_PARAMS = ("n_train", "n_val", "n_test", "seed", "image_size", "classes", "max_objects")
+# A classification set with no validation split of its own (CIFAR-10's pickles and GTSRB have
+# train and test; a folder or archive per split often has no val) gets one carved from its
+# training split: this seeded share of the training images (CIFAR-10: 5,000 of 50,000), and the
+# training split is the rest. Selecting on the test split instead (what "val" meant for CIFAR-10
+# before) reports a number that the selection has already seen.
+HELD_OUT_FRACTION = 0.1
+HELD_OUT_SEED = 0
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -96,7 +104,8 @@ def build_dataset(spec: str, split: str, train: bool = False, **kw: Any) -> Data
     ones. For ``synth``, the generator's parameters (``n_train``, ``n_val``,
     ``n_test``, ``seed``, ``image_size``, ``classes``, ``max_objects``) pick which set.
     """
-    kind, arg = parse_spec(spec)
+    kind, raw = parse_spec(spec)
+    arg = raw
     if arg is not None:
         arg = arg.replace("{split}", split)  # e.g. folder:cifar10-jpg-{split}.tar.gz: one file per split
     kw = dict(kw)
@@ -127,6 +136,39 @@ def build_dataset(spec: str, split: str, train: bool = False, **kw: Any) -> Data
 
     if "size" in kw:
         kw["image_size"] = kw.pop("size")
+    if split in ("train", "val") and not has_own_val(kind, raw):
+        train_arg = raw.replace("{split}", "train") if raw is not None else None
+        base = _classification(kind, train_arg, "train", train, dict(kw))
+        by_class: dict[int, list[str]] = {}
+        for i, t in enumerate(base.targets):  # stratified: each class keeps its share in both parts
+            by_class.setdefault(int(t), []).append(f"{i:08d}")
+        cuts = [seeded_split(stems, 1 - HELD_OUT_FRACTION, HELD_OUT_SEED) for stems in by_class.values()]
+        part = sorted(int(k) for c in cuts for k in c.stems(split))
+        if split == "val":
+            log.info("%s: no validation split; %d of its %d training images held out as one (seeded, "
+                     "stratified)", spec, len(part), len(base))  # fmt: skip
+        return HeldOut(base, part, base.transform, split)
+    return _classification(kind, arg, split, train, kw)
+
+
+def has_own_val(kind: str, arg: str | None) -> bool:
+    """Whether a classification spec has a validation split of its own (see HELD_OUT_FRACTION).
+    Unknown (an archive holding split folders, listed only by reading it): True, and its reader
+    says so if the split is missing."""
+    if kind in ("cifar10", "gtsrb"):
+        return False
+    if kind != "folder" or arg is None:
+        return True
+    if "{split}" in arg:
+        return (
+            Path(arg.replace("{split}", "val")).exists() or not Path(arg.replace("{split}", "train")).exists()
+        )
+    splits = split_folders(Path(arg))
+    return not splits or "val" in splits or "train" not in splits
+
+
+def _classification(kind: str, arg: str | None, split: str, train: bool, kw: dict[str, Any]) -> Dataset:
+    """The reader of a classification spec for one split the set has."""
     if kind == "cifar10":
         kw.pop("skip_bad", None)  # pickles have no per-sample inputs to skip
         if "transform" not in kw:

@@ -1,7 +1,8 @@
 """CIFAR-10 in its original python-pickle format (``cifar-10-batches-py``).
 
-``data_batch_1..5`` are the train split, ``test_batch`` the test split (``val`` is an alias: CIFAR
-has no separate validation set and the paper reports test accuracy). The reader accepts the
+``data_batch_1..5`` are the train split, ``test_batch`` the test split. CIFAR has no validation
+split: :func:`prunekit.data.build.build_dataset` holds one out of train (``HELD_OUT_FRACTION``), so
+nothing is selected on the test images the paper reports. The reader accepts the
 batch folder, its parent, or the ``cifar-10-python.tar.gz`` archive itself (read in memory).
 
 Pickle runs code from the file it loads: only point this at CIFAR files you trust, as with any
@@ -115,8 +116,10 @@ class CIFAR10(ClassificationDataset):
     def __init__(
         self, root: str | os.PathLike, split: str = "train", transform: ImageTransform | None = None
     ):
-        if split not in ("train", "test", "val"):
-            raise MissingSplitError(f"CIFAR-10 has no split {split!r} (use train or test)")
+        if split not in ("train", "test"):
+            raise MissingSplitError(
+                f"CIFAR-10 has no split {split!r} (train or test; build_dataset holds a validation split out of train)"
+            )
         root = Path(root)
         images, labels, classes = read_cifar_batches(
             root, TRAIN_BATCHES if split == "train" else TEST_BATCHES

@@ -63,6 +63,23 @@ def _pick_root(
         return base
 
 
+def split_folders(root: Path) -> set[str]:
+    """The split folders (train/val/test...) of a directory set, found as the reader finds them
+    (through single wrapping folders); empty when its sub-folders are the classes, or for an
+    archive (listing one means reading it)."""
+    if not root.is_dir():
+        return set()
+    base = root
+    while True:
+        names = {c.name for c in base.iterdir() if c.is_dir()}
+        if names & set(SPLIT_NAMES):
+            return names & set(SPLIT_NAMES)
+        if len(names) == 1 and any(c.is_dir() for c in (base / next(iter(names))).iterdir()):
+            base = base / next(iter(names))
+            continue
+        return set()
+
+
 class ImageFolder(ClassificationDataset):
     """Images in ``<root>/[<split>/]<class>/<file>``; ``root`` may be a directory or a tarball.
 

@@ -84,8 +84,10 @@ class GTSRB(ClassificationDataset):
         crop_roi: bool = False,
         skip_bad: bool = False,
     ):
-        if split not in ("train", "test", "val"):
-            raise MissingSplitError(f"GTSRB has no split {split!r} (use train or test)")
+        if split not in ("train", "test"):
+            raise MissingSplitError(
+                f"GTSRB has no split {split!r} (train or test; build_dataset holds a validation split out of train)"
+            )
         folder = _resolve(Path(root), "train" if split == "train" else "test")
         bad = BadInputs(skip_bad, folder)
         samples: list[tuple[Path, tuple[int, int, int, int], int]] = []

@@ -40,6 +40,9 @@ def source_key(dataset: ClassificationDataset) -> str:
         parts += [str(st.st_size), str(st.st_mtime_ns)]
     parts += [str(len(dataset)), str(getattr(getattr(dataset, "_resize", None), "size", ""))]
     parts.append(str(getattr(dataset, "crop_roi", "")))
+    base = getattr(dataset, "base", None)  # a HeldOut part: its base set and which of its items
+    if isinstance(base, ClassificationDataset):
+        parts += [source_key(base), hashlib.sha256(str(dataset.indices).encode()).hexdigest()]  # type: ignore[attr-defined]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 

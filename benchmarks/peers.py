@@ -405,7 +405,7 @@ class Bench:
         self.t0 = time.perf_counter()
 
     def stamp(self, msg: str) -> None:
-        print(f"[{time.perf_counter() - self.t0:7.0f}s] {msg}", flush=True)
+        log.info("[%7.0fs] %s", time.perf_counter() - self.t0, msg)
 
     def export(self, model: nn.Module, path: Path, check: bool = False, source: Path | None = None) -> None:
         from prunekit.export import export_onnx

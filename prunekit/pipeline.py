@@ -42,18 +42,19 @@ from prunekit.models.io import ALIASES, ARCHS
 log = logging.getLogger(__name__)
 
 
-def _preset(section: str) -> dict[str, Any]:
-    """The command's own defaults for one nested config, from the YAML file shipped with the
+def _presets() -> dict[str, dict[str, Any]]:
+    """The command's own defaults for the nested configs, from the YAML file shipped with the
     package (``prunekit/presets/compress_and_export.yaml``, where the measurements behind them are
     written down): data, not constants in the core."""
     import yaml
 
     text = (resources.files("prunekit") / "presets" / "compress_and_export.yaml").read_text(encoding="utf-8")
-    return dict(yaml.safe_load(text).get(section) or {})
+    return {k: dict(v or {}) for k, v in (yaml.safe_load(text) or {}).items()}
 
 
-PIPELINE_PRUNE: dict[str, Any] = _preset("prune")  # over PruneConfig's defaults
-PIPELINE_JOINT: dict[str, Any] = _preset("joint")  # over JointConfig's defaults
+_PRESETS = _presets()
+PIPELINE_PRUNE: dict[str, Any] = _PRESETS.get("prune", {})  # over PruneConfig's defaults
+PIPELINE_JOINT: dict[str, Any] = _PRESETS.get("joint", {})  # over JointConfig's defaults
 # "search" (the default, both flows): train (or take) the original, then the budget search
 # (prunekit.prune.search); "post": the paper's phases with fixed settings; "joint": prune while
 # training with a fixed λ (a knife edge across data and seeds: kept for study, not the default)

@@ -341,9 +341,9 @@ class HeldOut(ClassificationDataset):
     def uint8_arrays(self, *args: Any, **kw: Any) -> tuple[Tensor, Tensor]:
         """The base set's fast path where it has one (CIFAR arrays: an index), else one by one."""
         fast = getattr(self.base, "uint8_arrays", None)
-        idx = torch.tensor(self.indices, dtype=torch.long)
         if fast is not None and len(self.indices) * 2 > len(self.base):
             images, labels = fast(*args, **kw)
+            idx = torch.tensor(self.indices, dtype=torch.long)
             return images[idx], labels[idx]
         images = torch.stack([self.load_uint8(i) for i in range(len(self))])
         return images, torch.tensor(self.targets, dtype=torch.long)

@@ -36,48 +36,48 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(_ARCHIVE_SUFFIXES)
 
 
-def _pick_root(
-    subdirs: Callable[[PurePosixPath], list[str]], split: str | None, source: Path
-) -> PurePosixPath:
-    """The folder (relative to the source) whose sub-folders are the classes.
-
-    ``subdirs(p)`` lists the names of the folders directly inside ``p``.
-    """
+def _split_level(
+    subdirs: Callable[[PurePosixPath], list[str]], split: str | None = None
+) -> tuple[PurePosixPath, set[str]]:
+    """(folder, its sub-folder names) where a set's splits or classes sit, relative to its source:
+    the first folder holding ``split`` or any split-like name. An archive often wraps everything in
+    one top folder (cifar10/, data/): a single folder with folders inside is descended through
+    (else it is the only class). ``subdirs(p)`` lists the names of the folders directly inside ``p``."""
     base = PurePosixPath(".")
     while True:
         names = set(subdirs(base))
-        if split and split in names:
-            return base / split
-        splits = sorted(names & set(SPLIT_NAMES))
-        if splits:
-            if split is None:
-                raise DatasetError(f"{source}: has split folders ({', '.join(splits)}); name the split")
-            raise MissingSplitError(f"{source}: no split {split!r} (has {', '.join(splits)})")
-        # An archive often wraps everything in one top folder (cifar10/, data/): descend through a
-        # single folder as long as it has folders inside (else it is the only class).
+        if (split and split in names) or names & set(SPLIT_NAMES):
+            return base, names
         if len(names) == 1:
             (only,) = names
             if subdirs(base / only):
                 base = base / only
                 continue
-        return base
+        return base, names
+
+
+def _pick_root(
+    subdirs: Callable[[PurePosixPath], list[str]], split: str | None, source: Path
+) -> PurePosixPath:
+    """The folder (relative to the source) whose sub-folders are the classes."""
+    base, names = _split_level(subdirs, split)
+    if split and split in names:
+        return base / split
+    splits = sorted(names & set(SPLIT_NAMES))
+    if splits:
+        if split is None:
+            raise DatasetError(f"{source}: has split folders ({', '.join(splits)}); name the split")
+        raise MissingSplitError(f"{source}: no split {split!r} (has {', '.join(splits)})")
+    return base
 
 
 def split_folders(root: Path) -> set[str]:
-    """The split folders (train/val/test...) of a directory set, found as the reader finds them
-    (through single wrapping folders); empty when its sub-folders are the classes, or for an
-    archive (listing one means reading it)."""
+    """The split folders (train/val/test...) of a directory set, found as the reader finds them;
+    empty when its sub-folders are the classes, or for an archive (listing one means reading it)."""
     if not root.is_dir():
         return set()
-    base = root
-    while True:
-        names = {c.name for c in base.iterdir() if c.is_dir()}
-        if names & set(SPLIT_NAMES):
-            return names & set(SPLIT_NAMES)
-        if len(names) == 1 and any(c.is_dir() for c in (base / next(iter(names))).iterdir()):
-            base = base / next(iter(names))
-            continue
-        return set()
+    _, names = _split_level(lambda p: [c.name for c in (root / p).iterdir() if c.is_dir()])
+    return names & set(SPLIT_NAMES)
 
 
 class ImageFolder(ClassificationDataset):

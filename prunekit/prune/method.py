@@ -180,7 +180,6 @@ def run_phase(
                 phase.name,
                 sp["metric"],
                 make_threshold,
-                fold,
             )
         else:
             tres = search_threshold(

@@ -194,7 +194,6 @@ def budget_search(
     phase_name: str,
     sparse_metric: float,
     make_threshold: Callable[[float], nn.Module],
-    fold: bool,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Steps 2 + 3 under a budget (module docstring): the chosen Θ_L1^th and its record.
     ``score`` is the run's metric of a model after BN re-estimation."""

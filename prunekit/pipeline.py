@@ -310,11 +310,18 @@ def prepare_run_dir(out: Path, resume: bool, force: bool, cfg: PipelineConfig | 
             splits=[cfg.train_split, cfg.val_split])  # fmt: skip
 
 
+# signals caught while the manifest records a stage's end (see _signals_deferred); None: not holding
+_held_signals: list[int] | None = None
+
+
 @contextmanager
 def _signals_to_exceptions() -> Iterator[None]:
     """SIGINT/SIGTERM raise inside the running stage, so the manifest records it as interrupted."""
 
     def handler(signum: int, _frame: Any) -> None:
+        if _held_signals is not None:
+            _held_signals.append(signum)
+            return
         raise Interrupted(f"received {signal.Signals(signum).name}")
 
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -325,6 +332,36 @@ def _signals_to_exceptions() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM back while the manifest records a stage's end, then raise them.
+
+    Under torchrun a peer's crash reaches this rank twice, close together: as an error from the
+    collective, then as torchrun's SIGTERM. Raised inside the record's write, the signal left the
+    stage recorded as "running" with no error. Held back, it is raised once the record is on disk.
+    (Blocking the signal with pthread_sigmask would not do: Python runs its handlers in the main
+    thread whichever thread the kernel delivers to, and torch's threads do not block it.)
+    """
+    global _held_signals
+    outer, _held_signals = _held_signals, []
+    try:
+        yield
+    finally:
+        caught, _held_signals = _held_signals, outer
+        if caught and outer is None:
+            raise Interrupted(f"received {signal.Signals(caught[0]).name}")
+
+
+def _record_failure(m: Manifest, name: str, e: BaseException) -> None:
+    """Stage ``name`` ended on ``e``: interrupted for a signal or Ctrl-C, failed otherwise."""
+    from prunekit.fileio import DiskFullError
+
+    if isinstance(e, (Interrupted, KeyboardInterrupt)):
+        m.fail(name, str(e) or type(e).__name__, interrupted=True)
+    else:
+        m.fail(name, str(e) if isinstance(e, DiskFullError) else f"{type(e).__name__}: {e}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,18 +411,14 @@ class Pipeline:
             if all_ranks or main:
                 outputs, metrics = fn()
             D.barrier()
-        except Interrupted as e:
-            if main:
-                m.fail(name, str(e), interrupted=True)
-            raise
-        except Exception as e:
-            if main:
-                from prunekit.fileio import DiskFullError
-
-                m.fail(name, str(e) if isinstance(e, DiskFullError) else f"{type(e).__name__}: {e}")
+        except BaseException as e:
+            with _signals_deferred():
+                if main:
+                    _record_failure(m, name, e)
             raise
         if main:
-            m.finish(name, outputs, metrics)
+            with _signals_deferred():
+                m.finish(name, outputs, metrics)
         D.barrier()
         log.info("stage %-13s done in %.1f s", name, time.perf_counter() - t0)
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -443,3 +444,30 @@ def test_a_stage_rerun_for_changed_inputs_does_not_resume_its_old_checkpoints(fa
     (out / "manifest.json").write_text(json.dumps(manifest))
     run_pipeline(dataclasses.replace(cfg, lr=0.02), out, resume=True)
     assert seen == [False, True]  # resumed from its own checkpoint
+
+
+def test_a_signal_while_a_failure_is_recorded_still_leaves_the_record(tmp_path: Path, monkeypatch) -> None:
+    """Under torchrun a peer's crash arrives as an error from the collective, then as torchrun's
+    SIGTERM: the SIGTERM lands while the manifest records the error. The record is still written
+    (failed, with the error), and the signal is delivered after it, as Interrupted."""
+    from prunekit import pipeline as P
+
+    pipe = P.Pipeline(P.PipelineConfig(data="synth"), tmp_path / "out")
+    pipe.out.mkdir()
+    real = Manifest._record_created
+
+    def record_then_signal(self: Manifest) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # torchrun's closing signal, mid-record
+        real(self)
+
+    monkeypatch.setattr(Manifest, "_record_created", record_then_signal)
+
+    def crashing_collective() -> tuple[dict, dict]:
+        raise RuntimeError("Connection closed by peer")
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(P.Interrupted), P._signals_to_exceptions():
+        pipe._run_stage("data", crashing_collective)
+    rec = json.loads((pipe.out / "manifest.json").read_text())["stages"]["data"]
+    assert rec["status"] == "failed" and "Connection closed by peer" in rec["error"], rec
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -9,8 +9,11 @@ several CPU processes with gloo). The launcher sets ``RANK``, ``WORLD_SIZE``, ``
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -111,6 +114,74 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().to(dev if dev is not None else t.device).clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out.to(t.device)
+
+
+@contextmanager
+def global_batch_norm(net: nn.Module) -> Iterator[None]:
+    """Every BatchNorm of ``net`` normalises a training batch with the statistics of the global
+    batch, all ranks' shares together, while the context lasts (a no-op in one process).
+
+    Without it each rank normalised its own share (half the batch under two processes): another
+    model than one process trains, and on a small batch a noisier one. torch's SyncBatchNorm would
+    do this on GPUs but refuses CPU tensors, and it is a module swap the caller would have to undo
+    before surgery and export; here the modules stay as they are and only their ``forward`` is
+    shadowed for the duration.
+    """
+    if not is_distributed():
+        yield
+        return
+    bns = [
+        m
+        for m in net.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and "forward" not in vars(m)
+    ]
+    for m in bns:
+        m.forward = functools.partial(_global_bn_forward, m)  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for m in bns:
+            del m.forward
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) whose backward sums the incoming gradients over the ranks too: each rank's
+    loss depends on every rank's share of the statistics."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(t)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(grad.contiguous())
+
+
+def _global_bn_forward(m: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    if not m.training:
+        return type(m).forward(m, x)
+    c = x.shape[1]
+    dims = [0, *range(2, x.dim())]
+    shape = [1, c] + [1] * (x.dim() - 2)
+    # sums around a shift every rank shares (the running mean): E[x^2] - E[x]^2 without cancellation
+    shift = m.running_mean.detach().clone().view(shape) if m.running_mean is not None else x.new_zeros(shape)
+    d = (x - shift).float()
+    local = torch.cat([d.sum(dims), (d * d).sum(dims), d.new_full((1,), x.numel() // c)])
+    total = _SumOverRanks.apply(local)
+    n = total[-1]
+    offset = total[:c] / n
+    var = (total[c : 2 * c] / n - offset * offset).clamp_min(0)
+    mean = shift.view(-1) + offset
+    if m.track_running_stats and m.running_mean is not None and m.running_var is not None:
+        with torch.no_grad():
+            m.num_batches_tracked.add_(1)  # type: ignore[union-attr, operator]
+            f = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+            m.running_mean.mul_(1 - f).add_(mean.detach(), alpha=f)
+            m.running_var.mul_(1 - f).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=f)
+    y = (x - mean.view(shape).to(x.dtype)) * torch.rsqrt(var.view(shape) + m.eps).to(x.dtype)
+    if m.affine:
+        y = y * m.weight.view(shape) + m.bias.view(shape)
+    return y.to(x.dtype)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -28,7 +28,8 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,10 @@ def train(
     was_training = net.training
     t_run = time.perf_counter()
     best = max((e["val_metric"] for e in history["epochs"] if e.get("val_metric") is not None), default=None)
+    # under torchrun: the statistics and the loss of the global batch, as one process would compute them
+    global_batch = ExitStack()
+    global_batch.enter_context(D.global_batch_norm(net))
+    global_batch.enter_context(_positives_over_ranks(net, detector))
     try:
         for epoch in range(start_epoch, cfg.epochs):
             if step >= total_steps or (cfg.stop_after_epoch is not None and epoch >= cfg.stop_after_epoch):
@@ -311,6 +316,7 @@ def train(
             if out is not None:
                 _save_epoch(out, net, opt, scaler, cfg, epoch + 1, step, history, improved)
     finally:
+        global_batch.close()
         net.train(was_training)
     log.info("trained %d steps in %.1f s", step, time.perf_counter() - t_run)
     return history
@@ -471,6 +477,36 @@ def _step(
         out["reg"] = reg.detach().float()
         out["total"] = total.detach().float()
     return out
+
+
+@contextmanager
+def _positives_over_ranks(net: nn.Module, detector: bool) -> Iterator[None]:
+    """Under torchrun, divide the multibox loss by the matched boxes of the global batch.
+
+    torchvision's SSD divides each rank's loss by the positives of that rank's share, so with
+    DistributedDataParallel's mean over ranks an image weighed more on a rank that drew few boxes,
+    and the step differed from one process's. Rescaled by the rank's count over the global one
+    (times the ranks, which the mean divides out), the step is one process's again.
+    """
+    if not (detector and D.is_distributed() and hasattr(net, "compute_loss")):
+        yield
+        return
+    own = net.compute_loss
+
+    def compute_loss(
+        targets: Any, head_outputs: Any, anchors: Any, matched_idxs: list[Tensor]
+    ) -> dict[str, Tensor]:
+        losses = own(targets, head_outputs, anchors, matched_idxs)
+        mine = float(sum(int((m >= 0).sum()) for m in matched_idxs))
+        everyone = float(D.all_reduce_sum(torch.tensor([mine], dtype=torch.float64)))
+        scale = max(1.0, mine) * D.world_size() / max(1.0, everyone)  # torchvision divides by max(1, mine)
+        return {k: v * scale for k, v in losses.items()}
+
+    net.compute_loss = compute_loss  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del net.compute_loss
 
 
 def _wrap(net: nn.Module, dev: torch.device) -> nn.Module:

@@ -98,6 +98,7 @@ def collect(name: str, flags: list[str], runs: Path, timing: dict[str, Any]) -> 
         "ort_b1_ratio": fps[("compressed", "ort-cpu", 1)] / fps[("original", "ort-cpu", 1)],
         "points_evaluated": len(search["points"]) - 1, "kept_point": search["kept"],
         "search_stopped": search.get("stopped"), "val_drop_vs_control": kept.get("drop", 0.0),
+        "search_lr_scale": search.get("lr_scale", 1.0),
         "stage_wall_s": {k: v.get("wall_s") for k, v in manifest["stages"].items()},
     }  # fmt: skip
     row["wall_s"] = sum(v or 0.0 for v in row["stage_wall_s"].values())

@@ -127,3 +127,24 @@ def test_a_cut_that_already_failed_is_not_trained_again():
     first = next(iter(widths))
     narrower = dict(failed, widths={**widths, first: widths[first] - 1})
     assert _same_cut({"points": [narrower]}, 3, cut) is None
+
+
+def test_a_rate_that_damages_the_control_is_halved_before_any_cut(tmp_path: Path):
+    """The control (nothing removed) must keep the original's metric: a stage learning rate that
+    costs more than the budget on its own is halved until it does not, before any candidate."""
+    model, trainer, phases = _setup()
+    trainer.sparsity_lr = trainer.retrain_lr = 4.0  # far past what fine-tuning this model survives
+    cfg = SearchConfig(max_drop=1.0, max_candidates=1, stage_steps=8)
+    run_search(model, phases, trainer, PruneConfig(align=1), cfg, tmp_path, steps_per_epoch=8)
+    state = json.loads((tmp_path / "search.json").read_text())
+    probes = state["lr_probes"]
+    assert [p["lr_scale"] for p in probes] == [0.5**i for i in range(len(probes))] and len(probes) >= 2
+    for p in probes[:-1]:  # each halving was called for: the control diverged or lost more than the budget
+        assert p.get("diverged") or p["loss"] - cfg.margin_se * p["loss_se"] > cfg.max_drop, p
+    last = probes[-1]
+    assert last["loss"] - cfg.margin_se * last["loss_se"] <= cfg.max_drop, last
+    assert state["lr_scale"] == probes[-1]["lr_scale"] and trainer.retrain_lr == 4.0 * state["lr_scale"]
+    assert state["controls"]["1"]["metric"] == probes[-1]["control_metric"]
+    assert (
+        state["points"][1]["reference"] == probes[-1]["control_metric"]
+    )  # candidates meet the settled control

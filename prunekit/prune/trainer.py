@@ -43,6 +43,10 @@ class Trainer(Protocol):
         """Σ of the learning rate over a sparsity stage of ``epochs`` (to turn a shrink budget into λ)."""
         ...
 
+    def scale_lr(self, factor: float) -> None:
+        """Multiply the learning rate of every later stage by ``factor``."""
+        ...
+
 
 def recalibrate_bn(model: nn.Module, batches: Any, device: torch.device | str = "cpu") -> int:
     """Re-estimate every BatchNorm's running statistics from ``batches`` (in place).
@@ -153,6 +157,10 @@ class DataTrainer:
         total = len(self.train_set) // self.config.batch_size * epochs  # type: ignore[arg-type]
         return self.sparsity_lr * sum(lr_factor(i, total, cfg) for i in range(total))
 
+    def scale_lr(self, factor: float) -> None:
+        self.sparsity_lr *= factor
+        self.retrain_lr *= factor
+
     def recalibrate(self, model: nn.Module) -> None:
         from prunekit.evaluate import collate_list, is_detector, normalizer
 
@@ -227,6 +235,9 @@ class FnTrainer:
 
     def lr_sum(self, epochs: int) -> float:
         return self.lr * self.steps_per_epoch * epochs
+
+    def scale_lr(self, factor: float) -> None:
+        self.lr *= factor  # ``train_fn`` may read it
 
 
 def standard_error(metric: float, n: int | None) -> float | None:

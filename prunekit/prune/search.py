@@ -714,6 +714,10 @@ def _result(
         budget_met = p.get("drop_bound", p["drop"]) <= cfg.max_drop
     if target is not None and not target_met:
         msg += f"; the target {target.text()} was NOT reached within the budget"
+    scale = float(state.get("lr_scale", 1.0))
+    if scale != 1.0:
+        msg += (f". Fine-tuning ran at x{scale:g} of --lr: at the full rate the control, with nothing removed, lost "
+                "the original's metric (search.json: lr_probes)")  # fmt: skip
     state["kept"] = kept
     state["message"] = msg
     _write(out / STATE_FILE, state)

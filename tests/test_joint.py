@@ -292,8 +292,11 @@ RANKS = DATA + textwrap.dedent(
     D.init_distributed()
     torch.manual_seed(0)
     model = vgg16(4, "cifar", 0.125, batch_norm=True)
-    cfg = TrainConfig(epochs=5, lr=0.05, batch_size=32, warmup_iters=5, log_every=4, seed=3)
-    res = train_joint(model, colours(256, 1), cfg, JointConfig(warmup_epochs=1, prune_until=0.6, lam=1.0, tolerance=20.0),
+    # 8 epochs, a point every epoch up to 75%: since the ranks normalise with the global batch, as one
+    # process does, the old 5 epochs up to 60% removed nothing in either (656 of 656 channels kept)
+    cfg = TrainConfig(epochs=8, lr=0.05, batch_size=32, warmup_iters=5, log_every=4, seed=3)
+    res = train_joint(model, colours(256, 1), cfg,
+                      JointConfig(warmup_epochs=1, prune_every=1, prune_until=0.75, lam=1.0, tolerance=20.0),
                       PruneConfig(align=1), out_dir=out, val_set=colours(64, 2), progress=False)
     h = hashlib.sha256()
     for k, v in res.model.state_dict().items():

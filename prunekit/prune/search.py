@@ -274,9 +274,7 @@ def run_search(
         if control:
             _train_controls(state, depth, original, phases, trainer, hp, epochs, out, cards)
         ref = float(state["controls"][str(ref_depth)]["metric"])
-        if ref_depth not in cards:  # resumed: the control's checkpoint is scored again (same images)
-            ck = state["controls"][str(ref_depth)]["checkpoint"]
-            cards[ref_depth] = _score(trainer, _stored(original, out, ck), hp.recalibrate_bn)[2]
+        _rescore_controls(state, (ref_depth,), original, trainer, hp, out, cards)
         index = len(state["points"])
         current = model_of(current_i)
         kind = target.kind if target is not None and target.kind != "latency" else "macs"
@@ -520,10 +518,7 @@ def _settle_lr(
             probe: dict[str, Any] = {"lr_scale": scale, "control_metric": None, "loss": None, "loss_se": None,
                                      "diverged": str(e)}  # fmt: skip
         else:
-            if 0 not in cards or 1 not in cards:  # resumed: score the original and the control again
-                cards[0] = _score(trainer, copy.deepcopy(original), hp.recalibrate_bn)[2]
-                ck = state["controls"]["1"]["checkpoint"]
-                cards[1] = _score(trainer, _stored(original, out, ck), hp.recalibrate_bn)[2]
+            _rescore_controls(state, (0, 1), original, trainer, hp, out, cards)
             loss = (state["points"][0]["metric"] - state["controls"]["1"]["metric"]) / POINT
             probe = {"lr_scale": scale, "control_metric": state["controls"]["1"]["metric"], "loss": loss,
                      "loss_se": _paired_se(cards[0], cards[1])}  # fmt: skip
@@ -548,6 +543,23 @@ def _settle_lr(
         _write(state_path, state)
     state["lr_settled"] = True
     _write(state_path, state)
+
+
+def _rescore_controls(
+    state: dict[str, Any],
+    depths: Sequence[int],
+    original: nn.Module,
+    trainer: Trainer,
+    hp: PruneConfig,
+    out: Path,
+    cards: dict[int, Any],
+) -> None:
+    """Per-image scorecards of the controls at ``depths`` that ``cards`` lacks (a resumed search):
+    their checkpoints scored again on the same images (depth 0: the original)."""
+    for d in depths:
+        if d not in cards:
+            ck = state["controls"][str(d)]["checkpoint"]
+            cards[d] = _score(trainer, _stored(original, out, ck), hp.recalibrate_bn)[2]
 
 
 def _train_controls(

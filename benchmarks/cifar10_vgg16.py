@@ -158,6 +158,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eps1", type=float, default=1.0, help="points; see the module docstring")
     ap.add_argument("--eps2", type=float, default=15.0)
     ap.add_argument(
+        "--force-compress", action="store_true",
+        help="prune even when the baseline scores within the tolerances of zero, so that every check "
+        "passes vacuously (prunekit --force-compress; for toy runs only)",
+    )  # fmt: skip
+    ap.add_argument(
         "--target-flops", type=float, default=0.40,
         help="MAC budget for paper, a fraction of the baseline's (prunekit --target-flops)",
     )  # fmt: skip
@@ -216,6 +221,7 @@ def stage_baseline(b: Stages) -> None:
     continues a shorter one's checkpoint instead of starting over)."""
     a = b.args
     cpu0, wall0 = time.process_time(), time.perf_counter()
+    torch.manual_seed(a.seed)  # the initial weights too: the same --seed trains the same baseline
     model = make_vgg("imagenet", a.width, b.train_set.classes)
     b.stamp(f"baseline: VGG16-BN width {a.width}, {a.baseline_cycles} cosine cycle(s) of {a.epochs} epochs")
     vals: list[Any] = []
@@ -265,7 +271,9 @@ def stage_paper(b: Stages) -> None:
     )  # fmt: skip
     hp = _hp(b.args)
     b.stamp(f"paper: prunekit default method, {hp.to_dict()}")
-    pruned = run_phases(baseline, "vgg16", trainer, hp, b.out / "paper", resume=True)
+    pruned = run_phases(
+        baseline, "vgg16", trainer, hp, b.out / "paper", resume=True, allow_vacuous=a.force_compress
+    )
     summary = json.loads((b.out / "paper" / "summary.json").read_text())
     extra: dict[str, Any] = {}
     if a.final_epochs:

@@ -359,7 +359,7 @@ class Source:
         from prunekit.prune.search import stage_epochs
         from prunekit.prune.trainer import DataTrainer
 
-        c = self.config
+        c = self.pipeline.cfg  # with the task's recipe filled in, as the run used it
         train, val = self.pipeline._datasets()
         steps = max(1, len(train) // c.batch_size)
         stage = stage_epochs(steps, c.search.stage_steps) * steps

@@ -55,6 +55,8 @@ def _presets() -> dict[str, dict[str, Any]]:
 _PRESETS = _presets()
 PIPELINE_PRUNE: dict[str, Any] = _PRESETS.get("prune", {})  # over PruneConfig's defaults
 PIPELINE_JOINT: dict[str, Any] = _PRESETS.get("joint", {})  # over JointConfig's defaults
+# the training recipe of each task ("detection", "classification"): batch_size and lr
+RECIPES: dict[str, dict[str, Any]] = _PRESETS["recipe"]
 # "search" (the default, both flows): train (or take) the original, then the budget search
 # (prunekit.prune.search); "post": the paper's phases with fixed settings; "joint": prune while
 # training with a fixed λ (a knife edge across data and seeds: kept for study, not the default)
@@ -130,8 +132,10 @@ PIPELINE_HELP: dict[str, str] = {
     "max_train_steps": "Cap on all steps, restarts included, while the validation metric still moves "
     f"(or {MAX_TRAIN_EPOCHS} epochs of the training split, when that is more).",
     "plateau": "Points the validation metric may still rise over a training cycle's last quarter and count as settled.",
-    "batch_size": "Training batch size.",
-    "lr": "Peak learning rate.",
+    "batch_size": f"Training batch size (none: the task's, {RECIPES['detection']['batch_size']} for a detector, "
+    f"{RECIPES['classification']['batch_size']} for a classifier).",
+    "lr": f"Peak learning rate (none: the task's, {RECIPES['detection']['lr']} for a detector, "
+    f"{RECIPES['classification']['lr']} for a classifier).",
     "prune_lr": "Sparsity stages' peak lr (none: --lr).",
     "retrain_lr": "Retraining stages' peak lr (none: --lr).",
     "max_val_images": "Validation images each check scores (none: all of them).",
@@ -196,11 +200,9 @@ class PipelineConfig:
     # about 1 point is within the noise of a few hundred validation images (the embedded set's
     # three seeds: +0.9, +1.1, +0.9)
     plateau: float = 2.0
-    # measured on the embedded set (val AP50 by epoch): lr 0.05 at batch 16 learned only once the
-    # cosine had decayed it below ~0.025 (79.6 after 8 epochs, 94.4 after 16); lr 0.01 at batch
-    # 16: 93.7 after 8 of 10 epochs; lr 0.01 at batch 8: 93.1 at epoch 5, 96.7 at 8 (same wall time)
-    batch_size: int = 8
-    lr: float = 0.01
+    # None: the task's recipe (RECIPES, from the preset file, where the measurements behind it are)
+    batch_size: int | None = None
+    lr: float | None = None
     # the pruning stages' peak lr (default ``lr``). Measured on the demo, README command end to
     # end: retraining at 0.4 x lr (the BCCD benchmark's 0.02 for 0.05) ended at AP50 73.5 on the
     # 100 val images, at lr 86.2 (control 94.1): the short stages need the full lr to recover.
@@ -252,6 +254,16 @@ class PipelineConfig:
     def trains_here(self) -> bool:
         """The original is built and trained by the pipeline (no checkpoint, no --weights)."""
         return not (Path(self.model).suffix in (".pt", ".pth") or Path(self.model).is_file() or self.weights)
+
+    def with_recipe(self, detector: bool) -> PipelineConfig:
+        """This config with the batch size and lr left to the task (None) taken from its recipe: a
+        detector and a classifier train well at different settings (:data:`RECIPES`)."""
+        r = RECIPES["detection" if detector else "classification"]
+        return dataclasses.replace(
+            self,
+            batch_size=r["batch_size"] if self.batch_size is None else self.batch_size,
+            lr=r["lr"] if self.lr is None else self.lr,
+        )
 
     def planned_epochs(self, train_items: int) -> int:
         """The first training cycle's epochs: ``epochs_train``, else sized by ``train_steps``."""
@@ -370,7 +382,8 @@ def _record_failure(m: Manifest, name: str, e: BaseException) -> None:
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, out: Path, resume: bool = False):
-        self.cfg = cfg
+        self.given = cfg  # as the user gave it: config.yaml (what --resume reads back)
+        self.cfg = cfg.with_recipe(model_is_detector(cfg.model))  # as the run uses it: every stage
         self.out = Path(out)
         self.resume = resume
         self.manifest = Manifest.load(self.out, STAGES) if resume else Manifest(self.out, STAGES)
@@ -1081,7 +1094,7 @@ class Pipeline:
             self.manifest.meta["config"] = dataclasses.asdict(self.cfg)
             # the manifest first: a folder holding anything of a run holds its manifest (--force)
             self.manifest.save()
-            atomic_write_text(self.out / "config.yaml", self.cfg.to_yaml())
+            atomic_write_text(self.out / "config.yaml", self.given.to_yaml())
         with _signals_to_exceptions():
             for name in STAGES:
                 fn = getattr(self, f"stage_{name}")
@@ -1214,6 +1227,19 @@ def _augmentation(c: PipelineConfig) -> Any:
 
 def _is_detector_name(name: str) -> bool:
     return name.startswith("ssd")
+
+
+def model_is_detector(model: str) -> bool:
+    """Whether ``--model`` (a name or a prunekit checkpoint) is a detector. A checkpoint that cannot
+    be read is judged by its name here; the train stage refuses it with the reason."""
+    from prunekit.models.io import CheckpointError, checkpoint_config
+
+    if Path(model).suffix in (".pt", ".pth") or Path(model).is_file():
+        try:
+            return bool(checkpoint_config(model).is_detector)
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            return _is_detector_name(Path(model).name)
+    return _is_detector_name(model)
 
 
 def _check_classes(model: nn.Module, dataset: Any, path: Path) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
+import prunekit
 import prunekit.pipeline
 from prunekit.cli import main
 from prunekit.cli.options import _show
@@ -46,3 +47,22 @@ def test_help_defaults_equal_the_recorded_run_defaults(tmp_path: Path, monkeypat
     # and nothing recorded lacks an option (besides the sections themselves)
     options = {p.name for p in compress_and_export.params}
     assert not {k for k in values if k not in options} - {"layer_weights"}
+
+
+def test_the_batch_size_and_lr_left_to_the_task_come_from_its_recipe(tmp_path: Path):
+    """A classifier and a detector train at the recipes of the preset file, whether named or passed
+    as a checkpoint; a value the user gives is kept; config.yaml keeps what was given (none)."""
+    from prunekit.pipeline import RECIPES, Pipeline, PipelineConfig
+
+    assert RECIPES["classification"]["batch_size"] > RECIPES["detection"]["batch_size"]
+    cls_ckpt = prunekit.save(prunekit.vgg16(4, variant="cifar", width=0.0625), tmp_path / "cls.pt")
+    det_ckpt = prunekit.save(prunekit.ssd300_vgg16(3, width=0.0625), tmp_path / "det.pt")
+    for model, task in (("vgg16", "classification"), (str(cls_ckpt), "classification"),
+                        ("ssd300", "detection"), (str(det_ckpt), "detection")):  # fmt: skip
+        used = Pipeline(PipelineConfig(model=model), tmp_path / "run").cfg
+        assert (used.batch_size, used.lr) == (RECIPES[task]["batch_size"], RECIPES[task]["lr"]), model
+    given = PipelineConfig(model=str(cls_ckpt), batch_size=16, lr=0.003)
+    pipe = Pipeline(given, tmp_path / "run")
+    assert (pipe.cfg.batch_size, pipe.cfg.lr) == (16, 0.003)
+    recorded = yaml.safe_load(PipelineConfig(model="vgg16").to_yaml())
+    assert recorded["batch_size"] is None and recorded["lr"] is None

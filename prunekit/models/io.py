@@ -137,6 +137,14 @@ def _read(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
 
 
+def checkpoint_config(path: str | os.PathLike) -> ArchConfig:
+    """The architecture a prunekit checkpoint holds, without building the model."""
+    obj = _read(Path(path))
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a prunekit checkpoint")
+    return ArchConfig.from_dict(obj["config"])
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a model from a prunekit checkpoint (stock or pruned), in eval mode."""
     model, _ = load_with_extra(path, map_location)

@@ -363,13 +363,16 @@ def test_cli_train_prune_while_training(tmp_path):
 def test_pipeline_schedule_defaults_to_the_budget_search(tmp_path):
     from prunekit.pipeline import PipelineConfig
 
+    det = PipelineConfig().with_recipe(detector=True)  # a detector's batch size: 8
     # the embedded set: 400 images at batch 8 -> 700 steps = 14 epochs
-    assert PipelineConfig().planned_epochs(400) == 14
-    assert PipelineConfig().planned_epochs(4000) == 8  # 500 steps/epoch: the 8-epoch floor
+    assert det.planned_epochs(400) == 14
+    assert det.planned_epochs(4000) == 8  # 500 steps/epoch: the 8-epoch floor
     # restarts may reach max_train_steps or 24 epochs of the data, whichever is more
-    assert PipelineConfig().step_cap(400) == 2400  # the embedded set: 50 steps/epoch
-    assert PipelineConfig().step_cap(1635) == 24 * 204  # helmet: 2,400 steps would be 12 epochs
-    assert PipelineConfig(epochs_train=5).step_cap(1635) is None  # an explicit count is obeyed
+    assert det.step_cap(400) == 2400  # the embedded set: 50 steps/epoch
+    assert det.step_cap(1635) == 24 * 204  # helmet: 2,400 steps would be 12 epochs
+    assert (
+        PipelineConfig(epochs_train=5).with_recipe(detector=True).step_cap(1635) is None
+    )  # an explicit count is obeyed
     assert PipelineConfig().schedule == "search"  # for a model trained here as for a given one
     assert PipelineConfig(schedule="joint").schedule == "joint"
     assert PipelineConfig(joint={"shrink": 1.5}).joint.lam is None  # a shrink alone replaces the default λ

@@ -253,7 +253,7 @@ class PipelineConfig:
     @property
     def trains_here(self) -> bool:
         """The original is built and trained by the pipeline (no checkpoint, no --weights)."""
-        return not (Path(self.model).suffix in (".pt", ".pth") or Path(self.model).is_file() or self.weights)
+        return not (is_checkpoint_path(self.model) or self.weights)
 
     def with_recipe(self, detector: bool) -> PipelineConfig:
         """This config with the batch size and lr left to the task (None) taken from its recipe: a
@@ -544,7 +544,7 @@ class Pipeline:
         c = self.cfg
         train_set, val_set = self._datasets()
         dst = self.out / "original.pt"
-        if Path(c.model).suffix in (".pt", ".pth") or Path(c.model).is_file():
+        if is_checkpoint_path(c.model):
             model = prunekit.load(c.model)
             from prunekit.evaluate import check_task
 
@@ -1229,12 +1229,17 @@ def _is_detector_name(name: str) -> bool:
     return name.startswith("ssd")
 
 
+def is_checkpoint_path(model: str) -> bool:
+    """``--model`` names a checkpoint file (rather than an architecture to build)."""
+    return Path(model).suffix in (".pt", ".pth") or Path(model).is_file()
+
+
 def model_is_detector(model: str) -> bool:
     """Whether ``--model`` (a name or a prunekit checkpoint) is a detector. A checkpoint that cannot
     be read is judged by its name here; the train stage refuses it with the reason."""
     from prunekit.models.io import CheckpointError, checkpoint_config
 
-    if Path(model).suffix in (".pt", ".pth") or Path(model).is_file():
+    if is_checkpoint_path(model):
         try:
             return bool(checkpoint_config(model).is_detector)
         except (CheckpointError, KeyError, TypeError, ValueError):

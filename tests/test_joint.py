@@ -370,9 +370,8 @@ def test_pipeline_schedule_defaults_to_the_budget_search(tmp_path):
     # restarts may reach max_train_steps or 24 epochs of the data, whichever is more
     assert det.step_cap(400) == 2400  # the embedded set: 50 steps/epoch
     assert det.step_cap(1635) == 24 * 204  # helmet: 2,400 steps would be 12 epochs
-    assert (
-        PipelineConfig(epochs_train=5).with_recipe(detector=True).step_cap(1635) is None
-    )  # an explicit count is obeyed
+    explicit = PipelineConfig(epochs_train=5).with_recipe(detector=True)
+    assert explicit.step_cap(1635) is None  # an explicit count is obeyed
     assert PipelineConfig().schedule == "search"  # for a model trained here as for a given one
     assert PipelineConfig(schedule="joint").schedule == "joint"
     assert PipelineConfig(joint={"shrink": 1.5}).joint.lam is None  # a shrink alone replaces the default λ

@@ -137,12 +137,19 @@ def _read(path: Path) -> Any:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from e
 
 
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The contents of a prunekit checkpoint (refused, with what to do, when it is something else)."""
+    obj = _read(path)
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path}: not a prunekit checkpoint (a plain state_dict? load it with --weights into a named model)"
+        )
+    return obj
+
+
 def checkpoint_config(path: str | os.PathLike) -> ArchConfig:
     """The architecture a prunekit checkpoint holds, without building the model."""
-    obj = _read(Path(path))
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a prunekit checkpoint")
-    return ArchConfig.from_dict(obj["config"])
+    return ArchConfig.from_dict(_read_checkpoint(Path(path))["config"])
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
@@ -155,11 +162,7 @@ def load_with_extra(
     path: str | os.PathLike, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict]:
     path = Path(path)
-    obj = _read(path)
-    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: not a prunekit checkpoint (a plain state_dict? load it with --weights into a named model)"
-        )
+    obj = _read_checkpoint(path)
     cfg = ArchConfig.from_dict(obj["config"])
     model = build_model(cfg)
     load_state(model, obj["state_dict"], path)

@@ -32,7 +32,7 @@ epochs_per_stage`` of them under a sparsity term. Every Torch-Pruning lineage ge
 through prunekit's own trainer built as the run built it (``DataTrainer``: the sparsity stages at
 the run's prune lr, cosine, no warm-up; fine-tuning at its retrain lr with the search's warm-up),
 BN statistics re-estimated before scoring when the run's ``prune.recalibrate_bn`` says so, and
-distilled from the original only where the source was (the budget search never distils).
+distilled from the original only where the source was (``prune.distill``, classifiers only).
 
 Torch-Pruning's strongest recipe per criterion and matching is picked on the validation split
 among: ``global`` and ``uniform`` pruning ratios, each one-shot (``x1``: sparse training, one cut,
@@ -316,11 +316,11 @@ def lineage(search: dict[str, Any], rounds: str = "1,auto") -> dict[str, Any]:
             "search_wall_s": search.get("wall_s")}  # fmt: skip
 
 
-def distillation(config: dict[str, Any]) -> dict[str, float] | None:
-    """The source's soft-target settings: the budget search never distils (``pipeline._prune_search``
-    builds its trainer without a teacher); the fixed-settings phases do where ``prune.distill``."""
+def distillation(config: dict[str, Any], detector: bool) -> dict[str, float] | None:
+    """The source's soft-target settings: the search and the phases distil where ``prune.distill``,
+    a classifier only (the search trains a detector on its labels alone; the phases refuse it)."""
     prune = config.get("prune") or {}
-    if config.get("schedule", "search") != "post" or not prune.get("distill"):
+    if detector or not prune.get("distill"):
         return None
     return {"alpha": float(prune["distill_alpha"]), "temperature": float(prune["distill_temperature"])}
 
@@ -331,7 +331,7 @@ class Source:
     writes nothing until it runs)."""
 
     def __init__(self, path: Path, rounds: str):
-        from prunekit.pipeline import Pipeline, PipelineConfig
+        from prunekit.pipeline import Pipeline, PipelineConfig, model_is_detector
 
         missing = [f for f in SOURCE_FILES if not (path / f).is_file()]
         if missing:
@@ -345,7 +345,7 @@ class Source:
         if self.lineage["depth"] == 0:
             raise SystemExit(f"{path}: the run handed back its original uncompressed: nothing to compare")
         self.pipeline = Pipeline(self.config, path)
-        self.distill = distillation(self.raw)
+        self.distill = distillation(self.raw, model_is_detector(self.config.model))
 
     def datasets(self) -> tuple[Any, Any, Any]:
         train, val = self.pipeline._datasets()
@@ -718,7 +718,9 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         raw = yaml.safe_load((src / "config.yaml").read_text()) or {}
         out["config"] = {k: raw.get(k) for k in ("model", "data", "width", "batch_size", "lr", "val_split",
                                                   "test_split", "schedule", "opset", "seed")}  # fmt: skip
-        out["distillation"] = distillation(raw)
+        from prunekit.pipeline import model_is_detector
+
+        out["distillation"] = distillation(raw, model_is_detector(str(raw.get("model") or "ssd300_vgg16")))
     if (src / "search" / "search.json").is_file():
         lin = out["lineage"] = lineage(json.loads((src / "search" / "search.json").read_text()), args.rounds)
         n = len(args.methods) * len(args.matchings) * len(args.scopes) * len(lin["rounds"])

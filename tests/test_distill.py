@@ -94,3 +94,30 @@ def test_data_trainer_passes_its_teacher_to_every_stage(monkeypatch, one_thread)
     tr.train(_tiny_vgg(), 1, None, "retrain")
     assert seen[0] is None and isinstance(seen[1], Distillation)
     assert (seen[1].alpha, seen[1].temperature) == (0.5, 2.0)
+
+
+def test_the_search_distils_a_classifier_where_asked_and_never_a_detector(
+    monkeypatch, one_thread, tmp_path
+) -> None:
+    """``--distill`` reached the fixed-settings phases only; the budget search ignored it. Now every
+    stage of the search (the controls' too) distils a classifier from the original, where asked."""
+    from prunekit.prune.search import SearchConfig, run_search
+
+    seen: list = []
+
+    def fake_train(model, ds, cfg, regularizer=None, progress=False, distill=None):
+        seen.append(distill)
+
+    monkeypatch.setattr("prunekit.train.train", fake_train)
+    cases = [("vgg", _tiny_vgg(), TinyClassification(8), True, True),
+             ("vgg_off", _tiny_vgg(), TinyClassification(8), False, False),
+             ("ssd", ssd300_vgg16(num_classes=3, width=0.0625), TinyDetection(2), True, False)]  # fmt: skip
+    for name, model, data, distill, want in cases:
+        seen.clear()
+        tr = DataTrainer(data, data, TrainConfig(batch_size=4))
+        monkeypatch.setattr(tr, "evaluate", lambda m, per_image=False: {"top1": 0.5, "map50": 0.5})
+        cfg = SearchConfig(max_candidates=1, stage_steps=1)
+        run_search(model, [], tr, PruneConfig(distill=distill), cfg, tmp_path / name, steps_per_epoch=1)
+        assert seen, f"{name}: the search trained nothing"
+        assert all((d is not None) == want for d in seen), (name, seen)
+        assert all(isinstance(d, Distillation) for d in seen if d is not None)

@@ -30,12 +30,17 @@ def peers(*args: str) -> str:
 
 
 def _source(
-    path: Path, depth: int = 2, per: int = 3, schedule: str = "search", distill: bool = False
+    path: Path,
+    depth: int = 2,
+    per: int = 3,
+    schedule: str = "search",
+    distill: bool = False,
+    model: str = "ssd300",
 ) -> Path:
     """The files of a compress-and-export run a dry run reads: config.yaml, search.json, manifest.json."""
     (path / "search").mkdir(parents=True)
     prune = {"distill": distill, "distill_alpha": 0.8, "distill_temperature": 3.0}
-    cfg = {"model": "ssd300", "data": "voc:somewhere", "width": 0.125, "schedule": schedule, "prune": prune}
+    cfg = {"model": model, "data": "voc:somewhere", "width": 0.125, "schedule": schedule, "prune": prune}
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))
     points = [{"index": 0, "depth": 0}] + [{"index": i, "depth": i} for i in range(1, depth + 1)]
     search = {"points": points, "kept": depth, "epochs_per_stage": per, "cpu_s": 1234.0}
@@ -61,14 +66,18 @@ def test_dry_run_plans_from_the_source_runs_search(tmp_path):
     # shares (6 epochs one-shot, 3 in round one of two) trained once
     assert est["lineages"] == 36 and est["epochs"] == 144 + 2 * (36 + 54 + 6 + 3)
     assert est["cpu_s_per_epoch"] == 100.0 and est["cpu_h"] == pytest.approx(342 * 100 * 1.15 / 3600)
-    assert res["distillation"] is None  # the budget search trains without a teacher
+    assert res["distillation"] is None  # prune.distill not set
     assert res["config"]["width"] == 0.125
 
 
 def test_dry_run_distils_only_where_the_source_did(tmp_path):
-    post = _source(tmp_path / "post", depth=1, per=2, schedule="post", distill=True)
+    post = _source(tmp_path / "post", depth=1, per=2, schedule="post", distill=True, model="vgg16")
     res = json.loads(peers("--dry-run", "--source", str(post), "--methods", "tp_magnitude"))
     assert res["distillation"] == {"alpha": 0.8, "temperature": 3.0}
+    # the search distils a classifier where asked, and trains a detector on its labels alone
+    for model, want in (("vgg16", {"alpha": 0.8, "temperature": 3.0}), ("ssd300", None)):
+        src = _source(tmp_path / f"search_{model}", depth=1, per=2, distill=True, model=model)
+        assert json.loads(peers("--dry-run", "--source", str(src)))["distillation"] == want
     assert res["lineage"]["rounds"] == [1, 2]  # depth 1: two rounds still fit the 2 fine-tuning epochs
     assert res["estimate"]["lineages"] == 1 * 3 * 2 * 2 and res["estimate"]["epochs"] == 12 * 4
     # a run still training: the plan says so and exits 0

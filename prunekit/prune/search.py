@@ -250,6 +250,7 @@ def run_search(
                  "stopped": None, "cpu_s": 0.0, "wall_s": 0.0}  # fmt: skip
         _write(state_path, state)
     original_channels = layer_channels(original)
+    _distill_from_original(original, trainer, hp)
     scale = float(state.get("lr_scale", 1.0))
     if scale != 1.0:  # resumed: the stages run at the rate the search settled on
         trainer.scale_lr(scale)
@@ -329,6 +330,27 @@ def run_search(
         _write(state_path, state)
 
     return _result(state, original, model_of, target, cfg, out)
+
+
+def _distill_from_original(original: nn.Module, trainer: Trainer, hp: PruneConfig) -> None:
+    """With ``hp.distill``, every later stage of ``trainer`` distils from ``original`` (classifiers).
+
+    The control distils too, so a candidate and its control still differ only by what was cut."""
+    from prunekit.evaluate import is_detector
+
+    if not hp.distill:
+        return
+    if is_detector(original):
+        log.info("search: distillation is for classifiers; the detector's stages train on its labels alone")
+        return
+    distill_from = getattr(trainer, "distill_from", None)
+    if distill_from is None:
+        log.warning("search: %s cannot distil (no distill_from); stages train on labels alone",
+                    type(trainer).__name__)  # fmt: skip
+        return
+    distill_from(original, alpha=hp.distill_alpha, temperature=hp.distill_temperature)
+    log.info("search: every stage distils from the original (alpha %g, temperature %g)",
+             hp.distill_alpha, hp.distill_temperature)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

@@ -121,6 +121,18 @@ def collect(name: str, flags: list[str], runs: Path, timing: dict[str, Any]) -> 
     return row
 
 
+def stages_so_far(out: Path) -> dict[str, Any]:
+    """What a refused or interrupted run measured before it stopped: each stage's status and wall
+    time, and the training stage's record (epochs, steps, the validation metric by epoch)."""
+    path = out / "manifest.json"
+    if not path.is_file():
+        return {}
+    stages = json.loads(path.read_text())["stages"]
+    return {"stage_status": {k: v.get("status") for k, v in stages.items()},
+            "stage_wall_s": {k: v.get("wall_s") for k, v in stages.items() if v.get("wall_s")},
+            "train": stages.get("train", {}).get("metrics")}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="synth_seed0,synth_seed1,synth_seed2")
@@ -152,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
         if timing.get("exit_code"):
             whole[name] = {"flags": table[name], "exit_code": timing["exit_code"], "error": timing["error"],
-                           "invocations": earlier}  # fmt: skip
+                           "invocations": earlier, **stages_so_far(a.runs.resolve() / name)}  # fmt: skip
         else:
             if timing.get("reused"):  # collected again: keep the timing of the invocation(s) that ran it
                 timing = {

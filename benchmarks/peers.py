@@ -718,9 +718,10 @@ def plan(args: argparse.Namespace) -> dict[str, Any]:
         raw = yaml.safe_load((src / "config.yaml").read_text()) or {}
         out["config"] = {k: raw.get(k) for k in ("model", "data", "width", "batch_size", "lr", "val_split",
                                                   "test_split", "schedule", "opset", "seed")}  # fmt: skip
-        from prunekit.pipeline import model_is_detector
+        from prunekit.pipeline import PipelineConfig, model_is_detector
 
-        out["distillation"] = distillation(raw, model_is_detector(str(raw.get("model") or "ssd300_vgg16")))
+        model = str(raw.get("model") or PipelineConfig.model)  # the run's default where config.yaml has none
+        out["distillation"] = distillation(raw, model_is_detector(model))
     if (src / "search" / "search.json").is_file():
         lin = out["lineage"] = lineage(json.loads((src / "search" / "search.json").read_text()), args.rounds)
         n = len(args.methods) * len(args.matchings) * len(args.scopes) * len(lin["rounds"])

@@ -235,7 +235,7 @@ def describe_input(key: str) -> str:
     if kind == "file":
         return f"the file named by setting {name!r}"
     if kind == "data":
-        return "the data files (names, sizes or modification times)"
+        return "the data files (names or contents)"
     return key
 
 

@@ -1083,17 +1083,23 @@ class Pipeline:
 
     # -- driver ------------------------------------------------------------------------------
     def run(self) -> Manifest:
-        from prunekit.rundir import data_fingerprint, input_fingerprint
+        from prunekit.rundir import DATA_INDEX, data_fingerprint, input_fingerprint
 
         c = self.cfg
-        # on every rank: each decides on its own which stages to reuse, from the same files
-        self.fingerprint = input_fingerprint(dataclasses.asdict(c), c.data, [c.train_split, c.val_split])
-        if c.test_split:  # its own key: the stages before the test stage never read it
-            self.fingerprint[TEST_DATA] = data_fingerprint(c.data, [c.test_split])
         if D.is_main_process():
             self.manifest.meta["config"] = dataclasses.asdict(self.cfg)
             # the manifest first: a folder holding anything of a run holds its manifest (--force)
             self.manifest.save()
+        # on every rank: each decides on its own which stages to reuse, from the same files. The
+        # main process keeps an index of what it read (after the manifest, for --force), so a
+        # resume reads only the data files whose time changed
+        index, save = self.out / DATA_INDEX, D.is_main_process()
+        self.fingerprint = input_fingerprint(
+            dataclasses.asdict(c), c.data, [c.train_split, c.val_split], index=index, save=save
+        )
+        if c.test_split:  # its own key: the stages before the test stage never read it
+            self.fingerprint[TEST_DATA] = data_fingerprint(c.data, [c.test_split], index=index, save=save)
+        if D.is_main_process():
             atomic_write_text(self.out / "config.yaml", self.given.to_yaml())
         with _signals_to_exceptions():
             for name in STAGES:

@@ -46,6 +46,7 @@ from prunekit.manifest import read_manifest, recorded_entries, settings_fingerpr
 log = logging.getLogger(__name__)
 
 PROBE_PREFIX = ".write-test"
+DATA_INDEX = ".data_index.json"  # in a run folder: each data file's size, time and content digest
 # What a compress-and-export run writes at the top of its folder, by name or pattern. The
 # manifest records what each finished (or failed) stage created, so this list only matters for
 # a stage killed (SIGKILL, out of memory) before it could record anything; a name missing here
@@ -59,6 +60,7 @@ RUN_ARTIFACTS = (
     "fps_vs_accuracy.png", "latency.png", "channels.png",
     "train", "phases", "joint", "search", "control", "engines", "onnx", "operating_points.png",
     f"{PROBE_PREFIX}*", ".*.tmp",  # a write probe, an atomic write's temp file
+    DATA_INDEX,  # what the data fingerprint read (rundir.data_fingerprint)
 )  # fmt: skip
 
 
@@ -117,17 +119,27 @@ def _yolo_paths(path: Path) -> list[Path]:
     return [yaml_file, root, *listed]
 
 
-def data_fingerprint(spec: str, splits: Iterable[str] = ("train", "val")) -> str:
-    """A digest of the data's file list with sizes and modification times (stat only, no reads).
+def data_fingerprint(
+    spec: str, splits: Iterable[str] = ("train", "val"), index: Path | None = None, save: bool = True
+) -> str:
+    """A digest of the data's file list and each file's *content*, so that a data set copied or
+    re-downloaded with the same bytes (new modification times) still resumes its run, and an
+    annotation edited in place (same size) does not.
 
-    Modification times are in so that an annotation edited in place (same size) counts; a copied
-    dataset therefore counts as changed too, which costs a rerun, never a stale result. A
-    ``synth`` set is generated from its spec and the generator's version and parameters: their key
+    Reading every byte at every start would cost a large set minutes, so ``index`` (a JSON file in
+    the run folder) keeps each file's size, modification time and digest, as git's index and DVC's
+    cache do: a file whose size and time are unchanged is not read again. Only a file whose time
+    changed (a copy, an edit) is read, and a copy with the same bytes gives the same fingerprint.
+    ``save`` False reads the index without writing it (the other ranks of a distributed run).
+
+    A ``synth`` set is generated from its spec and the generator's version and parameters: their key
     is its fingerprint (a prunekit whose embedded set changed does not resume on the old one).
     """
-    from prunekit.data.build import parse_spec
+    import json
 
-    h = hashlib.sha256()
+    from prunekit.data.build import parse_spec
+    from prunekit.fileio import atomic_write_json, file_sha256
+
     kind, arg = parse_spec(spec)
     if kind == "synth" and arg is None:
         from prunekit.data.synth import default_synth_voc_key
@@ -138,13 +150,46 @@ def data_fingerprint(spec: str, splits: Iterable[str] = ("train", "val")) -> str
     for p in sorted({p.resolve() for p in data_paths(spec, splits)}):
         if not any(p.is_relative_to(r) for r in roots):  # a folder listed inside another: once
             roots.append(p)
-    files = 0
-    for root in roots:
-        h.update(f"{root}\n".encode())
+    known: dict[str, list] = {}
+    if index is not None and index.is_file():
+        try:
+            known = json.loads(index.read_text())
+        except (OSError, ValueError):  # unreadable or cut short: read the files again
+            known = {}
+    seen: dict[str, list] = {}
+    h = hashlib.sha256()
+    files = read = read_bytes = 0
+    for n, root in enumerate(roots):
+        h.update(f"{n}\n".encode())  # the roots' paths are settings; their order is what counts here
         for rel, size, mtime in _stat_tree(root):
-            h.update(f"{rel}\t{size}\t{mtime}\n".encode())
+            key = str(root / rel) if rel else str(root)
+            digest = "-"
+            if size >= 0:
+                entry = known.get(key)
+                if entry and entry[0] == size and entry[1] == mtime:
+                    digest = entry[2]
+                else:
+                    try:
+                        digest = file_sha256(key)
+                    except OSError:  # unreadable now: the reader reports it when the run gets there
+                        digest = "unreadable"
+                    read += 1
+                    read_bytes += size
+                seen[key] = [size, mtime, digest]
+            h.update(f"{rel}\t{size}\t{digest}\n".encode())
             files += 1
-    log.debug("data fingerprint of %s: %d files in %.2f s", spec, files, time.perf_counter() - t0)
+    merged = {**known, **seen}  # one index for every split's call (train+val, then test)
+    if index is not None and save and merged != known:
+        atomic_write_json(index, merged, indent=0)
+    took = time.perf_counter() - t0
+    (log.info if took > 5 else log.debug)(
+        "data fingerprint of %s: %d files, %d read (%.1f MB) in %.1f s",
+        spec,
+        files,
+        read,
+        read_bytes / 1e6,
+        took,
+    )
     return h.hexdigest()[:16]
 
 
@@ -186,12 +231,17 @@ def _stat_tree(root: Path) -> Iterator[tuple[str, int, int]]:
 
 
 def input_fingerprint(
-    settings: Mapping[str, Any], data: str | None = None, splits: Iterable[str] = ("train", "val")
+    settings: Mapping[str, Any],
+    data: str | None = None,
+    splits: Iterable[str] = ("train", "val"),
+    index: Path | None = None,
+    save: bool = True,
 ) -> dict[str, str]:
-    """What a run is made from: every setting, every file a setting names, and the data files."""
+    """What a run is made from: every setting, every file a setting names, and the data files
+    (``index`` and ``save`` as :func:`data_fingerprint`'s)."""
     fp = settings_fingerprint(settings)
     if data:
-        fp["data"] = data_fingerprint(data, splits)
+        fp["data"] = data_fingerprint(data, splits, index, save)
     return fp
 
 

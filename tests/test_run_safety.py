@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import prunekit.fileio as fileio
 from prunekit.cli import main
 from prunekit.manifest import DONE, Manifest, settings_fingerprint
 from prunekit.pipeline import STAGES, Pipeline, PipelineConfig, run_pipeline
 from prunekit.rundir import (
+    DATA_INDEX,
     OutDirInUse,
     UnsafeOutDir,
     data_fingerprint,
@@ -325,6 +327,26 @@ def test_resume_with_changed_data_reruns(world, fake_run, caplog) -> None:
     assert calls == STAGES and "the data files" in caplog.text
 
 
+def test_resume_after_the_data_is_copied_again_reuses_every_stage(world, fake_run, monkeypatch) -> None:
+    """A data folder copied or unpacked again (same bytes, new times) is the same data: a resume
+    keeps every stage, and reads only the files whose time changed, once."""
+    out, cfg, calls = fake_run
+    index = json.loads((out / DATA_INDEX).read_text())
+    assert str(world["data"] / "Annotations" / "a.xml") in index  # what the first run read
+    read: list[str] = []
+    sha = fileio.file_sha256  # imported where it is used, so the counter wraps the source
+    monkeypatch.setattr(fileio, "file_sha256", lambda p, *a: read.append(Path(p).name) or sha(p, *a))
+    run_pipeline(cfg, out, resume=True)
+    assert calls == [] and read == []  # nothing changed: nothing read
+    image = world["data"] / "JPEGImages" / "a.jpg"
+    st = image.stat()
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # a copy's new time
+    run_pipeline(cfg, out, resume=True)
+    assert calls == [] and read.count("a.jpg") == 1  # read once, found the same, stages kept
+    run_pipeline(cfg, out, resume=True)
+    assert calls == [] and read.count("a.jpg") == 1  # and not read again
+
+
 def test_resume_reruns_from_the_first_stage_affected(fake_run, caplog) -> None:
     out, cfg, calls = fake_run
     (out / "export.out").write_text("edited by hand")
@@ -334,7 +356,7 @@ def test_resume_reruns_from_the_first_stage_affected(fake_run, caplog) -> None:
     assert "stage export reruns" in caplog.text and "export.out" in caplog.text
 
 
-def test_data_fingerprint_sees_same_size_edits_and_ignores_reads(world) -> None:
+def test_data_fingerprint_sees_same_size_edits_and_ignores_reads_and_copies(world) -> None:
     spec = f"voc:{world['data']}"
     fp = data_fingerprint(spec)
     assert data_fingerprint(spec) == fp
@@ -345,6 +367,9 @@ def test_data_fingerprint_sees_same_size_edits_and_ignores_reads(world) -> None:
     ann.write_text(ann.read_text().replace("car", "bus"))  # same size: only the time tells
     os.utime(ann, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert ann.stat().st_size == st.st_size and data_fingerprint(spec) != fp
+    edited = data_fingerprint(spec)
+    os.utime(ann, ns=(st.st_atime_ns, st.st_mtime_ns + 9_000_000_000))  # copied again: a new time only
+    assert data_fingerprint(spec) == edited
     # the embedded set: the generator's version and split sizes, so a prunekit whose embedded set
     # changed does not resume a run trained on the old one
     from prunekit.data.synth import DEFAULT_DETECTION_CLASSES, DETECTION_SPLITS, synth_voc_key

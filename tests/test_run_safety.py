@@ -345,6 +345,9 @@ def test_resume_after_the_data_is_copied_again_reuses_every_stage(world, fake_ru
     assert calls == [] and read.count("a.jpg") == 1  # read once, found the same, stages kept
     run_pipeline(cfg, out, resume=True)
     assert calls == [] and read.count("a.jpg") == 1  # and not read again
+    (out / DATA_INDEX).write_text('["not an index"')  # cut short: every file is read again, same answer
+    run_pipeline(cfg, out, resume=True)
+    assert calls == [] and read.count("a.jpg") == 2 and "a.xml" in read
 
 
 def test_resume_reruns_from_the_first_stage_affected(fake_run, caplog) -> None:

@@ -38,6 +38,7 @@ from prunekit.fileio import atomic_write_json, atomic_write_text, file_sha256
 from prunekit.manifest import DONE, Manifest
 from prunekit.models import create_model, get_config, load_weights
 from prunekit.models.io import ALIASES, ARCHS
+from prunekit.train import OPTIMIZERS
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,17 @@ def _presets() -> dict[str, dict[str, Any]]:
 _PRESETS = _presets()
 PIPELINE_PRUNE: dict[str, Any] = _PRESETS.get("prune", {})  # over PruneConfig's defaults
 PIPELINE_JOINT: dict[str, Any] = _PRESETS.get("joint", {})  # over JointConfig's defaults
-# the training recipe of each task ("detection", "classification"): batch_size and lr
+# the training recipe of each task ("detection", "classification"): batch_size, the optimizer of an
+# original trained here, and the peak lr of each optimizer (the pruning stages use SGD's)
 RECIPES: dict[str, dict[str, Any]] = _PRESETS["recipe"]
+
+
+def _recipe_lr(task: str, optimizer: str | None = None) -> float:
+    """The task's peak lr for ``optimizer`` (None: the task's own optimizer)."""
+    r = RECIPES[task]
+    return float(r["lr"][optimizer or r["optimizer"]])
+
+
 # "search" (the default, both flows): train (or take) the original, then the budget search
 # (prunekit.prune.search); "post": the paper's phases with fixed settings; "joint": prune while
 # training with a fixed λ (a knife edge across data and seeds: kept for study, not the default)
@@ -134,10 +144,14 @@ PIPELINE_HELP: dict[str, str] = {
     "plateau": "Points the validation metric may still rise over a training cycle's last quarter and count as settled.",
     "batch_size": f"Training batch size (none: the task's, {RECIPES['detection']['batch_size']} for a detector, "
     f"{RECIPES['classification']['batch_size']} for a classifier).",
-    "lr": f"Peak learning rate (none: the task's, {RECIPES['detection']['lr']} for a detector, "
-    f"{RECIPES['classification']['lr']} for a classifier).",
-    "prune_lr": "Sparsity stages' peak lr (none: --lr).",
-    "retrain_lr": "Retraining stages' peak lr (none: --lr).",
+    "optimizer": "Optimizer of an original trained here: sgd | adamw (none: the task's, "
+    f"{RECIPES['detection']['optimizer']} for a detector, {RECIPES['classification']['optimizer']} for a "
+    "classifier). The pruning stages always use SGD.",
+    "lr": "Peak learning rate of an original trained here (none: the task's for its optimizer, "
+    f"{_recipe_lr('detection')} for a detector, {_recipe_lr('classification')} for a classifier); an SGD "
+    "rate is the pruning stages' too.",
+    "prune_lr": "Sparsity stages' peak lr, SGD (none: --lr if it is an SGD rate, else the task's SGD rate).",
+    "retrain_lr": "Retraining stages' peak lr, SGD (none: --lr if it is an SGD rate, else the task's SGD rate).",
     "max_val_images": "Validation images each check scores (none: all of them).",
     "min_ap50": "AP50 (points) below which an original is near chance and refused.",
     "force_compress": "Compress even an original whose validation metric is near chance.",
@@ -202,6 +216,7 @@ class PipelineConfig:
     plateau: float = 2.0
     # None: the task's recipe (RECIPES, from the preset file, where the measurements behind it are)
     batch_size: int | None = None
+    optimizer: str | None = None
     lr: float | None = None
     # the pruning stages' peak lr (default ``lr``). Measured on the demo, README command end to
     # end: retraining at 0.4 x lr (the BCCD benchmark's 0.02 for 0.05) ended at AP50 73.5 on the
@@ -258,11 +273,20 @@ class PipelineConfig:
     def with_recipe(self, detector: bool) -> PipelineConfig:
         """This config with the batch size and lr left to the task (None) taken from its recipe: a
         detector and a classifier train well at different settings (:data:`RECIPES`)."""
-        r = RECIPES["detection" if detector else "classification"]
+        task = "detection" if detector else "classification"
+        optimizer = self.optimizer or RECIPES[task]["optimizer"]
+        lr = _recipe_lr(task, optimizer) if self.lr is None else self.lr
+        # the stages run SGD: a given --lr is theirs when it is an SGD rate (an SGD original, or
+        # none trained here), else they take the task's SGD rate
+        sgd_rate = self.lr is not None and (optimizer == "sgd" or not self.trains_here)
+        stage = self.lr if sgd_rate else _recipe_lr(task, "sgd")
         return dataclasses.replace(
             self,
-            batch_size=r["batch_size"] if self.batch_size is None else self.batch_size,
-            lr=r["lr"] if self.lr is None else self.lr,
+            batch_size=RECIPES[task]["batch_size"] if self.batch_size is None else self.batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            prune_lr=self.prune_lr or stage,
+            retrain_lr=self.retrain_lr or stage,
         )
 
     def planned_epochs(self, train_items: int) -> int:
@@ -479,7 +503,9 @@ class Pipeline:
             self.state["val_set"] = build_dataset(c.data, c.val_split, train=False, skip_bad=c.skip_bad)
         return self.state["train_set"], self.state["val_set"]
 
-    def _train_cfg(self, epochs: int) -> Any:
+    def _train_cfg(self, epochs: int, original: bool = False) -> Any:
+        """Training settings: an ``original``'s (and the joint model's, its twin) with the run's
+        optimizer and lr, else the pruning stages' and the control's (SGD, the retraining rate)."""
         from prunekit.train import TrainConfig
 
         c = self.cfg
@@ -487,7 +513,8 @@ class Pipeline:
         steps_per_epoch = max(1, len(train_set) // c.batch_size)
         return TrainConfig(
             epochs=epochs,
-            lr=c.lr,
+            optimizer=c.optimizer if original else "sgd",
+            lr=c.lr if original else c.retrain_lr,
             batch_size=c.batch_size,
             device=c.device,
             seed=c.seed,
@@ -566,7 +593,7 @@ class Pipeline:
         floor = chance_floor(get_config(model), c.min_ap50)
         log.info("training the original here: %d epochs of %d steps (%s)", epochs,
                  max(1, len(train_set) // c.batch_size), estimate_training_time(model, train_set, c, epochs))  # fmt: skip
-        h = train_to_plateau(model, train_set, self._train_cfg(epochs), self.out / "train", val_set,
+        h = train_to_plateau(model, train_set, self._train_cfg(epochs, original=True), self.out / "train", val_set,
                              plateau=c.plateau, max_steps=cap, progress=False, floor=floor)  # fmt: skip
         curve = [round(100 * e["val_metric"], 2) for e in h["epochs"] if e.get("val_metric") is not None]
         info = {"trained_here": True, "epochs": h["epochs_total"], "cycles": h["cycles"], "steps": h["steps"],
@@ -616,8 +643,8 @@ class Pipeline:
         if c.schedule == "search":
             return self._prune_search(model, phases)
         trainer = DataTrainer(
-            train_set, val_set, self._train_cfg(1), sparsity_lr=c.prune_lr or c.lr,
-            retrain_lr=c.retrain_lr or c.lr, eval_batch_size=16, max_val_images=c.max_val_images,
+            train_set, val_set, self._train_cfg(1), sparsity_lr=c.prune_lr,
+            retrain_lr=c.retrain_lr, eval_batch_size=16, max_val_images=c.max_val_images,
         )  # fmt: skip
         pruned = run_phases(
             model, phases, trainer, c.prune, self.out / "phases", resume=True, allow_vacuous=c.force_compress
@@ -641,7 +668,7 @@ class Pipeline:
         # a stage of a few dozen steps spent warming up would recover little: a tenth of it
         cfg = dataclasses.replace(self._train_cfg(1), warmup_iters=max(1, stage // 10))
         trainer = DataTrainer(
-            train_set, val_set, cfg, sparsity_lr=c.prune_lr or c.lr, retrain_lr=c.retrain_lr or c.lr,
+            train_set, val_set, cfg, sparsity_lr=c.prune_lr, retrain_lr=c.retrain_lr,
             eval_batch_size=16, max_val_images=c.max_val_images,
         )  # fmt: skip
         res = run_search(original, phases, trainer, c.prune, c.search, self.out / "search", steps_per_epoch,
@@ -704,7 +731,7 @@ class Pipeline:
         start = self._new_model() if c.trains_here else original
         # as many epochs as the original got (restarts included), so it is the control of this run
         epochs = self.manifest.stages["train"].metrics.get("epochs") or c.planned_epochs(len(train_set))
-        res = train_joint(start, train_set, self._train_cfg(epochs), c.joint, c.prune, phases,
+        res = train_joint(start, train_set, self._train_cfg(epochs, original=True), c.joint, c.prune, phases,
                           self.out / "joint", val_set=val_set, resume=True, progress=False)  # fmt: skip
         from prunekit.evaluate import primary_metric
 
@@ -1193,6 +1220,8 @@ def check_ranges(c: PipelineConfig) -> None:
             )
     if c.augment is not None and c.augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)}, got {c.augment!r}")
+    if c.optimizer is not None and c.optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}")
 
 
 AUGMENTATIONS = ("ssd", "light", "flip", "off")
@@ -1200,7 +1229,12 @@ MODEL_NAMES = (
     *ARCHS,
     *ALIASES,
 )  # the names a model is built from  # "off", not "none": none means "not given" in options
-RUN_CHOICES = {"schedule": SCHEDULES, "augment": AUGMENTATIONS, "int8_target": INT8_TARGETS}
+RUN_CHOICES = {
+    "schedule": SCHEDULES,
+    "augment": AUGMENTATIONS,
+    "int8_target": INT8_TARGETS,
+    "optimizer": OPTIMIZERS,
+}
 
 
 def _known(cls: type, given: dict[str, Any], section: str) -> dict[str, Any]:

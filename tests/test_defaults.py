@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from click.testing import CliRunner
 
@@ -14,6 +15,7 @@ import prunekit.pipeline
 from prunekit.cli import main
 from prunekit.cli.options import _show
 from prunekit.cli.pipeline import compress_and_export
+from prunekit.pipeline import check_ranges
 
 
 def _flat(cfg: dict) -> dict[str, object]:
@@ -60,9 +62,34 @@ def test_the_batch_size_and_lr_left_to_the_task_come_from_its_recipe(tmp_path: P
     for model, task in (("vgg16", "classification"), (str(cls_ckpt), "classification"),
                         ("ssd300", "detection"), (str(det_ckpt), "detection")):  # fmt: skip
         used = Pipeline(PipelineConfig(model=model), tmp_path / "run").cfg
-        assert (used.batch_size, used.lr) == (RECIPES[task]["batch_size"], RECIPES[task]["lr"]), model
+        r = RECIPES[task]
+        assert (used.batch_size, used.optimizer, used.lr) == (
+            r["batch_size"],
+            r["optimizer"],
+            r["lr"][r["optimizer"]],
+        )
+        assert used.prune_lr == used.retrain_lr == r["lr"]["sgd"], model  # the stages: SGD's rate
     given = PipelineConfig(model=str(cls_ckpt), batch_size=16, lr=0.003)
     pipe = Pipeline(given, tmp_path / "run")
-    assert (pipe.cfg.batch_size, pipe.cfg.lr) == (16, 0.003)
+    assert (pipe.cfg.batch_size, pipe.cfg.lr, pipe.cfg.prune_lr) == (
+        16,
+        0.003,
+        0.003,
+    )  # no original trained here
+
+
+def test_an_adamw_rate_is_the_original_s_and_the_stages_keep_sgd_s() -> None:
+    """--lr of an AdamW original is not a rate for the SGD stages; an SGD one is, as before."""
+    from prunekit.pipeline import RECIPES, PipelineConfig
+
+    sgd = RECIPES["detection"]["lr"]["sgd"]
+    adamw = PipelineConfig(optimizer="adamw", lr=0.002).with_recipe(detector=True)
+    assert (adamw.optimizer, adamw.lr, adamw.prune_lr, adamw.retrain_lr) == ("adamw", 0.002, sgd, sgd)
+    plain = PipelineConfig(optimizer="sgd", lr=0.02).with_recipe(detector=True)
+    assert (plain.lr, plain.prune_lr, plain.retrain_lr) == (0.02, 0.02, 0.02)
+    own = PipelineConfig(optimizer="adamw", retrain_lr=0.005).with_recipe(detector=True)
+    assert (own.lr, own.prune_lr, own.retrain_lr) == (RECIPES["detection"]["lr"]["adamw"], sgd, 0.005)
+    with pytest.raises(ValueError, match="optimizer must be one of sgd, adamw"):
+        check_ranges(PipelineConfig(optimizer="adam"))
     recorded = yaml.safe_load(PipelineConfig(model="vgg16").to_yaml())
     assert recorded["batch_size"] is None and recorded["lr"] is None

@@ -142,6 +142,37 @@ def test_resume_is_bit_exact_on_cpu(tmp_path, monkeypatch):
     assert log_a == log_b
 
 
+def test_adamw_trains_resumes_bit_exact_and_refuses_another_optimizer_s_state(tmp_path):
+    """AdamW (the optimizer an original can train with) keeps its moments across a pause, and a
+    folder saved by one optimizer is not resumed by the other (momentum is not a moment)."""
+    ds = TinyClassification(16)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01, warmup_iters=1, seed=3, optimizer="adamw")
+    torch.manual_seed(0)
+    straight = _tiny_vgg()
+    before = [p.detach().clone() for p in straight.parameters()]
+    train(straight, ds, cfg, out_dir=tmp_path / "a", progress=False)
+    state = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)
+    assert "exp_avg_sq" in next(iter(state["optimizer"]["state"].values()))  # Adam's moments were kept
+    assert any(not torch.equal(a, b) for a, b in zip(before, straight.parameters()))
+    torch.manual_seed(0)
+    paused = _tiny_vgg()
+    train(
+        paused,
+        ds,
+        TrainConfig(**{**cfg.to_dict(), "stop_after_epoch": 1}),
+        out_dir=tmp_path / "b",
+        progress=False,
+    )
+    train(paused, ds, cfg, out_dir=tmp_path / "b", resume=True, progress=False)
+    for a, b in zip(straight.state_dict().values(), paused.state_dict().values()):
+        assert torch.equal(a, b)
+    sgd = TrainConfig(**{**cfg.to_dict(), "optimizer": "sgd", "epochs": 3})
+    with pytest.raises(ValueError, match="saved by adamw, resumed with sgd"):
+        train(_tiny_vgg(), ds, sgd, out_dir=tmp_path / "b", resume=True, progress=False)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        TrainConfig(optimizer="adam")
+
+
 def test_same_seed_same_result_and_max_steps():
     ds = TinyClassification(16)
     cfg = TrainConfig(epochs=5, batch_size=8, lr=0.05, max_steps=3, log_every=100)

@@ -12,6 +12,7 @@ from prunekit.cli.common import UserError, auto_device, friendly_errors
 from prunekit.cli.options import collect, dataclass_options, given_names
 from prunekit.cli.prune import prune_config_options
 from prunekit.prune.config import JOINT_HELP, JointConfig
+from prunekit.train import OPTIMIZERS, TrainConfig
 
 joint_options = dataclass_options(JointConfig, JOINT_HELP, prefix="joint_")
 
@@ -125,6 +126,13 @@ def _make_model(
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Global batch (split over ranks).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)
 @click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option(
+    "--optimizer",
+    type=click.Choice(OPTIMIZERS),
+    default=TrainConfig.optimizer,
+    show_default=True,
+    help="sgd (momentum) or adamw (--momentum is its beta1).",
+)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--warmup-iters", type=int, default=100, show_default=True)
 @click.option(
@@ -166,6 +174,7 @@ def train(
     device: str,
     batch_size: int,
     lr: float,
+    optimizer: str,
     momentum: float,
     weight_decay: float,
     warmup_iters: int,
@@ -195,7 +204,6 @@ def train(
     from prunekit import distributed as D
     from prunekit.fileio import atomic_write_json
     from prunekit.prune.config import PruneConfig
-    from prunekit.train import TrainConfig
     from prunekit.train import train as run_train
 
     given = sorted(k for k, v in method.items() if v is not None)
@@ -231,6 +239,7 @@ def train(
     cfg = TrainConfig(
         epochs=epochs,
         lr=lr,
+        optimizer=optimizer,
         momentum=momentum,
         weight_decay=weight_decay,
         warmup_iters=warmup_iters,

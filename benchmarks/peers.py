@@ -356,16 +356,7 @@ class Source:
 
     def trainer(self, original: nn.Module) -> Any:
         """prunekit's trainer as the run's budget search built it (``pipeline._prune_search``)."""
-        from prunekit.prune.search import stage_epochs
-        from prunekit.prune.trainer import DataTrainer
-
-        c = self.pipeline.cfg  # with the task's recipe filled in, as the run used it
-        train, val = self.pipeline._datasets()
-        steps = max(1, len(train) // c.batch_size)
-        stage = stage_epochs(steps, c.search.stage_steps) * steps
-        cfg = dataclasses.replace(self.pipeline._train_cfg(1), warmup_iters=max(1, stage // 10))
-        t = DataTrainer(train, val, cfg, sparsity_lr=c.prune_lr or c.lr, retrain_lr=c.retrain_lr or c.lr,
-                        eval_batch_size=16, max_val_images=c.max_val_images)  # fmt: skip
+        t = self.pipeline.search_trainer()  # with the task's recipe filled in, as the run used it
         if self.distill:
             t.distill_from(original, **self.distill)
         return t

@@ -655,10 +655,10 @@ class Pipeline:
             prunekit.save(pruned, dst, extra={"metrics": _headline(metrics)})
         return {"model": dst}, _headline(metrics) | {"params": prunekit.count_params(pruned)}
 
-    def _prune_search(self, original: nn.Module, phases: Any) -> tuple[dict[str, Path], dict[str, Any]]:
-        """The budget search from the original (trained here or given): the most compressed model
-        within ``--max-drop`` of the control, every candidate recorded (``search/search.json``)."""
-        from prunekit.prune.search import run_search, stage_epochs
+    def search_trainer(self) -> Any:
+        """The trainer of the budget search's stages (SGD at the stage rates, a short warm-up), also
+        what ``benchmarks/peers.py`` trains its Torch-Pruning lineages with."""
+        from prunekit.prune.search import stage_epochs
         from prunekit.prune.trainer import DataTrainer
 
         c = self.cfg
@@ -667,11 +667,20 @@ class Pipeline:
         stage = stage_epochs(steps_per_epoch, c.search.stage_steps) * steps_per_epoch
         # a stage of a few dozen steps spent warming up would recover little: a tenth of it
         cfg = dataclasses.replace(self._train_cfg(1), warmup_iters=max(1, stage // 10))
-        trainer = DataTrainer(
+        return DataTrainer(
             train_set, val_set, cfg, sparsity_lr=c.prune_lr, retrain_lr=c.retrain_lr,
             eval_batch_size=16, max_val_images=c.max_val_images,
         )  # fmt: skip
-        res = run_search(original, phases, trainer, c.prune, c.search, self.out / "search", steps_per_epoch,
+
+    def _prune_search(self, original: nn.Module, phases: Any) -> tuple[dict[str, Path], dict[str, Any]]:
+        """The budget search from the original (trained here or given): the most compressed model
+        within ``--max-drop`` of the control, every candidate recorded (``search/search.json``)."""
+        from prunekit.prune.search import run_search
+
+        c = self.cfg
+        train_set, _ = self._datasets()
+        steps_per_epoch = max(1, len(train_set) // c.batch_size)
+        res = run_search(original, phases, self.search_trainer(), c.prune, c.search, self.out / "search", steps_per_epoch,
                          measure=self._latency_meter(original), control=c.control,
                          key=file_sha256(self.out / "original.pt"))  # fmt: skip
         if res.kept == 0:

@@ -157,25 +157,29 @@ def data_fingerprint(
         except (OSError, ValueError):  # unreadable or cut short: read the files again
             known = {}
         known = known if isinstance(known, dict) else {}
-    listed = [(n, rel, size, mtime) for n, root in enumerate(roots) for rel, size, mtime in _stat_tree(root)]
-    fresh = [e for e in listed if e[2] >= 0 and _cached(known, _key(roots, e), e[2], e[3]) is None]
-    fresh_bytes = sum(e[2] for e in fresh)
+    # (root number, name, size, time, path, digest the index still holds or None: to be read)
+    listed = []
+    for n, root in enumerate(roots):
+        for rel, size, mtime in _stat_tree(root):
+            path = str(root / rel) if rel else str(root)
+            listed.append(
+                (n, rel, size, mtime, path, _cached(known, path, size, mtime) if size >= 0 else "-")
+            )
+    fresh_bytes = sum(e[2] for e in listed if e[5] is None)
+    fresh = sum(e[5] is None for e in listed)
     if fresh_bytes > 1e9:  # a first start on a large set: say why it waits
         log.info("reading %d data files (%.1f GB) once to fingerprint them; a resume reads only the changed ones",
-                 len(fresh), fresh_bytes / 1e9)  # fmt: skip
+                 fresh, fresh_bytes / 1e9)  # fmt: skip
     seen: dict[str, list] = {}
     h = hashlib.sha256()
-    for n, rel, size, mtime in listed:
-        key = _key(roots, (n, rel))
-        digest = _cached(known, key, size, mtime) if size >= 0 else "-"
+    for n, rel, size, mtime, path, digest in listed:
         if digest is None:
             try:
-                digest = file_sha256(key)
-                seen[key] = [size, mtime, digest]
-            except OSError:  # unreadable now (not kept): the reader reports it when the run gets there
+                digest = file_sha256(path)
+            except OSError:  # unreadable now: the reader reports it when the run gets there
                 digest = "unreadable"
-        elif size >= 0:
-            seen[key] = [size, mtime, digest]
+        if size >= 0 and digest != "unreadable":  # an unreadable file's digest is never kept
+            seen[path] = [size, mtime, digest]
         # the roots' paths are settings; here their order counts, with each file's name and bytes
         h.update(f"{n}\t{rel}\t{size}\t{digest}\n".encode())
     merged = {**known, **seen}  # one index for every split's call (train+val, then test)
@@ -183,14 +187,8 @@ def data_fingerprint(
         atomic_write_json(index, merged, indent=0)
     took = time.perf_counter() - t0
     (log.info if took > 5 else log.debug)("data fingerprint of %s: %d files, %d read (%.1f MB) in %.1f s",
-                                          spec, len(listed), len(fresh), fresh_bytes / 1e6, took)  # fmt: skip
+                                          spec, len(listed), fresh, fresh_bytes / 1e6, took)  # fmt: skip
     return h.hexdigest()[:16]
-
-
-def _key(roots: list[Path], entry: tuple) -> str:
-    """The index key of a listed file: its absolute path."""
-    root, rel = roots[entry[0]], entry[1]
-    return str(root / rel) if rel else str(root)
 
 
 def _cached(known: Mapping[str, Any], key: str, size: int, mtime: int) -> str | None:

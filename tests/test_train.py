@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,6 +95,23 @@ def test_ssd_two_steps_reduce_loss_and_write_log_and_checkpoint(tmp_path):
     assert (tmp_path / "train_state.pt").is_file()
 
 
+def _paused_and_resumed(ds: TinyClassification, cfg: TrainConfig, out: Path, after_epoch: int) -> nn.Module:
+    """A fresh tiny VGG (seed 0) trained by ``cfg`` with a planned pause after ``after_epoch``,
+    then resumed in the same folder to the end."""
+    torch.manual_seed(0)
+    net = _tiny_vgg()
+    train(
+        net,
+        ds,
+        TrainConfig(**{**cfg.to_dict(), "stop_after_epoch": after_epoch}),
+        out_dir=out,
+        progress=False,
+    )
+    assert json.loads((out / "train_log.jsonl").read_text().splitlines()[-1])["epoch"] == after_epoch
+    train(net, ds, cfg, out_dir=out, resume=True, progress=False)
+    return net
+
+
 def test_resume_is_bit_exact_on_cpu(tmp_path, monkeypatch):
     # Dropout, warm-up and the cosine schedule all depend on state that must survive the resume.
     ds = TinyClassification(16)
@@ -124,17 +142,7 @@ def test_resume_is_bit_exact_on_cpu(tmp_path, monkeypatch):
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
     # A planned pause (stop_after_epoch) resumes to the same weights too.
-    torch.manual_seed(0)
-    paused = _tiny_vgg()
-    train(
-        paused,
-        ds,
-        TrainConfig(**{**cfg.to_dict(), "stop_after_epoch": 2}),
-        out_dir=tmp_path / "c",
-        progress=False,
-    )
-    assert json.loads((tmp_path / "c" / "train_log.jsonl").read_text().splitlines()[-1])["epoch"] == 2
-    train(paused, ds, cfg, out_dir=tmp_path / "c", resume=True, progress=False)
+    paused = _paused_and_resumed(ds, cfg, tmp_path / "c", after_epoch=2)
     for a, b in zip(straight.state_dict().values(), paused.state_dict().values()):
         assert torch.equal(a, b)
     log_a = [json.loads(ln)["loss"] for ln in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
@@ -154,16 +162,7 @@ def test_adamw_trains_resumes_bit_exact_and_refuses_another_optimizer_s_state(tm
     state = torch.load(tmp_path / "a" / "train_state.pt", weights_only=False)
     assert "exp_avg_sq" in next(iter(state["optimizer"]["state"].values()))  # Adam's moments were kept
     assert any(not torch.equal(a, b) for a, b in zip(before, straight.parameters()))
-    torch.manual_seed(0)
-    paused = _tiny_vgg()
-    train(
-        paused,
-        ds,
-        TrainConfig(**{**cfg.to_dict(), "stop_after_epoch": 1}),
-        out_dir=tmp_path / "b",
-        progress=False,
-    )
-    train(paused, ds, cfg, out_dir=tmp_path / "b", resume=True, progress=False)
+    paused = _paused_and_resumed(ds, cfg, tmp_path / "b", after_epoch=1)
     for a, b in zip(straight.state_dict().values(), paused.state_dict().values()):
         assert torch.equal(a, b)
     sgd = TrainConfig(**{**cfg.to_dict(), "optimizer": "sgd", "epochs": 3})
